@@ -1,0 +1,1 @@
+"""Models: scale schedules, BSQ VAE, Infinity transformer, T5 text conditioning, checkpoints and presets."""

@@ -1,0 +1,31 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parity_path() -> Path:
+    return Path(os.environ.get("EDITINFINITY_PARITY_DIR", ROOT.parent / "shared" / "parity")).resolve()
+
+
+@pytest.fixture(scope="session")
+def parity_dir() -> Path:
+    p = parity_path()
+    if not (p / "manifest.json").is_file():
+        pytest.fail(f"parity fixtures not found at {p}; set EDITINFINITY_PARITY_DIR")
+    return p
+
+
+@pytest.fixture(scope="session")
+def manifest(parity_dir) -> dict:
+    return json.loads((parity_dir / "manifest.json").read_text())
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_cpu():
+    torch.set_num_threads(2)
+    yield
