@@ -1,0 +1,234 @@
+"""The ``editinfinity`` command: one edit end to end, each stage on its own, conversion, pipelines, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import EditInfinityError, InvalidCaseError
+
+log = logging.getLogger("editinfinity")
+
+MODES = ("auto", "mask", "whole")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None, help="model preset: toy (default when bundled), tiny, 2b, 2b-random, ...")
+    p.add_argument("--weights", default=None, help="directory or hub id written by `editinfinity convert`")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+
+
+def _add_case_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    p.add_argument("--image", help="source image (path or gs:// / s3:// URI)")
+    p.add_argument("--prompt", help="prompt describing the source image")
+    p.add_argument("--edit-prompt", help="prompt describing the edited image")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--target-word", help="word (or words) of --prompt to edit: automatic-mask mode")
+    g.add_argument("--mask", help="mask image (white = edit unless --mask-polarity black-edit): user-mask mode")
+    g.add_argument("--whole-image", action="store_true", help="edit the whole image (no mask)")
+    p.add_argument("--mask-polarity", default="white-edit", choices=("white-edit", "black-edit"))
+    p.add_argument("--resolution", default=None, choices=("0.06M", "0.25M", "0.60M", "1M"),
+                   help="pixel budget (default: the preset's)")
+
+
+def _add_settings_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--prompt-iters", type=int, default=None, help="prompt-tuning optimizer updates (default 10)")
+    p.add_argument("--lora-iters", type=int, default=None, help="LoRA optimizer updates (default 50)")
+    p.add_argument("--threshold", type=float, default=None, help="attention mask threshold (default 0.5)")
+    p.add_argument("--profile", default="default", choices=("default", "reference"),
+                   help="reference reproduces the published code path (q/v biases off, 9 + 49 updates, batch 2)")
+
+
+def _settings(args):
+    from .edit.settings import EditSettings
+
+    return EditSettings.from_profile(args.profile, seed=args.seed, prompt_iters=args.prompt_iters,
+                                     lora_iters=args.lora_iters, threshold=args.threshold)
+
+
+def _mode(args) -> str:
+    if args.target_word:
+        return "auto"
+    if args.mask:
+        return "mask"
+    if args.whole_image:
+        return "whole"
+    raise InvalidCaseError("choose a mode: --target-word WORD (automatic mask), --mask MASK (user mask) "
+                           "or --whole-image")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="editinfinity", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("edit", help="run a whole edit (all stages, one process)")
+    _add_case_args(p)
+    p.add_argument("--case", help="case file (YAML/JSON) or a directory in the reference layout")
+    p.add_argument("--out", required=True, help="output directory (or gs:// / s3:// URI)")
+    p.add_argument("--overwrite", action="store_true")
+    _add_model_args(p)
+    _add_settings_args(p)
+
+    p = sub.add_parser("demo", help="edit a bundled example with the default preset and write the report")
+    p.add_argument("--out", default="demo_output")
+    p.add_argument("--overwrite", action="store_true", default=True)
+    _add_model_args(p)
+
+    p = sub.add_parser("prepare", help="stage A: encode the image codes and the prompts")
+    _add_case_args(p)
+    p.add_argument("--case", help="case file (YAML/JSON) or reference-layout directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    _add_model_args(p)
+
+    for name, helptext in (("tune-prompt", "stage B: learn the language-style rows"),
+                           ("train-lora", "stage C: train the LoRA adapter"),
+                           ("attention", "stage D: target-word cross-attention map"),
+                           ("mask", "stage E: edit mask and smoothing weights"),
+                           ("generate", "stage G: generate and blend the edit")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--case-dir", required=True, help="directory written by `editinfinity prepare`")
+        p.add_argument("--out", required=True)
+        p.add_argument("--overwrite", action="store_true")
+        if name in ("train-lora", "generate"):
+            p.add_argument("--prompt-dir", required=True, help="directory written by tune-prompt")
+        if name == "generate":
+            p.add_argument("--lora-dir", required=True, help="directory written by train-lora")
+            p.add_argument("--mask-dir", help="directory written by mask (modes auto and mask)")
+        if name == "mask":
+            p.add_argument("--attention-dir", help="directory written by attention (mode auto)")
+            p.add_argument("--threshold", type=float, default=0.5)
+        else:
+            _add_model_args(p)
+        if name in ("tune-prompt", "train-lora", "generate"):
+            p.add_argument("--seed", type=int, default=0)
+        if name == "tune-prompt":
+            p.add_argument("--iters", type=int, default=10)
+        if name == "train-lora":
+            p.add_argument("--iters", type=int, default=50)
+
+    p = sub.add_parser("convert", help="convert official .pth weights to the safetensors directory layout")
+    p.add_argument("--transformer", help="infinity_2b_reg.pth")
+    p.add_argument("--vae", help="infinity_vae_d32reg.pth")
+    p.add_argument("--text-encoder", help="T5 directory or hub id (google/flan-t5-xl)")
+    p.add_argument("--preset", default="2b")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+    _add_extra_commands(sub)
+    return parser
+
+
+def _add_extra_commands(sub) -> None:
+    """Commands of optional parts (pipelines, training, benchmarks) register themselves here."""
+    try:
+        from .kfp_cli import add_pipeline_parser
+    except ImportError:  # kfp not installed: the pipeline commands are absent, the rest works
+        return
+    add_pipeline_parser(sub)
+
+
+def _case_kwargs(args) -> dict:
+    from .edit.case import CaseSpec
+
+    if getattr(args, "case", None):
+        path = Path(args.case)
+        spec = CaseSpec.from_reference_dir(path) if path.is_dir() else CaseSpec.from_file(path)
+        kw = spec.to_dict()
+    else:
+        missing = [f"--{n.replace('_', '-')}" for n in ("image", "prompt", "edit_prompt") if getattr(args, n) is None]
+        if missing:
+            raise InvalidCaseError(f"missing {', '.join(missing)} (or give --case FILE)")
+        kw = {"image": args.image, "prompt": args.prompt, "edit_prompt": args.edit_prompt, "mode": _mode(args),
+              "target_word": args.target_word, "mask": args.mask, "mask_polarity": args.mask_polarity,
+              "resolution": args.resolution}
+    return {k: kw.get(k) for k in ("image", "prompt", "edit_prompt", "mode", "target_word", "mask",
+                                    "mask_polarity", "resolution")}
+
+
+def _run(args) -> int:
+    from .edit import stages
+
+    progress = not args.quiet
+    if args.command == "edit":
+        kw = _case_kwargs(args)
+        kw["mask_polarity"] = kw.get("mask_polarity") or "white-edit"
+        out = stages.run_edit(args.out, **kw, preset=args.preset, weights=args.weights, device=args.device,
+                              settings=_settings(args), overwrite=args.overwrite, progress=progress)
+        print(f"edited image: {out / 'edited.png'}\nreport: {out / 'report.html'}")
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        out = run_demo(args.out, preset=args.preset, weights=args.weights, device=args.device, progress=progress)
+        print(f"demo edit written to {out}/ (open {out / 'report.html'})")
+        return 0
+    if args.command == "prepare":
+        from .models.bundle import load_models
+
+        kw = _case_kwargs(args)
+        kw["mask_polarity"] = kw.get("mask_polarity") or "white-edit"
+        models = load_models(args.preset, weights=args.weights, device=args.device)
+        print(stages.prepare(args.out, **kw, models=models, overwrite=args.overwrite))
+        return 0
+    if args.command == "convert":
+        from .models.checkpoints import convert_official
+
+        print(convert_official(args.out, preset=args.preset, transformer=args.transformer, vae=args.vae,
+                               text_encoder=args.text_encoder, overwrite=args.overwrite))
+        return 0
+    if args.command in ("tune-prompt", "train-lora", "attention", "generate"):
+        from .edit.prepare import load_case
+        from .models.bundle import load_models
+
+        case = load_case(args.case_dir)
+        models = load_models(args.preset or case.preset, weights=args.weights, device=args.device)
+        if args.command == "tune-prompt":
+            out = stages.tune_prompt(args.case_dir, args.out, iters=args.iters, seed=args.seed, models=models,
+                                     overwrite=args.overwrite, progress=progress)
+        elif args.command == "train-lora":
+            out = stages.train_lora(args.case_dir, args.prompt_dir, args.out, iters=args.iters, seed=args.seed,
+                                    models=models, overwrite=args.overwrite, progress=progress)
+        elif args.command == "attention":
+            out = stages.attention(args.case_dir, args.out, models=models, overwrite=args.overwrite)
+        else:
+            out = stages.generate(args.case_dir, args.prompt_dir, args.lora_dir, args.out, mask_dir=args.mask_dir,
+                                  seed=args.seed, models=models, overwrite=args.overwrite)
+        print(out)
+        return 0
+    if args.command == "mask":
+        print(stages.make_mask(args.case_dir, args.out, attention_dir=args.attention_dir, threshold=args.threshold,
+                               overwrite=args.overwrite))
+        return 0
+    if hasattr(args, "handler"):
+        return int(args.handler(args) or 0)
+    raise InvalidCaseError(f"unknown command {args.command!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except EditInfinityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; no partial output was left", file=sys.stderr)
+        return 130
+
+
+def dump_json(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

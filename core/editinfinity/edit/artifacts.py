@@ -1,0 +1,94 @@
+"""Stage directories: atomic creation, provenance records and validation between stages.
+
+Each stage writes into a temporary sibling directory and renames it into place only when every file is written,
+so an interrupted stage (exception, Ctrl-C, or SIGKILL) never leaves a half-written stage directory under its
+final name. ``stage.json`` records what made the directory (stage, format and package versions, the case's run id,
+settings and timings); later stages refuse directories from another run or an incompatible format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from .. import __version__
+from ..errors import InvalidCaseError, StageError
+
+FORMAT = "editinfinity-stage/1"
+STAGE_FILE = "stage.json"
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to clobber an existing output unless asked to; the message names the fix."""
+    if not out_dir.exists() or overwrite:
+        return
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        return  # an empty directory (e.g. made by a scheduler) is fine
+    raise InvalidCaseError(f"output directory {out_dir} already exists; pass --overwrite to replace it or "
+                               "choose another --out")
+
+
+@contextlib.contextmanager
+def stage_output(out_dir: str | os.PathLike, stage: str, *, run_id: str, overwrite: bool = False,
+                 settings: dict | None = None) -> Iterator[tuple[Path, dict]]:
+    """Yield ``(tmp_dir, record)``; on success write ``stage.json`` and move ``tmp_dir`` to ``out_dir``.
+
+    ``record`` is a dict the caller may extend (metrics, losses); ``seconds`` is filled in automatically.
+    """
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{stage}.", dir=out_dir.parent))
+    record = {"format": FORMAT, "stage": stage, "editinfinity_version": __version__, "run_id": run_id,
+              "settings": settings or {}, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    start = time.perf_counter()
+    try:
+        yield tmp, record
+        record["seconds"] = round(time.perf_counter() - start, 4)
+        write_json(tmp / STAGE_FILE, record)
+        if out_dir.exists():
+            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_stage(stage_dir: str | os.PathLike | None, stage: str, *, run_id: str | None = None,
+               needed_by: str = "this stage") -> dict:
+    """Validate a stage directory and return its record; errors say which stage to (re)run."""
+    if stage_dir is None:
+        raise StageError(f"{needed_by} needs the output of the {stage!r} stage; run it first")
+    stage_dir = Path(stage_dir)
+    rec_path = stage_dir / STAGE_FILE
+    if not rec_path.is_file():
+        raise StageError(f"{stage_dir} is not a completed {stage!r} stage directory (no {STAGE_FILE}); "
+                         f"run `editinfinity {stage.replace('_', '-')}` to produce it")
+    try:
+        record = json.loads(rec_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise StageError(f"{rec_path} is corrupt ({exc}); re-run the {stage!r} stage") from exc
+    if record.get("format") != FORMAT:
+        raise StageError(f"{stage_dir} was written in format {record.get('format')!r} but this editinfinity "
+                         f"({__version__}) reads {FORMAT!r}; re-run the {stage!r} stage with this version")
+    if record.get("stage") != stage:
+        raise StageError(f"{stage_dir} holds the {record.get('stage')!r} stage, but {needed_by} needs {stage!r}; "
+                         "check the directory arguments")
+    if run_id is not None and record.get("run_id") != run_id:
+        raise StageError(f"{stage_dir} belongs to another case (run {record.get('run_id')}, expected {run_id}); "
+                         f"re-run the {stage!r} stage for this case")
+    return record

@@ -1,0 +1,115 @@
+"""Stage G, generate: sample from the edit prompt and blend source and generated codes at every scale.
+
+At scale k the generated codes ``G_k`` (upsampled to the last grid) are mixed with the source codes ``S_k`` by the
+keep weights: ``E_k = W * S_k + (1 - W) * G_k``; the running sum of ``E_k`` feeds the next scale and is decoded.
+Where W = 1 at every scale the edited codes equal the source codes exactly, so far from the mask the edit equals the
+reconstruction. Whole-image mode skips blending (plain generation with the learned prompt and LoRA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from ..models.bundle import ModelBundle
+from ..models.quantizer import scale_codes_on_grid
+from .artifacts import stage_output
+from .lora import load_adapter, lora_adapter, lora_config
+from .masking import load_weights
+from .prepare import CaseData, load_case
+from .prompt_tuning import load_embedding
+from .settings import EditSettings
+from .training import make_generator, styled_text
+
+
+def to_pil(img: torch.Tensor) -> Image.Image:
+    """(1, 3, H, W) in [-1, 1] -> RGB PIL, rounding to the nearest byte (the reference truncates, Q27)."""
+    arr = ((img[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+@dataclass
+class EditResult:
+    edited: Image.Image
+    reconstruction: Image.Image
+    edited_codes: torch.Tensor  # (1, d, hK, wK)
+    bits: list[torch.Tensor]
+
+
+def blend_hook(source_codes: list[torch.Tensor], weights: torch.Tensor):
+    """The per-scale blending ``E_k = W S_k + (1 - W) G_k`` as a generation hook."""
+    w = weights.to(source_codes[0].device, torch.float32)[None, None]
+
+    def on_scale(k: int, generated: torch.Tensor) -> torch.Tensor:
+        return w * source_codes[k] + (1 - w) * generated.float()
+
+    return on_scale
+
+
+@torch.no_grad()
+def reconstruct(models: ModelBundle, case: CaseData) -> Image.Image:
+    """Decode of the source codes: what the edit keeps where W = 1."""
+    with models.autocast():
+        img = models.vae.decode_bits([b.to(models.device) for b in case.bits], case.schedule)
+    return to_pil(img)
+
+
+@torch.no_grad()
+def generate_edit(models: ModelBundle, case: CaseData, rows: torch.Tensor | None, adapter: dict | None,
+                  weights: torch.Tensor | None, settings: EditSettings | None = None,
+                  adapter_settings: EditSettings | None = None) -> EditResult:
+    """Generate the edit. ``weights`` None = whole-image mode; ``adapter`` None = no LoRA."""
+    settings = settings or EditSettings()
+    text = styled_text(case, "edit_styled", rows, models.device) if rows is not None else \
+        case.text["edit_styled"].to(models.device)
+    hook = None
+    if weights is not None:
+        source = scale_codes_on_grid([b.to(models.device) for b in case.bits], case.schedule)
+        hook = blend_hook(source, weights)
+    gen = make_generator(models.device, settings.seed)
+
+    def run():
+        with models.autocast():
+            out = models.transformer.generate(text, case.schedule, cfg=settings.cfg, tau=settings.tau,
+                                              top_k=settings.top_k, top_p=settings.top_p, generator=gen,
+                                              on_scale=hook)
+            img = models.vae.decode(out.summed_codes)
+        return out, img
+
+    if adapter is not None:
+        with lora_adapter(models.transformer, lora_config(adapter_settings or settings), adapter):
+            out, img = run()
+    else:
+        out, img = run()
+    return EditResult(edited=to_pil(img), reconstruction=reconstruct(models, case),
+                      edited_codes=out.summed_codes.float().cpu(), bits=[b.cpu() for b in out.bits])
+
+
+def generate(case_dir, prompt_dir, lora_dir, out_dir, *, mask_dir=None, seed: int = 0,
+             models: ModelBundle | None = None, settings: EditSettings | None = None,
+             overwrite: bool = False) -> Path:
+    """Stage G over files: writes ``edited.png``, ``reconstruction.png`` and ``edited_codes.safetensors``."""
+    from ..models.bundle import load_models
+
+    case = load_case(case_dir)
+    rows = load_embedding(prompt_dir, run_id=case.run_id) if prompt_dir is not None else None
+    adapter, adapter_settings = load_adapter(lora_dir, run_id=case.run_id) if lora_dir is not None else (None, None)
+    weights = None
+    if case.spec.mode != "whole":
+        _, weights = load_weights(mask_dir, run_id=case.run_id)
+    models = models or load_models(case.preset)
+    settings = settings or EditSettings()
+    settings.seed = seed
+    result = generate_edit(models, case, rows, adapter, weights, settings, adapter_settings)
+    with stage_output(out_dir, "generate", run_id=case.run_id, overwrite=overwrite,
+                      settings=settings.to_dict()) as (tmp, record):
+        result.edited.save(tmp / "edited.png")
+        result.reconstruction.save(tmp / "reconstruction.png")
+        save_file({"edited_codes": result.edited_codes.contiguous()}, str(tmp / "edited_codes.safetensors"))
+        record["mode"] = case.spec.mode
+    return Path(out_dir)

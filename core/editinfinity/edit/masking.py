@@ -1,0 +1,62 @@
+"""Stage E, mask: the edit mask on the last scale's grid and the smoothing (keep) weights.
+
+Mode "auto" thresholds the attention map; mode "mask" uses the user's mask prepared in stage A. Both feed the
+piecewise-linear kernel directly on the latent grid — no PNG round trip (METHOD.md Q4).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import StageError
+from ..report import mask_picture, weights_picture
+from .artifacts import read_stage, stage_output
+from .attention import load_attention
+from .mask import coarse_fractions, smoothing_weights, threshold_attention, weights_from_edit_mask
+from .prepare import CaseData, load_case, require_mode
+
+WEIGHTS_FILE = "weights.safetensors"
+
+
+def edit_weights(case: CaseData, attention: torch.Tensor | None, threshold: float = 0.5
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(edit_mask bool (hK,wK), keep weights W float32 (hK,wK)); W = 1 keeps the source code."""
+    require_mode(case, "auto", "mask", stage="mask")
+    if case.spec.mode == "auto":
+        if attention is None:
+            raise StageError("mode auto needs the attention stage's output (--attention DIR)")
+        edit = torch.as_tensor(threshold_attention(attention, threshold))
+        weights = torch.as_tensor(weights_from_edit_mask(edit))
+    else:
+        cells = case.user_cells
+        edit = cells >= 0.2
+        weights = torch.as_tensor(smoothing_weights(cells, coarse_fractions(case.user_pixels)))
+    return edit.bool(), weights.float()
+
+
+def load_weights(mask_dir, run_id: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    read_stage(mask_dir, "mask", run_id=run_id, needed_by="the generate stage")
+    path = Path(mask_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        raise StageError(f"{path} is missing; re-run the mask stage")
+    t = load_file(str(path))
+    return t["edit_mask"].bool(), t["weights"]
+
+
+def make_mask(case_dir, out_dir, *, attention_dir=None, threshold: float = 0.5, overwrite: bool = False) -> Path:
+    """Stage E over files: writes ``weights.safetensors``, ``mask.png`` and ``weights.png``."""
+    case = load_case(case_dir)
+    amap = load_attention(attention_dir, run_id=case.run_id) if case.spec.mode == "auto" else None
+    edit, weights = edit_weights(case, amap, threshold)
+    size = (case.image.width, case.image.height)
+    with stage_output(out_dir, "mask", run_id=case.run_id, overwrite=overwrite,
+                      settings={"threshold": threshold}) as (tmp, record):
+        save_file({"edit_mask": edit.to(torch.uint8).contiguous(), "weights": weights.contiguous()},
+                  str(tmp / WEIGHTS_FILE))
+        mask_picture(edit.numpy(), size).save(tmp / "mask.png")
+        weights_picture(weights.numpy(), size).save(tmp / "weights.png")
+        record["edit_fraction"] = float(edit.float().mean())
+    return Path(out_dir)

@@ -1,0 +1,177 @@
+"""Stage A, prepare: the image's exact multi-scale bit codes (BSQ VAE) and every prompt's T5 features.
+
+This is the only stage that runs the VAE encoder and T5 (DESIGN.md): later stages read ``codes.safetensors`` and
+``text.safetensors`` from the case directory. The schedule comes from the image's aspect ratio (nearest template)
+and the chosen pixel budget; the image is preprocessed once (RGB, cover-resize, centre crop) and that same tensor
+serves the codes, training and reports (METHOD.md Q3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from ..errors import InvalidCaseError, StageError
+from ..models import schedules
+from ..models.bundle import ModelBundle
+from ..models.quantizer import multiscale_quantize
+from ..models.text import TextFeatures, encode_prompts, style_prompt, target_token_range
+from .artifacts import read_stage, stage_output
+from .case import CaseSpec, load_image, load_user_mask, preprocess_image
+from .settings import EditSettings
+
+log = logging.getLogger(__name__)
+
+#: The prompt variants later stages need (METHOD.md §2.3).
+TEXT_VARIANTS = ("source_styled", "edit_styled", "source_plain")
+
+
+@dataclass
+class CaseData:
+    """Everything the later stages read, in memory."""
+
+    spec: CaseSpec
+    schedule: list
+    image: Image.Image  # the preprocessed pixels (template size)
+    raw_features: torch.Tensor  # (1, d, hK, wK) encoder output, for bitwise self-correction
+    bits: list[torch.Tensor]  # per scale (1, h_k, w_k, d) uint8
+    text: dict[str, TextFeatures]
+    target_range: tuple[int, int] | None
+    user_cells: torch.Tensor | None  # (hK, wK) fraction of edit pixels per latent cell (mode "mask")
+    user_pixels: torch.Tensor | None  # (H, W) bool pixel edit mask (mode "mask")
+    run_id: str
+    preset: str
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return schedules.last_grid(self.schedule)
+
+
+def _run_id(spec: CaseSpec, image: Image.Image, preset: str, resolution: str) -> str:
+    h = hashlib.sha256()
+    h.update(image.tobytes())
+    h.update(json.dumps(spec.to_dict(), sort_keys=True, default=str).encode())
+    h.update(f"{preset}|{resolution}".encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def prepare_case(models: ModelBundle, spec: CaseSpec, settings: EditSettings | None = None) -> CaseData:
+    """Encode one case: preprocess the image, quantise it exactly, encode the prompts, map the target word."""
+    settings = settings or EditSettings()
+    spec.validate()
+    original = load_image(spec.image) if not isinstance(spec.image, Image.Image) else spec.image.convert("RGB")
+    schedule = schedules.get_schedule(original.height / original.width, spec.resolution)
+    pixels, image = preprocess_image(original, schedule)
+    grid = schedules.last_grid(schedule)
+    z = models.vae.encode_raw(pixels.to(models.device)).float()
+    codes = multiscale_quantize(z, schedule)
+
+    tok, enc = models.tokenizer, models.text_encoder
+    if enc is None:
+        raise StageError("the text encoder was offloaded before prepare; load the models again")
+    rows = settings.style_rows
+    text = {
+        "source_styled": encode_prompts(tok, enc, [style_prompt(spec.prompt)], extra_rows=rows).to("cpu"),
+        "edit_styled": encode_prompts(tok, enc, [style_prompt(spec.edit_prompt)], extra_rows=rows).to("cpu"),
+        "source_plain": encode_prompts(tok, enc, [spec.prompt]).to("cpu"),
+    }
+    target_range = None
+    if spec.mode == "auto":
+        target_range = target_token_range(tok, spec.prompt, spec.target_word)
+    user_cells = user_pixels = None
+    if spec.mode == "mask":
+        user_pixels, user_cells = load_user_mask(spec.mask, (image.height, image.width), grid,
+                                                 polarity=spec.mask_polarity, original_size=original.size)
+        user_pixels, user_cells = torch.as_tensor(user_pixels), torch.as_tensor(user_cells, dtype=torch.float32)
+    return CaseData(spec=spec, schedule=schedule, image=image, raw_features=z.cpu(),
+                    bits=[b.cpu() for b in codes.bits], text=text, target_range=target_range,
+                    user_cells=user_cells, user_pixels=user_pixels,
+                    run_id=_run_id(spec, image, models.preset, spec.resolution), preset=models.preset)
+
+
+def save_case(case: CaseData, directory: Path) -> None:
+    """Write the case artifact files into ``directory`` (already a temporary stage directory)."""
+    case.image.save(directory / "image.png")
+    tensors = {"raw_features": case.raw_features.contiguous(),
+               "scale_schedule": torch.tensor(case.schedule, dtype=torch.int64)}
+    for k, b in enumerate(case.bits):
+        tensors[f"bits_{k}"] = b.to(torch.uint8).contiguous()
+    save_file(tensors, str(directory / "codes.safetensors"))
+    text_tensors = {}
+    for name, feats in case.text.items():
+        text_tensors.update(feats.to_tensors(prefix=f"{name}/"))
+    save_file(text_tensors, str(directory / "text.safetensors"))
+    if case.user_cells is not None:
+        save_file({"cell_fraction": case.user_cells.float().contiguous(),
+                   "pixel_edit_mask": case.user_pixels.to(torch.uint8).contiguous()},
+                  str(directory / "user_mask.safetensors"))
+    meta = {"spec": case.spec.to_dict(), "schedule": [list(s) for s in case.schedule],
+            "grid": list(case.grid), "image_size": [case.image.height, case.image.width],
+            "target_range": list(case.target_range) if case.target_range else None,
+            "run_id": case.run_id, "preset": case.preset}
+    (directory / "case.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def load_case(case_dir: str | Path) -> CaseData:
+    """Read a case directory written by :func:`prepare`."""
+    case_dir = Path(case_dir)
+    rec = read_stage(case_dir, "prepare", needed_by="this stage")
+    try:
+        meta = json.loads((case_dir / "case.json").read_text())
+        codes = load_file(str(case_dir / "codes.safetensors"))
+        text_t = load_file(str(case_dir / "text.safetensors"))
+        image = Image.open(case_dir / "image.png").convert("RGB")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StageError(f"case directory {case_dir} is incomplete ({exc}); re-run prepare") from exc
+    schedule = schedules.normalize_schedule(codes["scale_schedule"])
+    bits = [codes[f"bits_{k}"] for k in range(len(schedule))]
+    text = {name: TextFeatures.from_tensors(text_t, prefix=f"{name}/") for name in TEXT_VARIANTS}
+    user_cells = user_pixels = None
+    if (case_dir / "user_mask.safetensors").is_file():
+        um = load_file(str(case_dir / "user_mask.safetensors"))
+        user_cells, user_pixels = um["cell_fraction"], um["pixel_edit_mask"].bool()
+    spec = CaseSpec.from_dict(meta["spec"])
+    tr = meta.get("target_range")
+    return CaseData(spec=spec, schedule=schedule, image=image, raw_features=codes["raw_features"], bits=bits,
+                    text=text, target_range=tuple(tr) if tr else None, user_cells=user_cells,
+                    user_pixels=user_pixels, run_id=rec["run_id"], preset=meta.get("preset", ""))
+
+
+def prepare(out_dir, *, image, prompt: str, edit_prompt: str, mode: str = "auto", target_word: str | None = None,
+            mask: str | None = None, mask_polarity: str = "white-edit", resolution: str | None = None,
+            preset: str | None = None, models: ModelBundle | None = None, overwrite: bool = False,
+            settings: EditSettings | None = None) -> Path:
+    """Stage A as a function over files: writes the case directory ``out_dir``."""
+    from ..models.bundle import load_models
+
+    models = models or load_models(preset)
+    spec = CaseSpec(image=image, prompt=prompt, edit_prompt=edit_prompt, mode=mode, target_word=target_word,
+                    mask=mask, mask_polarity=mask_polarity,
+                    resolution=resolution or _default_resolution(models), preset=models.preset)
+    case = prepare_case(models, spec, settings)
+    with stage_output(out_dir, "prepare", run_id=case.run_id, overwrite=overwrite,
+                      settings={"resolution": spec.resolution, "preset": models.preset}) as (tmp, record):
+        save_case(case, tmp)
+        record["schedule"] = [list(s) for s in case.schedule]
+    return Path(out_dir)
+
+
+def _default_resolution(models: ModelBundle) -> str:
+    from ..models.presets import PRESETS
+
+    spec = PRESETS.get(models.preset)
+    return spec.resolution if spec else "1M"
+
+
+def require_mode(case: CaseData, *modes: str, stage: str) -> None:
+    if case.spec.mode not in modes:
+        raise InvalidCaseError(f"the {stage} stage applies to mode(s) {', '.join(modes)}, "
+                               f"but this case is mode {case.spec.mode!r}")

@@ -1,0 +1,75 @@
+"""Stage B, prompt tuning: learn the "language style" rows appended to the styled source prompt.
+
+The rows live in raw T5 space (before the transformer's ``text_norm``) and start at zero, exactly as the reference
+parameterises them (METHOD.md §3); everything else is frozen and only the rows are clipped and optimised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import StageError
+from ..models.bundle import ModelBundle
+from .artifacts import read_stage, stage_output
+from .prepare import CaseData, load_case
+from .settings import EditSettings
+from .training import make_generator, optimize, styled_text, teacher_forcing_inputs, training_mode
+
+EMBEDDING_FILE = "prompt_embedding.safetensors"
+
+
+def prompt_tuning_loss(models: ModelBundle, case: CaseData, rows: torch.Tensor, settings: EditSettings,
+                       generator: torch.Generator) -> torch.Tensor:
+    """One sample of the stage-B objective: the scale-reweighted bitwise CE with the rows appended."""
+    gt_bits, x_in = teacher_forcing_inputs(models, case, settings, generator)
+    text = styled_text(case, "source_styled", rows, models.device)
+    with models.autocast():
+        logits = models.transformer(text, x_in, case.schedule, generator=generator)
+    return models.transformer.bit_loss(logits.float(), gt_bits, case.schedule)
+
+
+def tune_prompt_embedding(models: ModelBundle, case: CaseData, settings: EditSettings | None = None,
+                          progress: bool = True) -> tuple[torch.Tensor, list[float]]:
+    """Learn ``settings.style_rows`` rows for ``settings.prompt_iters`` optimizer updates; returns (rows, losses)."""
+    settings = settings or EditSettings()
+    channels = case.text["source_styled"].features.shape[-1]
+    rows = torch.zeros(settings.style_rows, channels, device=models.device, requires_grad=True)
+    gen = make_generator(models.device, settings.seed)
+    with training_mode(models.transformer, settings):
+        losses = optimize([rows], lambda _: prompt_tuning_loss(models, case, rows, settings, gen),
+                          settings.prompt_iters, settings, "prompt tuning", progress)
+    return rows.detach().cpu(), losses
+
+
+def save_embedding(rows: torch.Tensor, path: Path, settings: EditSettings) -> None:
+    save_file({"rows": rows.float().contiguous()}, str(path),
+              metadata={"style_rows": str(rows.shape[0]), "prompt_iters": str(settings.prompt_iters),
+                        "seed": str(settings.seed), "lr": str(settings.lr)})
+
+
+def load_embedding(prompt_dir: str | Path, run_id: str | None = None) -> torch.Tensor:
+    read_stage(prompt_dir, "tune_prompt", run_id=run_id, needed_by="this stage")
+    path = Path(prompt_dir) / EMBEDDING_FILE
+    if not path.is_file():
+        raise StageError(f"{path} is missing; re-run tune-prompt")
+    return load_file(str(path))["rows"]
+
+
+def tune_prompt(case_dir, out_dir, *, iters: int = 10, seed: int = 0, models: ModelBundle | None = None,
+                settings: EditSettings | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+    """Stage B over files: reads the case directory, writes ``prompt_embedding.safetensors``."""
+    from ..models.bundle import load_models
+
+    case = load_case(case_dir)
+    models = models or load_models(case.preset)
+    settings = settings or EditSettings()
+    settings.prompt_iters, settings.seed = iters, seed
+    rows, losses = tune_prompt_embedding(models, case, settings, progress)
+    with stage_output(out_dir, "tune_prompt", run_id=case.run_id, overwrite=overwrite,
+                      settings=settings.to_dict()) as (tmp, record):
+        save_embedding(rows, tmp / EMBEDDING_FILE, settings)
+        record["losses"] = losses
+    return Path(out_dir)

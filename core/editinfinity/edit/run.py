@@ -1,0 +1,160 @@
+"""All stages of one edit in one process (models loaded once), and the summary/report step.
+
+``run_edit`` writes every stage directory under ``OUT/stages/`` (so any stage can be re-run or resumed with the
+per-stage commands) and the user-facing outputs at the top of ``OUT``: ``edited.png``, ``reconstruction.png``,
+``mask.png``/``weights.png`` (modes with a mask), ``attention.png`` (mode auto), ``report.html`` and ``summary.json``.
+``OUT`` appears only once everything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import __version__
+from ..metrics import psnr, ssim
+from ..models.bundle import ModelBundle, load_models
+from ..report import side_by_side, write_report_html
+from .artifacts import check_output_dir, read_stage, write_json
+from .attention import attention
+from .case import CaseSpec
+from .generate import generate
+from .lora import train_lora
+from .masking import load_weights, make_mask
+from .prepare import _default_resolution, load_case, prepare
+from .prompt_tuning import tune_prompt
+from .settings import EditSettings
+
+log = logging.getLogger(__name__)
+
+
+def versions() -> dict:
+    import diffusers
+    import peft
+    import transformers
+
+    return {"editinfinity": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "diffusers": diffusers.__version__, "peft": peft.__version__, "python": platform.python_version()}
+
+
+def background_metrics(edited: Image.Image, reconstruction: Image.Image, keep: np.ndarray | None) -> dict:
+    """PSNR / SSIM of ``edited`` against ``reconstruction`` where ``keep`` (pixel bool) is True (everywhere if None)."""
+    a = np.asarray(edited, dtype=np.float64) / 255.0
+    b = np.asarray(reconstruction, dtype=np.float64) / 255.0
+    region = "background (keep weight 1)" if keep is not None else "whole image"
+    if keep is not None and not keep.any():
+        return {"region": region, "pixels": 0, "psnr": None, "ssim": None}
+    return {"region": region, "pixels": int(keep.sum()) if keep is not None else int(a.shape[0] * a.shape[1]),
+            "psnr": float(psnr(a, b, keep)), "ssim": float(ssim(a, b, keep))}
+
+
+def keep_region_pixels(weights: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Pixels whose latent cell has keep weight 1 (nearest upsampling of the grid to the image size (H, W))."""
+    grid = (weights >= 1.0).float()[None, None]
+    up = torch.nn.functional.interpolate(grid, size=size, mode="nearest")[0, 0]
+    return up.bool().numpy()
+
+
+def summarize(out_dir, *, case_dir, generate_dir, mask_dir=None, attention_dir=None, timings: dict | None = None,
+              settings: EditSettings | None = None, extra: dict | None = None) -> Path:
+    """Write ``summary.json`` and a self-contained ``report.html`` (and copy the pictures) into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    case = load_case(case_dir)
+    read_stage(generate_dir, "generate", run_id=case.run_id, needed_by="the summary")
+    edited = Image.open(Path(generate_dir) / "edited.png").convert("RGB")
+    recon = Image.open(Path(generate_dir) / "reconstruction.png").convert("RGB")
+    pictures = {"source": case.image, "reconstruction": recon, "edited": edited}
+    keep = None
+    if mask_dir is not None:
+        _, weights = load_weights(mask_dir, run_id=case.run_id)
+        keep = keep_region_pixels(weights, (edited.height, edited.width))
+        for name in ("mask.png", "weights.png"):
+            shutil.copyfile(Path(mask_dir) / name, out_dir / name)
+        pictures["mask (white = edit)"] = Image.open(out_dir / "mask.png").convert("RGB")
+    if attention_dir is not None:
+        shutil.copyfile(Path(attention_dir) / "attention.png", out_dir / "attention.png")
+        pictures[f"attention: {case.spec.target_word}"] = Image.open(out_dir / "attention.png").convert("RGB")
+    for name in ("edited.png", "reconstruction.png"):
+        shutil.copyfile(Path(generate_dir) / name, out_dir / name)
+    metrics = background_metrics(edited, recon, keep)
+    summary = {"spec": case.spec.to_dict(), "schedule": [list(s) for s in case.schedule],
+               "image_size": [case.image.height, case.image.width], "run_id": case.run_id, "preset": case.preset,
+               "settings": settings.to_dict() if settings else None, "seconds": timings or {},
+               "metrics": metrics, "versions": versions(), **(extra or {})}
+    write_json(out_dir / "summary.json", summary)
+    side_by_side(list(pictures.items())).save(out_dir / "before_after.png")
+    write_report_html(out_dir / "report.html", images=pictures,
+                      prompts={"prompt": case.spec.prompt, "edit prompt": case.spec.edit_prompt,
+                               "target word": case.spec.target_word or "-", "mode": case.spec.mode},
+                      settings=summary["settings"] or {}, timings=timings or {}, metrics=metrics)
+    return out_dir
+
+
+def run_edit(out_dir, *, image, prompt: str, edit_prompt: str, mode: str = "auto", target_word: str | None = None,
+             mask: str | None = None, mask_polarity: str = "white-edit", resolution: str | None = None,
+             preset: str | None = None, weights: str | None = None, device: str | None = None,
+             models: ModelBundle | None = None, settings: EditSettings | None = None, overwrite: bool = False,
+             progress: bool = True) -> Path:
+    """Run every stage of one edit in this process and write the outputs to ``out_dir`` atomically."""
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, overwrite)
+    settings = settings or EditSettings()
+    # Validate the case before paying for model loading.
+    CaseSpec(image=image, prompt=prompt, edit_prompt=edit_prompt, mode=mode, target_word=target_word, mask=mask,
+             mask_polarity=mask_polarity, resolution=resolution or "1M").validate()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    models = models or load_models(preset, weights=weights, device=device, bias_mode=settings.bias_mode)
+    timings["load_models"] = round(time.perf_counter() - t0, 4)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.run.", dir=out_dir.parent))
+    try:
+        st = tmp / "stages"
+
+        def timed(name, fn, *args, **kwargs):
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            if models.device.type == "cuda":
+                torch.cuda.synchronize()
+            timings[name] = round(time.perf_counter() - start, 4)
+            return result
+
+        case_dir = timed("prepare", prepare, st / "case", image=image, prompt=prompt, edit_prompt=edit_prompt,
+                         mode=mode, target_word=target_word, mask=mask, mask_polarity=mask_polarity,
+                         resolution=resolution or _default_resolution(models), models=models, settings=settings)
+        prompt_dir = timed("tune_prompt", tune_prompt, case_dir, st / "prompt", iters=settings.prompt_iters,
+                           seed=settings.seed, models=models, settings=settings, progress=progress)
+        lora_dir = timed("train_lora", train_lora, case_dir, prompt_dir, st / "lora", iters=settings.lora_iters,
+                         seed=settings.seed, models=models, settings=settings, progress=progress)
+        attention_dir = mask_dir = None
+        if mode == "auto":
+            attention_dir = timed("attention", attention, case_dir, st / "attention", models=models)
+        if mode in ("auto", "mask"):
+            mask_dir = timed("mask", make_mask, case_dir, st / "mask", attention_dir=attention_dir,
+                             threshold=settings.threshold)
+        generate_dir = timed("generate", generate, case_dir, prompt_dir, lora_dir, st / "generate",
+                             mask_dir=mask_dir, seed=settings.seed, models=models, settings=settings)
+        timings["total"] = round(sum(v for k, v in timings.items() if k != "load_models"), 4)
+        if models.device.type == "cuda":
+            timings["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        summarize(tmp, case_dir=case_dir, generate_dir=generate_dir, mask_dir=mask_dir,
+                  attention_dir=attention_dir, timings=timings, settings=settings,
+                  extra={"models": {"preset": models.preset, "source": models.source, "device": str(models.device)}})
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("edit written to %s (%.1f s)", out_dir, timings.get("total", 0.0))
+    return out_dir

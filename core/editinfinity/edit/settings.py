@@ -1,0 +1,89 @@
+"""Hyperparameters of the method, with the paper's defaults, and the two settings profiles.
+
+``default``: correct, single GPU, fast — iteration counts are optimizer updates (10 prompt-tuning, 50 LoRA).
+``reference``: reproduces the published code path where it differs (METHOD.md §10): q/v biases ignored, 9 + 49
+updates, LoRA effective batch 2. Condition dropout and DropPath are on in both, as in the published runs (Q14).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..errors import InvalidCaseError
+
+
+@dataclass
+class EditSettings:
+    # Stage B, prompt tuning: learned rows appended after the styled prompt (raw T5 space, zero init).
+    prompt_iters: int = 10
+    style_rows: int = 20
+    # Stage C, LoRA on every block's fc1/fc2.
+    lora_iters: int = 50
+    lora_rank: int = 4
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_batch: int = 1
+    kl_weight: float = 2e-7
+    # Shared by both training stages: AdamW with decoupled weight decay, constant lr, global-norm clipping.
+    lr: float = 4.6875e-5  # = 6e-3 * 2 / 256, the reference's tblr * global batch / 256
+    betas: tuple[float, float] = (0.9, 0.97)
+    eps: float = 1e-8
+    weight_decay: float = 0.005
+    grad_clip: float = 5.0
+    # Bitwise self-correction of the teacher-forcing inputs: flip probability ~ U{0, .01, .., strength} per scale.
+    noise_strength: float = 0.3
+    noise_layers: int | None = None  # None: every scale
+    # Stochastic regularisers active in the published training (Q14).
+    cond_drop_rate: float = 0.1
+    drop_path_rate: float = 0.1
+    # Stage E: mask threshold between min and max of the attention map.
+    threshold: float = 0.5
+    # Sampling (stage G and plain generation).
+    cfg: float = 4.0
+    tau: float = 0.5
+    top_k: int = 900
+    top_p: float = 0.97
+    seed: int = 0
+    # q/v biases: "upstream" uses them (the weights were trained with them), "editinfinity" ignores them.
+    bias_mode: str = "upstream"
+    profile: str = "default"
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_profile(cls, profile: str = "default", **overrides) -> EditSettings:
+        """Settings of a named profile with explicit overrides (None values are ignored)."""
+        base = {"default": {}, "reference": {"prompt_iters": 9, "lora_iters": 49, "lora_batch": 2,
+                                             "bias_mode": "editinfinity"}}
+        if profile not in base:
+            raise InvalidCaseError(f"unknown settings profile {profile!r}; choose default or reference")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise InvalidCaseError(f"unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        values = {**base[profile], **{k: v for k, v in overrides.items() if v is not None}, "profile": profile}
+        out = cls(**values)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        if self.prompt_iters < 0 or self.lora_iters < 0:
+            raise InvalidCaseError("--prompt-iters and --lora-iters must be >= 0")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise InvalidCaseError(f"--threshold must be in [0, 1], got {self.threshold}")
+        if self.bias_mode not in ("upstream", "editinfinity"):
+            raise InvalidCaseError(f"bias_mode must be upstream or editinfinity, got {self.bias_mode!r}")
+        if self.lora_batch < 1:
+            raise InvalidCaseError("lora_batch must be >= 1")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EditSettings:
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)

@@ -1,0 +1,150 @@
+"""Load every model of a preset once per process: VAE, transformer, T5 encoder and tokenizer."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from .presets import Preset, bundled_weights_dir, default_preset_name, get_preset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelBundle:
+    """The models one edit needs, loaded once and passed to every stage."""
+
+    vae: torch.nn.Module
+    transformer: torch.nn.Module
+    tokenizer: object
+    text_encoder: torch.nn.Module | None
+    device: torch.device
+    preset: str
+    source: str
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """bf16 autocast on GPU, plain float32 on CPU."""
+        return torch.bfloat16 if self.device.type == "cuda" else None
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def offload_text_encoder(self) -> None:
+        """Free the T5 encoder's GPU memory once the prompts are encoded (low-memory setting)."""
+        if self.text_encoder is not None:
+            self.text_encoder.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def describe(self) -> dict:
+        return {"preset": self.preset, "source": self.source, "device": str(self.device),
+                "transformer_config": dict(self.transformer.config), "vae_config": dict(self.vae.config)}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_pretrained(path_or_id: str) -> str:
+    """A local directory as is, or a hub id resolved through huggingface_hub (honours HF_HUB_OFFLINE and the cache)."""
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    if path_or_id.startswith(("/", "./", "../")) or os.sep in path_or_id.strip("/").split("/", 2)[-1]:
+        raise CheckpointError(f"weights directory {path_or_id} does not exist; check the path")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(path_or_id)
+    except (LocalEntryNotFoundError, HFValidationError, OSError) as exc:
+        raise CheckpointError(
+            f"cannot find {path_or_id!r} locally or on the hub ({exc.__class__.__name__}); pass a local directory, "
+            "or make the hub reachable / pre-populate HF_HOME") from exc
+
+
+def bundled_tokenizer_dir() -> Path:
+    from importlib import resources
+
+    path = Path(str(resources.files("editinfinity") / "presets" / "tokenizer"))
+    if not (path / "tokenizer.json").is_file():
+        raise CheckpointError(f"the bundled tokenizer is missing from {path}; reinstall editinfinity")
+    return path
+
+
+def _random_bundle(spec: Preset, device: torch.device) -> tuple:
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    from .bsq_vae import BSQVAE
+    from .infinity import Infinity
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        vae = BSQVAE(**spec.vae)
+        transformer = Infinity(**spec.transformer)
+        tokenizer = AutoTokenizer.from_pretrained(bundled_tokenizer_dir(), legacy=True)
+        cfg = T5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                       layer_norm_epsilon=1e-6, tie_word_embeddings=True, **spec.text_encoder)
+        text_encoder = T5EncoderModel(cfg)
+    return vae, transformer, tokenizer, text_encoder
+
+
+def _directory_bundle(directory: Path) -> tuple:
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    from .bsq_vae import BSQVAE
+    from .infinity import Infinity
+
+    missing = [p for p in ("transformer", "vae", "text_encoder", "tokenizer") if not (directory / p).is_dir()]
+    if missing:
+        raise CheckpointError(f"weights directory {directory} lacks {', '.join(missing)}/; write it with "
+                              "`editinfinity convert` (see README 'Official weights')")
+    vae = BSQVAE.from_pretrained(directory / "vae")
+    transformer = Infinity.from_pretrained(directory / "transformer")
+    tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer", legacy=True)
+    tokenizer.model_max_length = 512
+    text_encoder = T5EncoderModel.from_pretrained(directory / "text_encoder")
+    return vae, transformer, tokenizer, text_encoder
+
+
+def load_models(preset: str | None = None, *, weights: str | None = None, device: str | torch.device | None = None,
+                bias_mode: str | None = None) -> ModelBundle:
+    """Build or load the models of ``preset`` (``weights`` overrides the preset's weight source)."""
+    name = preset or default_preset_name()
+    spec = get_preset(name)
+    dev = torch.device(device) if device is not None else default_device()
+    source = weights if weights is not None else spec.weights
+    if source is None:
+        parts = _random_bundle(spec, dev)
+        source_desc = f"random(seed={spec.seed})"
+    else:
+        if source.startswith("package:"):
+            found = bundled_weights_dir(source.split(":", 1)[1])
+            if found is None:
+                raise CheckpointError(f"preset {name!r} weights are not bundled with this install; use --preset tiny")
+            directory = found
+        elif source == "":
+            raise CheckpointError(f"preset {name!r} needs --weights DIR: convert the official checkpoints first with "
+                                  "`editinfinity convert --transformer infinity_2b_reg.pth --vae "
+                                  "infinity_vae_d32reg.pth --text-encoder google/flan-t5-xl --out DIR`")
+        else:
+            directory = Path(resolve_pretrained(source))
+        parts = _directory_bundle(directory)
+        source_desc = str(directory)
+    vae, transformer, tokenizer, text_encoder = parts
+    tokenizer.model_max_length = 512
+    if bias_mode is not None:
+        transformer.set_bias_mode(bias_mode)
+    for m in (vae, transformer, text_encoder):
+        m.eval().requires_grad_(False).to(dev)
+    log.info("loaded preset %s from %s on %s", name, source_desc, dev)
+    return ModelBundle(vae=vae, transformer=transformer, tokenizer=tokenizer, text_encoder=text_encoder, device=dev,
+                       preset=name, source=source_desc)
