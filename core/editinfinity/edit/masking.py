@@ -15,10 +15,12 @@ from ..errors import StageError
 from ..report import mask_picture, weights_picture
 from .artifacts import read_stage, stage_output
 from .attention import load_attention
-from .mask import coarse_fractions, smoothing_weights, threshold_attention, weights_from_edit_mask
+from .mask import threshold_attention, weights_from_edit_mask, weights_from_pixel_mask
 from .prepare import CaseData, load_case, require_mode
 
 WEIGHTS_FILE = "weights.safetensors"
+#: A latent cell belongs to the edit when at least this fraction of its pixels does (METHOD.md §7).
+CELL_THRESHOLD = 0.2
 
 
 def edit_weights(case: CaseData, attention: torch.Tensor | None, threshold: float = 0.5
@@ -31,9 +33,8 @@ def edit_weights(case: CaseData, attention: torch.Tensor | None, threshold: floa
         edit = torch.as_tensor(threshold_attention(attention, threshold))
         weights = torch.as_tensor(weights_from_edit_mask(edit))
     else:
-        cells = case.user_cells
-        edit = cells >= 0.2
-        weights = torch.as_tensor(smoothing_weights(cells, coarse_fractions(case.user_pixels)))
+        edit = case.user_cells >= CELL_THRESHOLD
+        weights = weights_from_pixel_mask(case.user_pixels, case.grid)
     return edit.bool(), weights.float()
 
 

@@ -24,7 +24,7 @@ from ..models.bundle import ModelBundle
 from ..models.quantizer import multiscale_quantize
 from ..models.text import TextFeatures, encode_prompts, style_prompt, target_token_range
 from .artifacts import read_stage, stage_output
-from .case import CaseSpec, load_image, load_user_mask, preprocess_image
+from .case import CaseSpec, choose_schedule, load_image, load_user_mask, preprocess_image
 from .settings import EditSettings
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def prepare_case(models: ModelBundle, spec: CaseSpec, settings: EditSettings | N
     settings = settings or EditSettings()
     spec.validate()
     original = load_image(spec.image) if not isinstance(spec.image, Image.Image) else spec.image.convert("RGB")
-    schedule = schedules.get_schedule(original.height / original.width, spec.resolution)
+    schedule = choose_schedule(original, spec.resolution)
     pixels, image = preprocess_image(original, schedule)
     grid = schedules.last_grid(schedule)
     z = models.vae.encode_raw(pixels.to(models.device)).float()
@@ -90,7 +90,7 @@ def prepare_case(models: ModelBundle, spec: CaseSpec, settings: EditSettings | N
     if spec.mode == "mask":
         user_pixels, user_cells = load_user_mask(spec.mask, (image.height, image.width), grid,
                                                  polarity=spec.mask_polarity, original_size=original.size)
-        user_pixels, user_cells = torch.as_tensor(user_pixels), torch.as_tensor(user_cells, dtype=torch.float32)
+        user_pixels, user_cells = torch.as_tensor(user_pixels), torch.as_tensor(user_cells, dtype=torch.float64)
     return CaseData(spec=spec, schedule=schedule, image=image, raw_features=z.cpu(),
                     bits=[b.cpu() for b in codes.bits], text=text, target_range=target_range,
                     user_cells=user_cells, user_pixels=user_pixels,
@@ -110,7 +110,7 @@ def save_case(case: CaseData, directory: Path) -> None:
         text_tensors.update(feats.to_tensors(prefix=f"{name}/"))
     save_file(text_tensors, str(directory / "text.safetensors"))
     if case.user_cells is not None:
-        save_file({"cell_fraction": case.user_cells.float().contiguous(),
+        save_file({"cell_fraction": case.user_cells.double().contiguous(),
                    "pixel_edit_mask": case.user_pixels.to(torch.uint8).contiguous()},
                   str(directory / "user_mask.safetensors"))
     meta = {"spec": case.spec.to_dict(), "schedule": [list(s) for s in case.schedule],

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from .. import __version__
-from ..metrics import psnr, ssim
+from ..metrics import background_metrics
 from ..models.bundle import ModelBundle, load_models
 from ..report import side_by_side, write_report_html
 from .artifacts import check_output_dir, read_stage, write_json
@@ -46,15 +46,14 @@ def versions() -> dict:
             "diffusers": diffusers.__version__, "peft": peft.__version__, "python": platform.python_version()}
 
 
-def background_metrics(edited: Image.Image, reconstruction: Image.Image, keep: np.ndarray | None) -> dict:
-    """PSNR / SSIM of ``edited`` against ``reconstruction`` where ``keep`` (pixel bool) is True (everywhere if None)."""
-    a = np.asarray(edited, dtype=np.float64) / 255.0
-    b = np.asarray(reconstruction, dtype=np.float64) / 255.0
-    region = "background (keep weight 1)" if keep is not None else "whole image"
-    if keep is not None and not keep.any():
-        return {"region": region, "pixels": 0, "psnr": None, "ssim": None}
-    return {"region": region, "pixels": int(keep.sum()) if keep is not None else int(a.shape[0] * a.shape[1]),
-            "psnr": float(psnr(a, b, keep)), "ssim": float(ssim(a, b, keep))}
+def edit_metrics(edited: Image.Image, reconstruction: Image.Image, keep: np.ndarray | None) -> dict:
+    """Background PSNR / MSE / SSIM of the edit against the reconstruction (PnP-Inversion's protocol: pixels outside
+    the keep region are zeroed in both images); whole-image figures when there is no mask."""
+    if keep is None:
+        m = background_metrics(reconstruction, edited, np.zeros((edited.height, edited.width), bool))
+        return {"region": "whole image", **m}
+    m = background_metrics(reconstruction, edited, ~keep)
+    return {"region": "background (keep weight 1)", "pixels": int(keep.sum()), **m}
 
 
 def keep_region_pixels(weights: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -86,7 +85,7 @@ def summarize(out_dir, *, case_dir, generate_dir, mask_dir=None, attention_dir=N
         pictures[f"attention: {case.spec.target_word}"] = Image.open(out_dir / "attention.png").convert("RGB")
     for name in ("edited.png", "reconstruction.png"):
         shutil.copyfile(Path(generate_dir) / name, out_dir / name)
-    metrics = background_metrics(edited, recon, keep)
+    metrics = edit_metrics(edited, recon, keep)
     summary = {"spec": case.spec.to_dict(), "schedule": [list(s) for s in case.schedule],
                "image_size": [case.image.height, case.image.width], "run_id": case.run_id, "preset": case.preset,
                "settings": settings.to_dict() if settings else None, "seconds": timings or {},

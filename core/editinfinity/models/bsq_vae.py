@@ -19,7 +19,12 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from editinfinity.errors import CheckpointError
-from editinfinity.models.quantizer import MultiScaleCodes, multiscale_quantize, scale_codes_on_grid
+from editinfinity.models.quantizer import (
+    MultiScaleCodes,
+    _autocast_off,
+    multiscale_quantize,
+    scale_codes_on_grid,
+)
 
 __all__ = ["BSQVAE", "group_norm_groups", "load_vae_state_dict"]
 
@@ -239,8 +244,12 @@ class BSQVAE(ModelMixin, ConfigMixin):
     def encode_raw(self, img: torch.Tensor) -> torch.Tensor:
         """Encoder features ``(B, d, H/p, W/p)`` float32 before quantisation (autocast off: bits are signs)."""
         self._check_image(img)
-        with torch.autocast(device_type=img.device.type, enabled=False):
-            h = self.encoder(img.to(device=self.device, dtype=self.dtype))
+        # Contiguous NCHW on purpose: an image made by permuting an HWC array is channels-last, and on CPU the
+        # channels-last float32 convolutions were measured ~1e-3 off a float64 result (the contiguous ones ~1e-6),
+        # enough to flip bits.
+        img = img.to(device=self.device, dtype=self.dtype).contiguous()
+        with _autocast_off(img.device):
+            h = self.encoder(img)
         return h.float()
 
     def encode(self, img: torch.Tensor, schedule) -> MultiScaleCodes:
@@ -254,7 +263,7 @@ class BSQVAE(ModelMixin, ConfigMixin):
         """Image ``(B, 3, H, W)`` float32 clamped to [-1, 1] from summed codes ``z (B, d, h, w)``."""
         if z.ndim != 4 or z.shape[1] != self.config.codebook_dim:
             raise ValueError(f"z must be (B, {self.config.codebook_dim}, h, w), got shape {tuple(z.shape)}")
-        x = self.decoder(z.to(device=self.device, dtype=self.dtype))
+        x = self.decoder(z.to(device=self.device, dtype=self.dtype).contiguous())  # see encode_raw
         return x.float().clamp(-1.0, 1.0)
 
     def decode_bits(self, bits_list: Sequence[torch.Tensor], schedule) -> torch.Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 
 from ..errors import CheckpointError
 from .presets import Preset, bundled_weights_dir, default_preset_name, get_preset
+from .text import resolve_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +52,6 @@ class ModelBundle:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_pretrained(path_or_id: str) -> str:
-    """A local directory as is, or a hub id resolved through huggingface_hub (honours HF_HUB_OFFLINE and the cache)."""
-    if os.path.isdir(path_or_id):
-        return path_or_id
-    if path_or_id.startswith(("/", "./", "../")) or os.sep in path_or_id.strip("/").split("/", 2)[-1]:
-        raise CheckpointError(f"weights directory {path_or_id} does not exist; check the path")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return snapshot_download(path_or_id)
-    except (LocalEntryNotFoundError, HFValidationError, OSError) as exc:
-        raise CheckpointError(
-            f"cannot find {path_or_id!r} locally or on the hub ({exc.__class__.__name__}); pass a local directory, "
-            "or make the hub reachable / pre-populate HF_HOME") from exc
 
 
 def bundled_tokenizer_dir() -> Path:

@@ -121,7 +121,7 @@ def convert_official(out_dir: str | os.PathLike, *, preset: str = "2b", transfor
             model.save_pretrained(tmp / "vae")
             del model
         if text_encoder:
-            from .bundle import resolve_pretrained
+            from .text import resolve_pretrained
 
             t5_dir = resolve_pretrained(text_encoder)
             T5EncoderModel.from_pretrained(t5_dir).save_pretrained(tmp / "text_encoder")

@@ -99,6 +99,17 @@ def _singleton_time_kernels(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda")
 
 
+def _upsample_codes(codes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Codes ``(B, d, h, w)`` resized bilinearly to ``grid``, contiguous.
+
+    The reference's codes are a channels-last view of its (B, 1, h, w, d) bit layout, and the CPU interpolation
+    kernel for that layout rounds differently from the contiguous one; resizing from the same layout makes the
+    per-scale codes and their sums bit-identical to the reference's.
+    """
+    codes = codes.contiguous(memory_format=torch.channels_last)
+    return bilinear_resize(codes, grid).contiguous()
+
+
 @cache
 def _code_scale_value(d: int) -> float:
     # The reference builds codes as +-fl32(1/sqrt(d)) and then l2-normalises them in float32; for d = 32 that
@@ -111,7 +122,7 @@ def _code_scale_value(d: int) -> float:
 def code_scale(d: int) -> float:
     """Magnitude ``c`` of every code component for ``d`` bits: ``1/sqrt(d)`` as the reference computes it in float32.
 
-    ``c`` is exactly representable in float32 and differs from ``1/sqrt(d)`` by at most one float32 ulp.
+    ``c`` is a float32 value within float32 rounding of ``1/sqrt(d)`` (for d = 32 one ulp above the nearest float32).
     """
     if d <= 0:
         raise ValueError(f"codebook dimension must be positive, got {d}")
@@ -119,13 +130,17 @@ def code_scale(d: int) -> float:
 
 
 def bits_to_codes(bits: torch.Tensor) -> torch.Tensor:
-    """Codes ``(B, d, h, w)`` float32 of bits ``(B, h, w, d)``: bit 1 -> ``+c``, bit 0 -> ``-c`` (``c = code_scale(d)``)."""
+    """Codes ``(B, d, h, w)`` float32 of bits ``(B, h, w, d)``: bit 1 -> ``+c``, bit 0 -> ``-c`` (``c = code_scale(d)``).
+
+    The result is a channels-last view of the bit layout, as the reference's codes are: CPU interpolation rounds
+    differently per memory layout, and keeping this one makes resized codes bit-identical to the reference's.
+    Use ``.reshape``/``.contiguous()`` rather than ``.view`` on it.
+    """
     if bits.ndim != 4:
         raise ValueError(f"bits must be (B, h, w, d), got shape {tuple(bits.shape)}")
     c = code_scale(bits.shape[-1])
     pos = torch.tensor(c, dtype=torch.float32, device=bits.device)
-    codes = torch.where(bits.bool(), pos, -pos)
-    return codes.permute(0, 3, 1, 2).contiguous()
+    return torch.where(bits.bool(), pos, -pos).permute(0, 3, 1, 2)
 
 
 def area_resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -148,7 +163,7 @@ def bilinear_resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Bilinear resize of ``(B, C, h, w)`` to ``size`` (align_corners=False, no antialias); identity when unchanged.
 
     Used both to upsample codes and to *downsample* the running code sum (point sampling, e.g. 64 -> 2 samples
-    the pairs around 15.5 and 47.5).
+    the pairs around 15.5 and 47.5). The output keeps the input's memory layout (see :func:`bits_to_codes`).
     """
     x = _check_latent(x, "x")
     h, w = _size2(size)
@@ -172,12 +187,10 @@ def bsq_quantize(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     r = _check_latent(r, "r")
     with _autocast_off(r.device):
         u = F.normalize(r, dim=1, eps=1e-12)
-        positive = u > 0
-        pos = torch.tensor(code_scale(r.shape[1]), dtype=torch.float32, device=r.device)
-        codes = torch.where(positive, pos, -pos)
+        bits = (u > 0).permute(0, 2, 3, 1).to(torch.uint8).contiguous()
+        codes = bits_to_codes(bits)
         if torch.is_grad_enabled() and u.requires_grad:
             codes = codes + (u - u.detach())
-        bits = positive.permute(0, 2, 3, 1).to(torch.uint8).contiguous()
     return codes, bits
 
 
@@ -220,7 +233,7 @@ def scale_codes_on_grid(bits_list: Sequence[torch.Tensor], schedule) -> list[tor
     ``each_scale_code_k``). ``bits_list`` may hold the first few scales only."""
     grids = _grids(schedule)
     _check_bits(bits_list, grids)
-    return [bilinear_resize(bits_to_codes(b), grids[-1]) for b in bits_list]
+    return [_upsample_codes(bits_to_codes(b), grids[-1]) for b in bits_list]
 
 
 def inputs_from_bits(bits_list: Sequence[torch.Tensor], schedule) -> torch.Tensor:
@@ -233,7 +246,7 @@ def inputs_from_bits(bits_list: Sequence[torch.Tensor], schedule) -> torch.Tenso
     acc = None
     inputs = []
     for k in range(len(grids) - 1):
-        up = bilinear_resize(bits_to_codes(bits_list[k]), grids[-1])
+        up = _upsample_codes(bits_to_codes(bits_list[k]), grids[-1])
         acc = up if acc is None else acc + up
         inputs.append(next_scale_input(acc, sched, k))
     if not inputs:  # a one-scale schedule has no inputs beyond the start token
@@ -252,7 +265,7 @@ _FlipFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 
 def _residual_quantize(z: torch.Tensor, schedule, flip: _FlipFn | None):
     grids = _grids(schedule)
-    z = _check_latent(z, "z")
+    z = _check_latent(z, "z").contiguous()
     _check_grid(z, grids)
     sched = _as_schedule(grids)
     last = len(grids) - 1
@@ -272,7 +285,7 @@ def _residual_quantize(z: torch.Tensor, schedule, flip: _FlipFn | None):
                 noisy = flip(k, bits)
                 if noisy is not None:
                     codes = bits_to_codes(noisy)
-            acc = acc + bilinear_resize(codes, grids[-1])
+            acc = acc + _upsample_codes(codes, grids[-1])
             if k < last:
                 inputs.append(next_scale_input(acc, sched, k))
     b, d = z.shape[0], z.shape[1]

@@ -1,0 +1,480 @@
+"""Infinity: the bitwise next-scale autoregressive text-to-image transformer (state-dict compatible).
+
+A sequence holds the scales of a schedule coarse to fine (the 1x1 start token is scale 0); every token predicts
+its ``d`` bits as ``2d`` logits. Text conditioning: RMS-normed T5 rows are pooled into ``cond`` (start token,
+shared AdaLN, head AdaLN) and projected into the cross-attention memory. Teacher forcing is block-causal (scale k
+sees scales <= k); generation runs scale by scale with a KV cache and classifier-free guidance on the logits.
+
+Precision: the text path, AdaLN, norms, q/k normalisation + RoPE, the head and the losses run in float32; under
+bf16 autocast (GPU) the block matmuls and attention run in bf16. Names of parameters equal the official keys
+except ``blocks.{i}`` (see :mod:`.infinity_state` for the mapping).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from torch import nn
+
+from . import schedules
+from .infinity_state import (
+    LoadReport,
+    chunked_block_key,
+    flat_block_key,
+    flatten_block_keys,
+    load_infinity_state_dict,
+    to_official_state_dict,
+)
+from .layers import (
+    AdaLNBeforeHead,
+    AttentionProbe,
+    CrossAttention,
+    CrossAttnBlock,
+    KVCache,
+    PoolAttention,
+    RMSNorm,
+    SelfAttention,
+    TextAttentivePool,
+    check_bias_mode,
+    drop_path_scales,
+)
+from .quantizer import bilinear_resize, bits_to_codes, next_scale_input
+from .rope import rope_table
+from .text import TextFeatures
+
+__all__ = [
+    "AttentionMapCollector",
+    "GenerationOutput",
+    "Infinity",
+    "LoadReport",
+    "TextCondition",
+    "bit_loss",
+    "chunked_block_key",
+    "flat_block_key",
+    "flatten_block_keys",
+    "load_infinity_state_dict",
+    "sample_bits",
+    "summed_bit_ce",
+    "to_official_state_dict",
+]
+
+
+@dataclass
+class TextCondition:
+    """The text path's outputs for a batch: pooled ``cond_BD`` (B, D), shared modulation ``gss`` (B, 1, 6, C),
+    cross-attention ``memory`` (B, T, D) and its ``mask`` (B, T) bool."""
+
+    cond_BD: torch.Tensor
+    gss: torch.Tensor
+    memory: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class GenerationOutput:
+    """``summed_codes`` (B, d, hK, wK): sum of every scale's (possibly blended) codes on the last grid;
+    ``bits``: per scale (B, h_k, w_k, d) uint8; ``logits``: per scale (B, h_k*w_k, d, 2) sampler inputs if kept."""
+
+    summed_codes: torch.Tensor
+    bits: list[torch.Tensor]
+    logits: list[torch.Tensor] | None = None
+
+
+class Infinity(ModelMixin, ConfigMixin):
+    """Infinity transformer.
+
+    Args:
+        depth: number of blocks. embed_dim: width ``C`` (also the condition width). num_heads: heads (``C/H``
+            must be a multiple of 4 for the 2D RoPE).
+        mlp_ratio: FFN width ``round(C * mlp_ratio / 256) * 256`` (Python's half-to-even ``round``, as the reference).
+        text_channels: T5 width ``Ct5`` (a multiple of 128). text_maxlen: rows of the unconditional table.
+        codebook_dim: bits per token ``d``; the head predicts ``2d`` logits.
+        norm_eps: eps of every norm. bias_mode: ``"upstream"`` adds the trained q/v biases, ``"editinfinity"``
+            ignores them as the EditInfinity code does.
+        cond_drop_rate: probability (train mode) of replacing a sample's text by the unconditional rows.
+        drop_path_rate: stochastic depth of the last block (linear from 0), train mode only.
+        num_levels: rows of the level (scale) embedding. rope_size: side of the RoPE position table.
+        block_chunks: how the official checkpoint groups blocks (key names only; see ``to_official_state_dict``).
+    """
+
+    config_name = "config.json"
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["CrossAttnBlock"]
+
+    @register_to_config
+    def __init__(self, depth: int, embed_dim: int, num_heads: int, mlp_ratio: float = 4.0, text_channels: int = 2048,
+                 text_maxlen: int = 512, codebook_dim: int = 32, norm_eps: float = 1e-6, bias_mode: str = "upstream",
+                 cond_drop_rate: float = 0.0, drop_path_rate: float = 0.0, num_levels: int = 15,
+                 rope_size: int = 128, block_chunks: int = 1):
+        super().__init__()
+        check_bias_mode(bias_mode)
+        if embed_dim % num_heads or (embed_dim // num_heads) % 4:
+            raise ValueError(f"`embed_dim` ({embed_dim}) must split into `num_heads` ({num_heads}) heads whose "
+                             "width is a multiple of 4 (2D RoPE)")
+        ffn_hidden = round(embed_dim * mlp_ratio / 256) * 256
+        if ffn_hidden <= 0:
+            raise ValueError(f"FFN width round({embed_dim} * {mlp_ratio} / 256) * 256 is 0; use a wider model")
+        if block_chunks < 1 or depth % block_chunks:
+            raise ValueError(f"`block_chunks` ({block_chunks}) must divide `depth` ({depth})")
+        C, D = embed_dim, embed_dim
+        self.cond_drop_rate, self.drop_path_rate = float(cond_drop_rate), float(drop_path_rate)
+        self.gradient_checkpointing = False
+        self._rope_cache: dict = {}
+
+        # 1. text conditioning
+        # Drawn on the CPU (seeded CPU generator), then placed where the model is being built.
+        self.cfg_uncond = nn.Parameter(self._initial_uncond_rows(text_maxlen, text_channels).to(torch.empty(0).device))
+        self.text_norm = RMSNorm(text_channels, eps=norm_eps)
+        self.text_proj_for_sos = TextAttentivePool(text_channels, D, bias_mode)
+        self.text_proj_for_ca = nn.Sequential(nn.Linear(text_channels, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
+        # 2. inputs: start token, scale (level) embedding, bit codes -> width C
+        self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
+        self.lvl_embed = nn.Embedding(num_levels, C)
+        self.word_embed = nn.Linear(codebook_dim, C)
+        # 3. shared AdaLN mapping, backbone, head
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * C))
+        self.blocks = nn.ModuleList(
+            CrossAttnBlock(C, num_heads, ffn_hidden, D, norm_eps, bias_mode) for _ in range(depth))
+        self.head_nm = AdaLNBeforeHead(C, D, norm_eps)
+        self.head = nn.Linear(C, 2 * codebook_dim)
+        self.init_weights()
+
+    @staticmethod
+    def _initial_uncond_rows(rows: int, channels: int) -> torch.Tensor:
+        """The reference's deterministic unconditional table: trunc-normal(std 1.2, bounds +-2) from a CPU generator
+        seeded 0, divided by sqrt(Ct5) (also fills the tail of a shorter checkpoint table)."""
+        t = torch.empty(rows, channels, device="cpu")
+        nn.init.trunc_normal_(t, std=1.2, generator=torch.Generator(device="cpu").manual_seed(0))
+        return t / channels**0.5
+
+    @torch.no_grad()
+    def init_weights(self, aln_init: float = 1e-3, aln_gamma_init: float = 5e-6, head_scale: float = 0.02) -> None:
+        """Random initialisation of the training recipe (truncated normal, small AdaLN gains and head).
+
+        ``cfg_uncond`` keeps its deterministic rows and ``scale_mul_1H11`` its ln 4.
+        """
+        C = self.config.embed_dim
+        std = math.sqrt(1 / C / 3)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.trunc_normal_(m.weight, std=std)
+            elif isinstance(m, nn.LayerNorm | RMSNorm):
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, PoolAttention):
+                nn.init.trunc_normal_(m.mat_q, std=std)
+        nn.init.trunc_normal_(self.pos_start, std=std)
+        self.head_nm.ada_lin[-1].weight.mul_(aln_init)
+        self.head.weight.mul_(head_scale)
+        proj_scale = 1 / math.sqrt(2 * len(self.blocks))
+        for blk in self.blocks:
+            for lin in (blk.sa.proj, blk.ca.proj, blk.ffn.fc2):
+                lin.weight.mul_(proj_scale)
+            blk.ada_gss.copy_(torch.randn_like(blk.ada_gss) / C**0.5)
+            blk.ada_gss[:, :, :2].mul_(aln_gamma_init)
+            blk.ada_gss[:, :, 2:].mul_(aln_init)
+
+    # -- settings -------------------------------------------------------------------------------------------------
+
+    def set_bias_mode(self, bias_mode: str) -> None:
+        """Switch between ``"upstream"`` (q/v biases added) and ``"editinfinity"`` (ignored) semantics."""
+        check_bias_mode(bias_mode)
+        for m in self.modules():
+            if isinstance(m, SelfAttention | CrossAttention | PoolAttention):
+                m.bias_mode = bias_mode
+        self.register_to_config(bias_mode=bias_mode)
+
+    def set_regularization(self, cond_drop_rate: float | None = None, drop_path_rate: float | None = None) -> None:
+        """Change the train-mode condition dropout and DropPath rates."""
+        if cond_drop_rate is not None:
+            self.cond_drop_rate = float(cond_drop_rate)
+            self.register_to_config(cond_drop_rate=self.cond_drop_rate)
+        if drop_path_rate is not None:
+            self.drop_path_rate = float(drop_path_rate)
+            self.register_to_config(drop_path_rate=self.drop_path_rate)
+
+    # -- pieces -----------------------------------------------------------------------------------------------------
+
+    def unconditional_text(self, lens: Sequence[int]) -> TextFeatures:
+        """``cfg_uncond[:len_b]`` for every sample: the negative branch with the conditional text's lengths."""
+        if max(lens) > self.cfg_uncond.shape[0]:
+            raise ValueError(f"a text of {max(lens)} rows exceeds the {self.cfg_uncond.shape[0]} unconditional rows; "
+                             "shorten the prompt (learned rows count too)")
+        return TextFeatures(torch.cat([self.cfg_uncond[:n] for n in lens], dim=0), list(lens))
+
+    def encode_text(self, text: TextFeatures, generator: torch.Generator | None = None) -> TextCondition:
+        """Text path in float32: condition dropout (train mode), RMS norm, attentive pool, memory MLP, AdaLN map."""
+        text = text.to(self.device)
+        feats = text.features.float()
+        if self.training and self.cond_drop_rate > 0:
+            gen_device = generator.device if generator is not None else "cpu"
+            drop = (torch.rand(text.batch_size, generator=generator, device=gen_device) < self.cond_drop_rate).tolist()
+            if any(drop):
+                uncond = self.unconditional_text(text.lens).split()
+                feats = torch.cat([u if d else s for s, u, d in zip(text.split(), uncond, drop, strict=True)], dim=0)
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            normed = self.text_norm(feats)
+            rows, mask = TextFeatures(normed, text.lens).padded()
+            cond_BD = self.text_proj_for_sos(rows, mask).float()
+            memory, _ = TextFeatures(self.text_proj_for_ca(normed), text.lens).padded()
+            gss = self.shared_ada_lin(cond_BD).view(cond_BD.shape[0], 1, 6, -1)
+        return TextCondition(cond_BD=cond_BD, gss=gss, memory=memory, mask=mask)
+
+    def embed_tokens(self, codes_BLd: torch.Tensor) -> torch.Tensor:
+        """Next-scale inputs (B, n, d) -> (B, n, C), float32."""
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            return self.word_embed(codes_BLd.float())
+
+    def logits(self, h: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        """Head: AdaLN from the pooled condition, then the bit logits (B, L, 2d), float32."""
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return self.head(self.head_nm(h.float(), cond_BD.float()))
+
+    def rope(self, schedule, device: torch.device | None = None) -> torch.Tensor:
+        """(2, L, hd/2) cos/sin of the schedule's tokens (cached per schedule and device)."""
+        device = torch.device(device or self.device)
+        key = (tuple(schedules.normalize_schedule(schedule)), str(device))
+        if key not in self._rope_cache:
+            hd = self.config.embed_dim // self.config.num_heads
+            self._rope_cache[key] = rope_table(key[0], hd, self.config.rope_size).to(device)
+        return self._rope_cache[key]
+
+    def _check_schedule(self, schedule) -> list[tuple[int, int, int]]:
+        sched = schedules.normalize_schedule(schedule)
+        if len(sched) > self.lvl_embed.num_embeddings:
+            raise ValueError(f"schedule has {len(sched)} scales but the model has {self.lvl_embed.num_embeddings} "
+                             "level embeddings")
+        return sched
+
+    def _drop_path_keep(self, batch: int, generator: torch.Generator | None) -> list[torch.Tensor | None]:
+        depth = len(self.blocks)
+        if not self.training or self.drop_path_rate <= 0:
+            return [None] * depth
+        rates = torch.linspace(0, self.drop_path_rate, depth).tolist()
+        return [drop_path_scales(r, batch, generator, self.device) if r > 0 else None for r in rates]
+
+    # -- teacher forcing --------------------------------------------------------------------------------------------
+
+    def forward(self, text: TextFeatures, x_wo_prefix: torch.Tensor, schedule,
+                attention_probe: AttentionProbe | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Teacher-forced logits (B, L, 2d) from the next-scale inputs ``x_wo_prefix`` (B, L-1, d).
+
+        ``generator`` drives condition dropout and DropPath (train mode only). ``attention_probe`` (e.g. an
+        :class:`AttentionMapCollector`) sees every block's cross-attention queries/keys of sample 0.
+        """
+        sched = self._check_schedule(schedule)
+        lengths = schedules.scale_lengths(sched)
+        B, L = text.batch_size, sum(lengths)
+        expected = (B, L - 1, self.config.codebook_dim)
+        if tuple(x_wo_prefix.shape) != expected:
+            raise ValueError(f"`x_wo_prefix` must be {expected} for this text batch and schedule, "
+                             f"got {tuple(x_wo_prefix.shape)}")
+        cond = self.encode_text(text, generator)
+        sos = cond.cond_BD.unsqueeze(1) + self.pos_start
+        x = torch.cat([sos, self.embed_tokens(x_wo_prefix.to(self.device))], dim=1)
+        x = x + self.lvl_embed.weight[schedules.scale_index_per_token(sched).to(self.device)]
+        rope = self.rope(sched)
+        keep = self._drop_path_keep(B, generator)
+        for i, blk in enumerate(self.blocks):
+            args = (x, cond.gss, cond.memory, cond.mask, rope, lengths, None, keep[i], attention_probe, i)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(blk, *args)
+            else:
+                x = blk(*args)
+        return self.logits(x, cond.cond_BD)
+
+    def bit_loss(self, logits: torch.Tensor, gt_bits: torch.Tensor, schedule, reweight: bool = True) -> torch.Tensor:
+        """See :func:`bit_loss`."""
+        return bit_loss(logits, gt_bits, schedule, reweight)
+
+    def summed_bit_ce(self, logits: torch.Tensor, gt_bits: torch.Tensor) -> torch.Tensor:
+        """See :func:`summed_bit_ce`."""
+        return summed_bit_ce(logits, gt_bits)
+
+    # -- generation -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, text: TextFeatures, schedule, cfg: float | Sequence[float] = 4.0,
+                 tau: float | Sequence[float] = 0.5, top_k: int = 900, top_p: float = 0.97,
+                 generator: torch.Generator | None = None,
+                 on_scale: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                 keep_logits: bool = False) -> GenerationOutput:
+        """Sample every scale's bits with a KV cache and classifier-free guidance.
+
+        With any ``cfg != 1`` the batch is doubled with unconditional rows ``cfg_uncond[:len_b]``; per scale the
+        logits are ``cfg * l_c + (1 - cfg) * l_u`` of ``logits / tau``. Bits are drawn by :func:`sample_bits`, one
+        ``torch.multinomial`` call per scale in order (``top_k=1`` is greedy). ``on_scale(k, codes_up)`` receives
+        scale k's codes on the last grid (B, d, hK, wK) and returns the codes to accumulate (edit blending); the
+        next scale's input is the bilinear resize of the running sum, shared by both guidance halves.
+        """
+        sched = self._check_schedule(schedule)
+        K, d = len(sched), self.config.codebook_dim
+        cfgs, taus = _per_scale(cfg, K, "cfg"), _per_scale(tau, K, "tau")
+        text = text.to(self.device)
+        B = text.batch_size
+        guided = any(c != 1 for c in cfgs)
+        full = text.cat(self.unconditional_text(text.lens)) if guided else text
+        was_training = self.training
+        self.eval()  # no condition dropout / DropPath while sampling
+        try:
+            cond = self.encode_text(full)
+        finally:
+            self.train(was_training)
+        rows = cond.cond_BD.shape[0]
+        hK, wK = schedules.last_grid(sched)
+        offsets = schedules.scale_offsets(sched)
+        rope = self.rope(sched)
+        caches = [KVCache() for _ in self.blocks]
+        acc: torch.Tensor | None = None
+        x = cond.cond_BD.unsqueeze(1) + self.pos_start
+        bits_out, logits_out = [], []
+        for k, (_, h, w) in enumerate(sched):
+            x = x + self.lvl_embed.weight[k]
+            rope_k = rope[:, offsets[k]:offsets[k + 1]]
+            for i, blk in enumerate(self.blocks):
+                x = blk(x, cond.gss, cond.memory, cond.mask, rope_k, None, caches[i], None, None, i)
+            if guided and cfgs[k] != 1:
+                lg = self.logits(x, cond.cond_BD).mul(1 / taus[k])
+                lg = cfgs[k] * lg[:B] + (1 - cfgs[k]) * lg[B:]
+            else:
+                lg = self.logits(x[:B], cond.cond_BD[:B]).mul(1 / taus[k])
+            lg = lg.reshape(B, h * w * d, 2)
+            if keep_logits:
+                logits_out.append(lg.reshape(B, h * w, d, 2).clone())
+            bits = sample_bits(lg, top_k, top_p, generator).view(B, h, w, d).to(torch.uint8)
+            bits_out.append(bits)
+            codes_up = bilinear_resize(bits_to_codes(bits), (hK, wK))
+            if on_scale is not None:
+                codes_up = on_scale(k, codes_up)
+                if tuple(codes_up.shape) != (B, d, hK, wK):
+                    raise ValueError(f"`on_scale` must return ({B}, {d}, {hK}, {wK}) codes, got {tuple(codes_up.shape)}")
+            # Start from the first scale's codes (not zeros + codes) so the sum keeps their memory layout: the CPU
+            # resize kernels round differently for channels-last and contiguous tensors.
+            acc = codes_up.float() if acc is None else acc + codes_up.float()
+            if k < K - 1:
+                x = self.embed_tokens(next_scale_input(acc, sched, k)).repeat(rows // B, 1, 1)
+        return GenerationOutput(summed_codes=acc, bits=bits_out, logits=logits_out if keep_logits else None)
+
+
+def _per_scale(value: float | Sequence[float], n: int, name: str) -> list[float]:
+    if isinstance(value, int | float):
+        return [float(value)] * n
+    values = [float(v) for v in value]
+    if len(values) < n:
+        raise ValueError(f"`{name}` lists {len(values)} values for {n} scales")
+    return values[:n]
+
+
+def sample_bits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one class per row of ``logits`` (B, n, 2) -> (B, n) long, as the reference's sampler does.
+
+    top-k (clamped to 2): ``top_k=1`` keeps only the larger logit (greedy; exact ties stay random). top-p: after
+    sorting ascending, classes whose cumulative probability is <= 1 - top_p are dropped (the larger one is always
+    kept), i.e. the minority bit is removed when its probability is <= 1 - top_p. Then a single
+    ``torch.multinomial(probs.view(-1, 2), 1, replacement=True, generator=generator)`` call, on the generator's
+    device when it differs (a CPU generator gives the same draws on every device).
+    """
+    if top_k < 0 or not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"need `top_k` >= 0 and 0 <= `top_p` <= 1, got top_k={top_k}, top_p={top_p}")
+    B, n, V = logits.shape
+    logits = logits.float()
+    if 0 < top_k < V:
+        kth = logits.topk(top_k, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p > 0:
+        sorted_logits, order = logits.sort(dim=-1, descending=False)
+        drop_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        drop_sorted[..., -1:] = False
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), -torch.inf)
+    probs = logits.softmax(dim=-1).view(-1, V)
+    if generator is not None and generator.device != probs.device:
+        idx = torch.multinomial(probs.to(generator.device), 1, replacement=True, generator=generator).to(probs.device)
+    else:
+        idx = torch.multinomial(probs, 1, replacement=True, generator=generator)
+    return idx.view(B, n)
+
+
+def bit_loss(logits: torch.Tensor, gt_bits: torch.Tensor, schedule, reweight: bool = True) -> torch.Tensor:
+    """Per-bit 2-way cross-entropy averaged over the d bits, then over tokens and batch.
+
+    ``reweight``: token weights ``sqrt(h_K w_K)/sqrt(h_k w_k)`` normalised to sum 1 (float64, as the reference, so
+    the result is float64); otherwise the plain token mean (float32).
+    """
+    B, L, V = logits.shape
+    if tuple(gt_bits.shape) != (B, L, V // 2):
+        raise ValueError(f"`gt_bits` must be {(B, L, V // 2)} for logits {tuple(logits.shape)}, got {tuple(gt_bits.shape)}")
+    ce = F.cross_entropy(logits.float().view(B, L, -1, 2).permute(0, 3, 1, 2), gt_bits.long(), reduction="none")
+    per_token = ce.mean(dim=-1)  # (B, L)
+    if reweight:
+        weights = schedules.loss_weights(schedule).to(per_token.device)
+        if weights.shape[0] != L:
+            raise ValueError(f"schedule has {weights.shape[0]} tokens but the logits have {L}")
+        return per_token.mul(weights[None]).sum(dim=-1).mean()
+    return per_token.mul(1.0 / L).sum(dim=-1).mean()
+
+
+def summed_bit_ce(logits: torch.Tensor, gt_bits: torch.Tensor) -> torch.Tensor:
+    """``-sum log p(gt bit) / B`` over every token and bit: the LoRA stage's "KL" term (KL to one-hot labels)."""
+    B, L, V = logits.shape
+    logp = F.log_softmax(logits.float().view(B, L, -1, 2), dim=-1)
+    return -logp.gather(-1, gt_bits.long().unsqueeze(-1)).sum() / B
+
+
+class AttentionMapCollector:
+    """Cross-attention map of a token range, for the conditional sample (sample 0), on the last grid.
+
+    Pass as ``attention_probe`` to a teacher-forced forward. Per block and scale: ``softmax(q k^T / sqrt(hd))``
+    over sample 0's text rows, mean over the columns ``[start, end)``, mean over heads, reshaped to (h_k, w_k)
+    and resized bilinearly (align_corners=False) to (hK, wK). :meth:`result` is the mean of all those maps.
+    """
+
+    def __init__(self, token_range: tuple[int, int], schedule):
+        self.start, self.end = (int(v) for v in token_range)
+        if not 0 <= self.start < self.end:
+            raise ValueError(f"`token_range` must be (start, end) with 0 <= start < end, got {tuple(token_range)}")
+        self.schedule = schedules.normalize_schedule(schedule)
+        self.grid = schedules.last_grid(self.schedule)
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+
+    @torch.no_grad()
+    def __call__(self, layer_index: int, q_LHc: torch.Tensor, k_THc: torch.Tensor) -> None:
+        L = schedules.num_tokens(self.schedule)
+        if q_LHc.shape[0] != L:
+            raise ValueError(f"collector built for {L} tokens, got queries for {q_LHc.shape[0]}")
+        if self.end > k_THc.shape[0]:
+            raise ValueError(f"token range [{self.start}, {self.end}) exceeds the {k_THc.shape[0]} text rows")
+        q, k = q_LHc.float().transpose(0, 1), k_THc.float().transpose(0, 1)  # (H, L, hd), (H, T, hd)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        end = 0
+        for _, h, w in self.schedule:
+            start, end = end, end + h * w
+            attn = torch.softmax(torch.matmul(q[:, start:end], k.transpose(-2, -1)) * scale, dim=-1)  # (H, n, T)
+            m = attn[:, :, self.start:self.end].mean(dim=-1).mean(dim=0).view(1, 1, h, w)
+            m = F.interpolate(m, size=self.grid, mode="bilinear", align_corners=False)[0, 0]
+            self._sum = m if self._sum is None else self._sum + m
+            self._count += 1
+
+    @property
+    def count(self) -> int:
+        """Number of (layer, scale) maps collected."""
+        return self._count
+
+    def result(self) -> torch.Tensor:
+        """(hK, wK) float32 mean map."""
+        if self._sum is None:
+            raise RuntimeError("no attention collected: pass the collector as `attention_probe` to a forward pass")
+        return self._sum / self._count

@@ -1,0 +1,117 @@
+"""``EditInfinityPipeline``: the method as a diffusers pipeline (components vae, transformer, text_encoder, tokenizer).
+
+```python
+pipe = EditInfinityPipeline.from_pretrained("weights/infinity-2b")        # written by `editinfinity convert`
+pipe = EditInfinityPipeline.from_preset("toy")                            # bundled toy model / tiny random one
+out = pipe.edit(image, "a red circle on a gray background", "a green circle on a gray background",
+                target_word="circle")
+out.image.save("edited.png")
+```
+It runs the same in-memory stage functions as the CLI and the KFP components.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from .edit.attention import attention_map
+from .edit.case import CaseSpec
+from .edit.generate import generate_edit
+from .edit.lora import train_lora_adapter
+from .edit.masking import edit_weights
+from .edit.prepare import CaseData, prepare_case
+from .edit.prompt_tuning import tune_prompt_embedding
+from .edit.settings import EditSettings
+from .models.bsq_vae import BSQVAE  # noqa: F401  (imported so from_pretrained can resolve the component classes)
+from .models.bundle import ModelBundle, load_models
+from .models.infinity import Infinity  # noqa: F401
+
+
+@dataclass
+class EditOutput:
+    """The edited image and every intermediate artifact of one edit."""
+
+    image: Image.Image
+    reconstruction: Image.Image
+    case: CaseData
+    prompt_embedding: torch.Tensor
+    lora_state: dict
+    attention: torch.Tensor | None = None
+    edit_mask: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    losses: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+
+class EditInfinityPipeline(DiffusionPipeline):
+    """Text-guided image editing that keeps the background (EditInfinity on Infinity)."""
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+
+    def __init__(self, vae, transformer, text_encoder, tokenizer):
+        super().__init__()
+        self.register_modules(vae=vae, transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer)
+        self.preset = "pretrained"
+
+    @classmethod
+    def from_bundle(cls, bundle: ModelBundle) -> EditInfinityPipeline:
+        pipe = cls(vae=bundle.vae, transformer=bundle.transformer, text_encoder=bundle.text_encoder,
+                   tokenizer=bundle.tokenizer)
+        pipe.preset = bundle.preset
+        return pipe
+
+    @classmethod
+    def from_preset(cls, preset: str | None = None, *, weights: str | None = None,
+                    device: str | None = None) -> EditInfinityPipeline:
+        return cls.from_bundle(load_models(preset, weights=weights, device=device))
+
+    def bundle(self) -> ModelBundle:
+        for m in (self.vae, self.transformer, self.text_encoder):
+            m.eval().requires_grad_(False)
+        return ModelBundle(vae=self.vae, transformer=self.transformer, tokenizer=self.tokenizer,
+                           text_encoder=self.text_encoder, device=self.transformer.device, preset=self.preset,
+                           source="pipeline")
+
+    def edit(self, image: Image.Image | str, prompt: str, edit_prompt: str, *, target_word: str | None = None,
+             mask: str | None = None, mask_polarity: str = "white-edit", resolution: str | None = None,
+             settings: EditSettings | None = None, progress: bool = True, **overrides) -> EditOutput:
+        """Edit ``image``: automatic mask (``target_word``), user mask (``mask``) or whole image (neither)."""
+        from .models.presets import PRESETS
+
+        settings = settings or EditSettings.from_profile("default", **overrides)
+        mode = "auto" if target_word else "mask" if mask is not None else "whole"
+        default_res = PRESETS[self.preset].resolution if self.preset in PRESETS else "1M"
+        spec = CaseSpec(image=image, prompt=prompt, edit_prompt=edit_prompt, mode=mode, target_word=target_word,
+                        mask=mask, mask_polarity=mask_polarity, resolution=resolution or default_res,
+                        preset=self.preset)
+        models = self.bundle()
+        seconds, losses = {}, {}
+        t = time.perf_counter()
+        case = prepare_case(models, spec, settings)
+        seconds["prepare"] = time.perf_counter() - t
+        t = time.perf_counter()
+        rows, losses["prompt_tuning"] = tune_prompt_embedding(models, case, settings, progress)
+        seconds["tune_prompt"] = time.perf_counter() - t
+        t = time.perf_counter()
+        lora_state, losses["lora"] = train_lora_adapter(models, case, rows, settings, progress)
+        seconds["train_lora"] = time.perf_counter() - t
+        amap = edit_mask = weights = None
+        t = time.perf_counter()
+        if mode == "auto":
+            amap = attention_map(models, case)
+        if mode != "whole":
+            edit_mask, weights = edit_weights(case, amap, settings.threshold)
+        seconds["attention_and_mask"] = time.perf_counter() - t
+        t = time.perf_counter()
+        result = generate_edit(models, case, rows, lora_state, weights, settings)
+        seconds["generate"] = time.perf_counter() - t
+        return EditOutput(image=result.edited, reconstruction=result.reconstruction, case=case,
+                          prompt_embedding=rows, lora_state=lora_state, attention=amap, edit_mask=edit_mask,
+                          weights=weights, losses=losses, seconds=seconds)
+
+    __call__ = edit

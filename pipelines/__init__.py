@@ -1,0 +1,12 @@
+"""KFP pipelines of editinfinity: ``edit`` (one image, three modes) and ``batch_edit`` (JSONL manifest fan-out).
+
+Both are built by factories because the scheduling profile (``profiles.yaml``) is applied at compile time; compile
+with ``editinfinity pipeline compile`` or ``python -m pipelines.compile``.
+"""
+
+from .batch import BATCH_PIPELINE, make_batch_pipeline
+from .edit import EDIT_PIPELINE, MODES, make_edit_pipeline
+from .profiles import Profile, ProfileError, get_profile, load_profiles
+
+__all__ = ["BATCH_PIPELINE", "EDIT_PIPELINE", "MODES", "Profile", "ProfileError", "get_profile", "load_profiles",
+           "make_batch_pipeline", "make_edit_pipeline"]

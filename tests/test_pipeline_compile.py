@@ -1,0 +1,331 @@
+"""Compiled KFP YAML: scheduling per profile, artifact wiring, strict protobuf parse, determinism, no pip installs.
+
+These check the IR we hand to Kubeflow Pipelines; whether a real KFP backend schedules it is only shown on a cluster.
+"""
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from google.protobuf import json_format
+from kfp.kubernetes import kubernetes_executor_config_pb2
+from kfp.pipeline_spec import pipeline_spec_pb2
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # components/ and pipelines/ are top-level folders of the repository
+    sys.path.insert(0, str(ROOT))
+
+from components import CPU_COMPONENTS, CPU_IMAGE, GPU_COMPONENTS, GPU_IMAGE  # noqa: E402
+from pipelines import ProfileError, load_profiles  # noqa: E402
+
+from editinfinity import kfp_cli  # noqa: E402
+
+PROFILES = load_profiles()
+REQUIRED_PROFILES = {"gke-a100", "gke-l4", "eks-p4d", "on-prem"}
+
+
+def component_of(name: str) -> str:
+    """'exec-generate-2' / 'comp-generate-2' -> 'generate'."""
+    return re.sub(r"-\d+$", "", re.sub(r"^(exec|comp)-", "", name))
+
+
+def load(path: Path) -> tuple[dict, dict]:
+    docs = list(yaml.load_all(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
+    assert len(docs) in (1, 2)
+    return docs[0], (docs[1] if len(docs) == 2 else {})
+
+
+def k8s_executors(platform: dict) -> dict:
+    return (platform.get("platforms", {}).get("kubernetes", {}).get("deploymentSpec", {}).get("executors", {}))
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict:
+    """Every (pipeline, profile, fused) variant compiled once: {(pipeline, profile, fused): Path}."""
+    out = tmp_path_factory.mktemp("compiled")
+    paths = {}
+    for profile in [None, *sorted(PROFILES)]:
+        for pipeline in ("edit", "batch"):
+            for fused in (False, True):
+                paths[(pipeline, profile, fused)] = kfp_cli.compile_pipeline(pipeline, profile, out, fused=fused)
+    return paths
+
+
+def test_required_profiles_exist():
+    assert REQUIRED_PROFILES <= set(PROFILES)
+    for name in REQUIRED_PROFILES:
+        p = PROFILES[name]
+        assert p.accelerator_type == "nvidia.com/gpu" and p.accelerator_count >= 1
+        assert p.node_selector and p.tolerations, name
+
+
+@pytest.mark.parametrize("pipeline", ["edit", "batch"])
+@pytest.mark.parametrize("fused", [False, True], ids=["per-stage", "fused"])
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_gpu_tasks_get_profile_cpu_tasks_none(compiled, pipeline, profile, fused):
+    spec, platform = load(compiled[(pipeline, profile, fused)])
+    prof = PROFILES[profile]
+    executors = spec["deploymentSpec"]["executors"]
+    k8s = k8s_executors(platform)
+    seen = set()
+    for exec_name, ex in executors.items():
+        comp = component_of(exec_name)
+        seen.add(comp)
+        container = ex["container"]
+        res = container.get("resources", {})
+        cfg = k8s.get(exec_name, {})
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        assert {k: env.get(k) for k in prof.env} == prof.env, exec_name
+        if prof.storage_secret:
+            (secret,) = cfg["secretAsEnv"]
+            assert secret["secretName"] == prof.storage_secret
+            assert {m["envVar"] for m in secret["keyToEnv"]} == set(prof.storage_secret_env)
+        else:
+            assert "secretAsEnv" not in cfg
+        if comp in GPU_COMPONENTS:
+            assert container["image"] == GPU_IMAGE
+            assert res["accelerator"]["resourceType"] == prof.accelerator_type
+            assert res["accelerator"]["resourceCount"] == str(prof.accelerator_count)
+            assert res["resourceCpuLimit"] == prof.gpu.cpu and res["resourceMemoryLimit"] == prof.gpu.memory
+            assert res["resourceCpuRequest"] == prof.gpu.cpu and res["resourceMemoryRequest"] == prof.gpu.memory
+            assert cfg["nodeSelector"]["labels"] == prof.node_selector
+            assert cfg["tolerations"] == [dict(t) for t in prof.tolerations]
+            if prof.model_cache_pvc:
+                (mount,) = cfg["pvcMount"]
+                assert mount["mountPath"] == prof.model_cache_path
+                assert mount["pvcNameParameter"]["runtimeValue"]["constant"] == prof.model_cache_pvc
+        else:
+            assert comp in CPU_COMPONENTS, exec_name
+            assert container["image"] == CPU_IMAGE
+            assert "accelerator" not in res
+            assert res["resourceCpuLimit"] == prof.cpu.cpu and res["resourceMemoryLimit"] == prof.cpu.memory
+            assert not {"nodeSelector", "tolerations", "pvcMount", "nodeAffinity"} & set(cfg), exec_name
+    gpu_seen = seen & set(GPU_COMPONENTS)
+    if fused:
+        assert gpu_seen == {"fused-edit"}
+    else:
+        assert gpu_seen == {"prepare", "tune-prompt", "train-lora", "attention", "generate"}
+
+
+@pytest.mark.parametrize("pipeline", ["edit", "batch"])
+def test_local_variant_has_no_kubernetes_settings(compiled, pipeline):
+    spec, platform = load(compiled[(pipeline, None, False)])
+    assert not k8s_executors(platform)
+    for ex in spec["deploymentSpec"]["executors"].values():
+        assert "accelerator" not in ex["container"].get("resources", {})
+
+
+def _artifact_edges(spec: dict) -> list[tuple[str, str, tuple | None]]:
+    """(consumer component, input name, (producer component, output key)) for every container task, following
+    artifacts through nested DAGs (condition branches, loops, sub-pipelines)."""
+    comps = spec["components"]
+    edges = []
+
+    def walk(dag: dict, resolve_input) -> None:
+        tasks = dag["tasks"]
+
+        def source(ispec: dict):
+            if "taskOutputArtifact" in ispec:
+                prod = tasks[ispec["taskOutputArtifact"]["producerTask"]]
+                return component_of(prod["componentRef"]["name"]), ispec["taskOutputArtifact"]["outputArtifactKey"]
+            return resolve_input(ispec["componentInputArtifact"])
+
+        for task in tasks.values():
+            comp = comps[task["componentRef"]["name"]]
+            arts = task.get("inputs", {}).get("artifacts", {})
+            if "dag" in comp:
+                resolved = {name: source(ispec) for name, ispec in arts.items()}
+                walk(comp["dag"], lambda n, r=resolved: r.get(n))
+            else:
+                for name, ispec in arts.items():
+                    edges.append((component_of(task["componentRef"]["name"]), name, source(ispec)))
+
+    walk(spec["root"]["dag"], lambda n: ("<pipeline input>", n))
+    return edges
+
+
+EDIT_EDGES = {
+    ("tune-prompt", "case", ("prepare", "case")),
+    ("train-lora", "case", ("prepare", "case")),
+    ("train-lora", "prompt_embedding", ("tune-prompt", "prompt_embedding")),
+    ("attention", "case", ("prepare", "case")),
+    ("mask", "case", ("prepare", "case")),
+    ("mask", "attention_map", ("attention", "attention_map")),
+    ("generate", "case", ("prepare", "case")),
+    ("generate", "prompt_embedding", ("tune-prompt", "prompt_embedding")),
+    ("generate", "lora", ("train-lora", "lora")),
+    ("generate", "edit_mask", ("mask", "edit_mask")),
+    ("summarize", "case", ("prepare", "case")),
+    ("summarize", "edited", ("generate", "edited")),
+    ("summarize", "edit_mask", ("mask", "edit_mask")),
+    ("summarize", "attention_map", ("attention", "attention_map")),
+}
+FUSED_EDGES = {("summarize", key, ("fused-edit", key)) for key in ("case", "edited", "edit_mask", "attention_map")}
+
+
+@pytest.mark.parametrize("pipeline", ["edit", "batch"])
+def test_artifacts_wired_stage_to_stage(compiled, pipeline):
+    spec, _ = load(compiled[(pipeline, "gke-l4", False)])
+    edges = _artifact_edges(spec)
+    assert set(edges) == EDIT_EDGES
+    # Three mode branches: generate and summary with a mask (auto, mask), without one (whole).
+    assert sum(1 for c, n, _ in edges if (c, n) == ("generate", "edit_mask")) == 2
+    assert sum(1 for c, n, _ in edges if (c, n) == ("generate", "case")) == 3
+    assert sum(1 for c, n, _ in edges if (c, n) == ("summarize", "edited")) == 3
+    assert sum(1 for c, n, _ in edges if (c, n) == ("mask", "attention_map")) == 1  # auto only
+    assert sum(1 for c, n, _ in edges if (c, n) == ("mask", "case")) == 2  # auto and mask
+
+
+def test_fused_wiring(compiled):
+    spec, _ = load(compiled[("edit", "eks-p4d", True)])
+    assert set(_artifact_edges(spec)) == FUSED_EDGES
+    outputs = spec["components"]["comp-fused-edit"]["outputDefinitions"]["artifacts"]
+    assert {k: v["artifactType"]["schemaTitle"] for k, v in outputs.items()} == {
+        "case": "system.Dataset", "prompt_embedding": "system.Model", "lora": "system.Model",
+        "attention_map": "system.Artifact", "edit_mask": "system.Artifact", "edited": "system.Artifact"}
+
+
+def test_typed_artifacts():
+    spec, _ = load(kfp_cli.compile_pipeline("edit", None, Path(pytest.importorskip("tempfile").mkdtemp())))
+    comps = spec["components"]
+
+    def outs(comp):
+        return {k: v["artifactType"]["schemaTitle"] for k, v in
+                comps[comp].get("outputDefinitions", {}).get("artifacts", {}).items()}
+
+    assert outs("comp-prepare") == {"case": "system.Dataset"}
+    assert outs("comp-tune-prompt") == {"prompt_embedding": "system.Model"}
+    assert outs("comp-train-lora") == {"lora": "system.Model"}
+    assert outs("comp-attention") == {"attention_map": "system.Artifact"}
+    assert outs("comp-mask") == {"edit_mask": "system.Artifact"}
+    assert outs("comp-generate") == {"edited": "system.Artifact"}
+    assert outs("comp-summarize") == {"summary": "system.Artifact", "report": "system.HTML",
+                                      "report_md": "system.Markdown", "metrics": "system.Metrics"}
+
+
+def test_mode_branches(compiled):
+    spec, _ = load(compiled[("edit", None, False)])
+    text = yaml.safe_dump(spec)
+    for mode in ("auto", "mask"):
+        assert f"inputs.parameter_values['pipelinechannel--mode'] == '{mode}'" in text
+    branches = [c for c in spec["components"] if c.startswith("comp-condition-") and
+                "condition-branches" not in c]
+    assert len(branches) == 3
+    # The pipeline's output is the summary of whichever branch ran (dsl.OneOf).
+    assert spec["root"]["outputDefinitions"]["parameters"]["Output"]["parameterType"] == "STRING"
+
+
+def test_retries_and_caching(compiled):
+    spec, _ = load(compiled[("edit", "gke-a100", False)])
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for comp in spec["components"].values():
+        tasks.update(comp.get("dag", {}).get("tasks", {}))
+    seen = set()
+    for task in tasks.values():
+        comp = component_of(task["componentRef"]["name"])
+        if comp.startswith("condition"):
+            continue
+        seen.add(comp)
+        assert task["retryPolicy"]["maxRetryCount"] == PROFILES["gke-a100"].retries
+        # prepare reads URIs, summarize publishes: never cached; the stages are determined by their inputs.
+        cached = task.get("cachingOptions", {}).get("enableCache", False)
+        assert cached == (comp not in ("prepare", "summarize")), comp
+    assert seen == {"prepare", "tune-prompt", "train-lora", "attention", "mask", "generate", "summarize"}
+
+
+def test_batch_fan_out(compiled):
+    spec, _ = load(compiled[("batch", "eks-p4d", False)])
+    root = spec["root"]["dag"]["tasks"]
+    loop = next(t for t in root.values() if t["componentRef"]["name"].startswith("comp-for-loop"))
+    assert loop["parameterIterator"]["items"]["inputParameter"].startswith("pipelinechannel--read-manifest-Output")
+    assert loop["iteratorPolicy"]["parallelismLimit"] == PROFILES["eks-p4d"].parallelism
+    summary = root["batch-summary"]
+    assert summary["dependentTasks"] == [loop["taskInfo"]["name"]]
+    src = summary["inputs"]["parameters"]["results"]["taskOutputParameter"]
+    assert src["producerTask"] == loop["taskInfo"]["name"]
+    # The collected output is the nested edit pipeline's summary string.
+    loop_dag = spec["components"][loop["componentRef"]["name"]]["dag"]
+    assert src["outputParameterKey"] in loop_dag["outputs"]["parameters"]
+    edit_task = next(iter(loop_dag["tasks"].values()))
+    assert component_of(edit_task["componentRef"]["name"]) == "editinfinity-edit"
+
+
+def test_batch_parallelism_override(tmp_path):
+    spec, _ = load(kfp_cli.compile_pipeline("batch", "gke-l4", tmp_path, parallelism=2))
+    loop = next(t for t in spec["root"]["dag"]["tasks"].values() if "iteratorPolicy" in t)
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 2
+
+
+@pytest.mark.parametrize("profile", [None, *sorted(PROFILES)])
+@pytest.mark.parametrize("pipeline", ["edit", "batch"])
+def test_strict_protobuf_parse(compiled, pipeline, profile):
+    for fused in (False, True):
+        spec, platform = load(compiled[(pipeline, profile, fused)])
+        json_format.ParseDict(spec, pipeline_spec_pb2.PipelineSpec())
+        if not platform:
+            assert profile is None
+            continue
+        ps = json_format.ParseDict(platform, pipeline_spec_pb2.PlatformSpec())
+        executors = ps.platforms["kubernetes"].deployment_spec.executors
+        assert set(executors) == set(k8s_executors(platform))
+        for name in executors:
+            json_format.ParseDict(json_format.MessageToDict(executors[name]),
+                                  kubernetes_executor_config_pb2.KubernetesExecutorConfig())
+
+
+def test_compiling_twice_gives_identical_bytes(tmp_path):
+    for pipeline, profile, fused in [("edit", "gke-a100", False), ("batch", "on-prem", True), ("edit", None, False)]:
+        a = kfp_cli.compile_pipeline(pipeline, profile, tmp_path / "a", fused=fused)
+        b = kfp_cli.compile_pipeline(pipeline, profile, tmp_path / "b", fused=fused)
+        assert a.name == b.name and a.read_bytes() == b.read_bytes()
+
+
+def test_no_pip_install_in_commands(compiled):
+    for path in compiled.values():
+        spec, _ = load(path)
+        for name, ex in spec["deploymentSpec"]["executors"].items():
+            command = " ".join(ex["container"]["command"] + ex["container"].get("args", []))
+            assert "pip install" not in command and "pip3 install" not in command, name
+            assert ex["container"]["command"][:2] == ["sh", "-ec"], name
+
+
+def test_profiles_extension_file(tmp_path, monkeypatch):
+    extra = tmp_path / "mine.yaml"
+    extra.write_text(yaml.safe_dump({
+        "profiles": {
+            "gke-l4": {"gpu_resources": {"cpu": "6", "memory": "20Gi"}},
+            "my-h100": {"node_selector": {"gpu": "h100"},
+                        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+                        "env": {"EXTRA": "1"}},
+        }}))
+    monkeypatch.setenv("EDITINFINITY_PROFILES", str(extra))
+    profiles = load_profiles()
+    assert profiles["gke-l4"].gpu.memory == "20Gi"
+    assert profiles["gke-l4"].node_selector == PROFILES["gke-l4"].node_selector  # untouched keys kept
+    assert profiles["my-h100"].env["EXTRA"] == "1" and profiles["my-h100"].env["HF_HUB_OFFLINE"] == "1"
+    path = kfp_cli.compile_pipeline("edit", "my-h100", tmp_path)
+    spec, platform = load(path)
+    cfg = k8s_executors(platform)["exec-generate"]
+    assert cfg["nodeSelector"]["labels"] == {"gpu": "h100"}
+    assert cfg["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"gpu": 1}, "unknown keys"),
+    ({"tolerations": [{"key": "a", "operator": "Exist"}]}, "operator"),
+    ({"tolerations": [{"key": "a", "operator": "Exists", "effect": "NoSchedul"}]}, "effect"),
+    ({"accelerator": {"type": "nvidia.com/gpu", "count": 0}}, "accelerator.count"),
+    ({"gpu_resources": {"cpu": "4"}}, "gpu_resources"),
+])
+def test_bad_profiles_are_rejected(tmp_path, body, message):
+    extra = tmp_path / "bad.yaml"
+    extra.write_text(yaml.safe_dump({"profiles": {"bad": body}}))
+    with pytest.raises(ProfileError, match=message):
+        load_profiles([extra])
+
+
+def test_unknown_profile_lists_known_ones(tmp_path):
+    with pytest.raises(ProfileError, match="gke-a100"):
+        kfp_cli.compile_pipeline("edit", "nope", tmp_path)
