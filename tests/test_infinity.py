@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from editinfinity.errors import CheckpointError
 from editinfinity.models import schedules
 from editinfinity.models.infinity import (

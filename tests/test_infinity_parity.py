@@ -15,6 +15,8 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from editinfinity.models import schedules
 from editinfinity.models.infinity import (
     AttentionMapCollector,
@@ -25,7 +27,6 @@ from editinfinity.models.infinity import (
 from editinfinity.models.quantizer import inputs_from_bits
 from editinfinity.models.text import TextFeatures
 from parity import Fixture
-from safetensors.torch import load_file
 
 pytestmark = pytest.mark.parity
 

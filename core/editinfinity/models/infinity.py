@@ -43,6 +43,7 @@ from .layers import (
     TextAttentivePool,
     check_bias_mode,
     drop_path_scales,
+    key_padding_mask,
 )
 from .quantizer import bilinear_resize, bits_to_codes, next_scale_input
 from .rope import rope_table
@@ -68,12 +69,14 @@ __all__ = [
 @dataclass
 class TextCondition:
     """The text path's outputs for a batch: pooled ``cond_BD`` (B, D), shared modulation ``gss`` (B, 1, 6, C),
-    cross-attention ``memory`` (B, T, D) and its ``mask`` (B, T) bool."""
+    cross-attention ``memory`` (B, T, D), its ``mask`` (B, T) bool (True = real row) and the SDPA form of that
+    mask, ``attn_mask`` (B, 1, 1, T), or None when no row is padded."""
 
     cond_BD: torch.Tensor
     gss: torch.Tensor
     memory: torch.Tensor
     mask: torch.Tensor
+    attn_mask: torch.Tensor | None
 
 
 @dataclass
@@ -213,11 +216,12 @@ class Infinity(ModelMixin, ConfigMixin):
                              "shorten the prompt (learned rows count too)")
         return TextFeatures(torch.cat([self.cfg_uncond[:n] for n in lens], dim=0), list(lens))
 
-    def encode_text(self, text: TextFeatures, generator: torch.Generator | None = None) -> TextCondition:
+    def encode_text(self, text: TextFeatures, generator: torch.Generator | None = None,
+                    allow_dropout: bool = True) -> TextCondition:
         """Text path in float32: condition dropout (train mode), RMS norm, attentive pool, memory MLP, AdaLN map."""
         text = text.to(self.device)
         feats = text.features.float()
-        if self.training and self.cond_drop_rate > 0:
+        if allow_dropout and self.training and self.cond_drop_rate > 0:
             gen_device = generator.device if generator is not None else "cpu"
             drop = (torch.rand(text.batch_size, generator=generator, device=gen_device) < self.cond_drop_rate).tolist()
             if any(drop):
@@ -226,10 +230,11 @@ class Infinity(ModelMixin, ConfigMixin):
         with torch.autocast(device_type=self.device.type, enabled=False):
             normed = self.text_norm(feats)
             rows, mask = TextFeatures(normed, text.lens).padded()
-            cond_BD = self.text_proj_for_sos(rows, mask).float()
+            attn_mask = key_padding_mask(mask)
+            cond_BD = self.text_proj_for_sos(rows, attn_mask).float()
             memory, _ = TextFeatures(self.text_proj_for_ca(normed), text.lens).padded()
             gss = self.shared_ada_lin(cond_BD).view(cond_BD.shape[0], 1, 6, -1)
-        return TextCondition(cond_BD=cond_BD, gss=gss, memory=memory, mask=mask)
+        return TextCondition(cond_BD=cond_BD, gss=gss, memory=memory, mask=mask, attn_mask=attn_mask)
 
     def embed_tokens(self, codes_BLd: torch.Tensor) -> torch.Tensor:
         """Next-scale inputs (B, n, d) -> (B, n, C), float32."""
@@ -288,7 +293,7 @@ class Infinity(ModelMixin, ConfigMixin):
         rope = self.rope(sched)
         keep = self._drop_path_keep(B, generator)
         for i, blk in enumerate(self.blocks):
-            args = (x, cond.gss, cond.memory, cond.mask, rope, lengths, None, keep[i], attention_probe, i)
+            args = (x, cond.gss, cond.memory, cond.attn_mask, rope, lengths, None, keep[i], attention_probe, i)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(blk, *args)
             else:
@@ -326,12 +331,7 @@ class Infinity(ModelMixin, ConfigMixin):
         B = text.batch_size
         guided = any(c != 1 for c in cfgs)
         full = text.cat(self.unconditional_text(text.lens)) if guided else text
-        was_training = self.training
-        self.eval()  # no condition dropout / DropPath while sampling
-        try:
-            cond = self.encode_text(full)
-        finally:
-            self.train(was_training)
+        cond = self.encode_text(full, allow_dropout=False)  # sampling never drops the condition (nor paths)
         rows = cond.cond_BD.shape[0]
         hK, wK = schedules.last_grid(sched)
         offsets = schedules.scale_offsets(sched)
@@ -344,7 +344,7 @@ class Infinity(ModelMixin, ConfigMixin):
             x = x + self.lvl_embed.weight[k]
             rope_k = rope[:, offsets[k]:offsets[k + 1]]
             for i, blk in enumerate(self.blocks):
-                x = blk(x, cond.gss, cond.memory, cond.mask, rope_k, None, caches[i], None, None, i)
+                x = blk(x, cond.gss, cond.memory, cond.attn_mask, rope_k, None, caches[i], None, None, i)
             if guided and cfgs[k] != 1:
                 lg = self.logits(x, cond.cond_BD).mul(1 / taus[k])
                 lg = cfgs[k] * lg[:B] + (1 - cfgs[k]) * lg[B:]

@@ -37,8 +37,8 @@ def layer_norm32(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
 
 
-def _key_padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(B, T) bool -> (B, 1, 1, T) for SDPA; None when nothing is padded (keeps the flash path open)."""
+def key_padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, T) bool (True = real row) -> (B, 1, 1, T) for SDPA; None when nothing is padded (keeps flash usable)."""
     if mask is None or bool(mask.all()):
         return None
     return mask[:, None, None, :]
@@ -159,17 +159,17 @@ class CrossAttention(nn.Module):
         k, v = kv.view(B, T, 2, self.num_heads, self.head_dim).unbind(2)
         return k, v
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, attn_mask: torch.Tensor | None,
                 probe: AttentionProbe | None = None, layer_index: int = 0) -> torch.Tensor:
-        """``x`` (B, L, C) already normalised; ``memory`` (B, T, D); ``mask`` (B, T) bool (True = real row)."""
+        """``x`` (B, L, C) already normalised; ``memory`` (B, T, D); ``attn_mask`` from :func:`key_padding_mask`."""
         B, L, C = x.shape
         q = self.mat_q(x).view(B, L, self.num_heads, self.head_dim)
         k, v = self.keys_values(memory)
         if probe is not None:
-            n0 = int(mask[0].sum()) if mask is not None else k.shape[1]
+            n0 = int(attn_mask[0].sum()) if attn_mask is not None else k.shape[1]
             probe(layer_index, q[0], k[0, :n0])
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=_key_padding_mask(mask), scale=1.0 / math.sqrt(self.head_dim))
+                                             attn_mask=attn_mask, scale=1.0 / math.sqrt(self.head_dim))
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
@@ -186,8 +186,8 @@ class PoolAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """``rows`` (B, T, Ct5) normalised text, ``mask`` (B, T) -> pooled (B, D)."""
+    def forward(self, rows: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """``rows`` (B, T, Ct5) normalised text, ``attn_mask`` from :func:`key_padding_mask` -> pooled (B, D)."""
         B, T, _ = rows.shape
         kv = self.mat_kv(rows)
         if self.bias_mode == "upstream":
@@ -195,7 +195,7 @@ class PoolAttention(nn.Module):
         k, v = kv.view(B, T, 2, self.num_heads, self.head_dim).unbind(2)
         q = self.mat_q.to(k.dtype).expand(B, -1, -1).unsqueeze(2)  # (B, H, 1, hd)
         out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=_key_padding_mask(mask), scale=1.0 / math.sqrt(self.head_dim))
+                                             attn_mask=attn_mask, scale=1.0 / math.sqrt(self.head_dim))
         return self.proj(out.reshape(B, -1))
 
 
@@ -211,8 +211,8 @@ class TextAttentivePool(nn.Module):
                              f"({dim}) divisible by its {heads} pool heads")
         self.ca = PoolAttention(dim, text_channels, heads, bias_mode)
 
-    def forward(self, rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.ca(rows, mask)
+    def forward(self, rows: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.ca(rows, attn_mask)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -233,7 +233,8 @@ class CrossAttnBlock(nn.Module):
     """Pre-norm block: AdaLN self-attention -> cross-attention (ungated) -> AdaLN FFN.
 
     Shared AdaLN: ``(g1, g2, s1, s2, b1, b2) = ada_gss + gss``; modulation is ``LN(x) * (1 + s) + b`` and the
-    branch output is multiplied by ``g``. ``keep`` (2, B) holds this block's DropPath sample scales (train only).
+    branch output is multiplied by ``g``. ``attn_mask`` masks padded text rows (:func:`key_padding_mask`);
+    ``keep`` (2, B) holds this block's DropPath sample scales (train only).
     """
 
     def __init__(self, dim: int, num_heads: int, ffn_hidden: int, text_dim: int, eps: float, bias_mode: str):
@@ -245,7 +246,7 @@ class CrossAttnBlock(nn.Module):
         self.ffn = FFN(dim, ffn_hidden)
         self.ca_norm = nn.LayerNorm(dim, eps=eps)
 
-    def forward(self, x: torch.Tensor, gss: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, gss: torch.Tensor, memory: torch.Tensor, attn_mask: torch.Tensor | None,
                 rope: torch.Tensor, segments: Sequence[int] | None = None, cache: KVCache | None = None,
                 keep: torch.Tensor | None = None, probe: AttentionProbe | None = None,
                 layer_index: int = 0) -> torch.Tensor:
@@ -255,7 +256,7 @@ class CrossAttnBlock(nn.Module):
         a = self.sa(h, rope, segments=segments, cache=cache)
         a = (a.float() * g1).to(a.dtype)  # the reference gates the attention output in place: rounding stays in its dtype
         x = x + _drop_path(a, None if keep is None else keep[0])
-        x = x + self.ca(self.ca_norm(x), memory, mask, probe, layer_index).float()
+        x = x + self.ca(self.ca_norm(x), memory, attn_mask, probe, layer_index).float()
         with torch.autocast(device_type=x.device.type, enabled=False):
             h = layer_norm32(x, self.eps).mul(s2.add(1)).add_(b2)
         f = self.ffn(h).mul(g2)
