@@ -184,8 +184,8 @@ def gpu_task(task: PipelineTask, profile: Profile | None) -> PipelineTask:
     if profile is None:
         return task
     task.set_accelerator_type(profile.accelerator_type).set_accelerator_limit(profile.accelerator_count)
-    task.set_cpu_request(profile.gpu.cpu).set_cpu_limit(profile.gpu.cpu)
-    task.set_memory_request(profile.gpu.memory).set_memory_limit(profile.gpu.memory)
+    # Limits only: Kubernetes then sets requests equal to them (Guaranteed QoS on the GPU node).
+    task.set_cpu_limit(profile.gpu.cpu).set_memory_limit(profile.gpu.memory)
     for key, value in profile.node_selector.items():
         kubernetes.add_node_selector(task, key, value)
     for tol in profile.tolerations:
@@ -200,6 +200,5 @@ def cpu_task(task: PipelineTask, profile: Profile | None) -> PipelineTask:
     """A CPU stage: modest resources, env, credentials and retries; no GPU, node selector or toleration."""
     _common(task, profile)
     if profile is not None:
-        task.set_cpu_request(profile.cpu.cpu).set_cpu_limit(profile.cpu.cpu)
-        task.set_memory_request(profile.cpu.memory).set_memory_limit(profile.cpu.memory)
+        task.set_cpu_limit(profile.cpu.cpu).set_memory_limit(profile.cpu.memory)
     return task

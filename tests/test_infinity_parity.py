@@ -225,3 +225,21 @@ def test_attention_map_1M(model, manifest, parity_dir):
     facts = next(f for f in manifest["files"] if f["file"] == "edit_io_1M.safetensors")["attention"]
     assert collector.count == facts["n_calls"]
     edit.check("attention/final_attention_map", collector.result())
+
+
+def test_prompt_tuning_gradient(manifest, weights, parity_dir):
+    """Learned rows appended after the caption get the reference's gradient (teacher forcing of vae_io_256)."""
+    fx, codes = Fixture("train_prompt_tuning_006M.safetensors", parity_dir), Fixture("vae_io_256.safetensors", parity_dir)
+    m = build_model(manifest)
+    load_infinity_state_dict(m, weights)
+    m.train().requires_grad_(False)  # the fixture's rates are 0: train mode changes nothing but must not break
+    rows = fx["text/offset_rows"].clone().requires_grad_(True)
+    caption = fx["text/kv_compact_caption"]
+    text = TextFeatures(caption, [caption.shape[0]]).append_rows(rows)
+    fx.check("train/kv_compact_fed", text.features)
+    logits = m(text, codes["x_BLC_wo_prefix"], codes["scale_schedule"])
+    loss = m.bit_loss(logits, codes["gt_bits"], codes["scale_schedule"])
+    loss.backward()
+    fx.check("train/logits", logits)
+    fx.check("train/loss", loss)
+    fx.check("train/offset_grad", rows.grad)

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
 from editinfinity import storage
 from editinfinity.errors import StorageError
 from editinfinity.storage import MANIFEST_NAME, StorageSettings
@@ -586,8 +587,9 @@ def test_local_writes_are_atomic(s3, tmp_path, monkeypatch):
         return real_copy(a, b, **kw)
 
     monkeypatch.setattr(storage.shutil, "copyfile", copy_crash)
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match="No space left") as ei:
         storage.publish_dir(tmp_path / "src", tmp_path / "pub")
+    assert "disk space" in str(ei.value)
     monkeypatch.undo()
     assert read_tree(tmp_path / "pub") == before
     assert sorted(os.listdir(tmp_path)) == ["dl", "pub", "src"]  # no temp directories left

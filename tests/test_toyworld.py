@@ -5,8 +5,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from editinfinity import toyworld as tw
 from PIL import Image, ImageFilter
+
+from editinfinity import toyworld as tw
 
 N_ANALYSER_SCENES = 200
 

@@ -819,7 +819,10 @@ class _S3Backend(_Backend):
 
 # ---- GCS -------------------------------------------------------------------------------------------------------
 
-_GCS_LOCAL = threading.local()  # google-cloud-storage clients hold a requests.Session: one per thread
+# One client per configuration, shared by threads (as google-cloud-storage's own transfer_manager does), so
+# application-default credentials are fetched once per process, not once per worker thread.
+_GCS_CLIENTS: dict[tuple, Any] = {}
+_GCS_LOCK = threading.Lock()
 
 
 class _GCSBackend(_Backend):
@@ -832,12 +835,10 @@ class _GCSBackend(_Backend):
         """A google-cloud-storage client: anonymous against an emulator, application-default credentials otherwise."""
         endpoint = self.endpoint()
         key = (endpoint, self.settings.gcs_project, os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"))
-        cache = getattr(_GCS_LOCAL, "clients", None)
-        if cache is None:
-            cache = _GCS_LOCAL.clients = {}
-        c = cache.get(key)
-        if c is not None:
-            return c
+        with _GCS_LOCK:
+            c = _GCS_CLIENTS.get(key)
+            if c is not None:
+                return c
         from google.cloud import storage
 
         if endpoint:
@@ -847,9 +848,10 @@ class _GCSBackend(_Backend):
                                client_options={"api_endpoint": endpoint})
         else:
             c = storage.Client(project=self.settings.gcs_project)
-        if len(cache) > 8:
-            cache.clear()
-        cache[key] = c
+        with _GCS_LOCK:
+            if len(_GCS_CLIENTS) > 16:
+                _GCS_CLIENTS.clear()
+            _GCS_CLIENTS[key] = c
         return c
 
     @property
@@ -1242,11 +1244,15 @@ def publish_dir(local_dir: str | os.PathLike, uri: URILike, *, settings: Storage
     if not u.is_remote:
         dest = Path(u.key)
         tmp = _make_temp_dir_near(dest)
-        try:
-            for rel, p in _walk_files(root):
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(p, tmp / rel)
+
+        def copy_all() -> None:
+            for f in manifest["files"]:
+                (tmp / f["path"]).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(root / f["path"], tmp / f["path"])
             (tmp / MANIFEST_NAME).write_bytes(manifest_bytes)
+
+        try:
+            be.run("publish", u, copy_all)
             _install_dir(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -1257,15 +1263,13 @@ def publish_dir(local_dir: str | os.PathLike, uri: URILike, *, settings: Storage
     mu = u.join(MANIFEST_NAME)
     # An old manifest must not describe objects we are about to overwrite.
     be.run("publish", mu, lambda: be.delete_object(mu))
-    sizes = {f["path"]: (f["size"], f["sha256"]) for f in manifest["files"]}
 
-    def one(item: tuple[str, Path]) -> None:
-        rel, p = item
-        dst = u.join(rel)
-        size, sha = sizes[rel]
-        be.run("upload", dst, lambda: be.upload_file(p, dst, size, {SHA256_METADATA_KEY: sha}))
+    def one(f: dict[str, Any]) -> None:
+        dst = u.join(f["path"])
+        src = root / f["path"]
+        be.run("upload", dst, lambda: be.upload_file(src, dst, f["size"], {SHA256_METADATA_KEY: f["sha256"]}))
 
-    _parallel(one, _walk_files(root), be.settings.max_concurrency)
+    _parallel(one, manifest["files"], be.settings.max_concurrency)
     meta = {SHA256_METADATA_KEY: hashlib.sha256(manifest_bytes).hexdigest()}
     be.run("publish", mu, lambda: be.put_bytes(mu, manifest_bytes, meta))
     log.info("published %s -> %s (%d files, %d bytes)", root, u, manifest["file_count"], manifest["total_bytes"])

@@ -602,11 +602,11 @@ def _object_cores(mask: np.ndarray, min_area: float) -> list[np.ndarray]:
 
 
 def _fit_shape(region: np.ndarray, dont_care: np.ndarray) -> dict[str, Any]:
-    """Best (kind, square box) for a visible region; pixels in ``dont_care`` (other objects) are ignored.
+    """Best (kind, square box) for a visible region; ``dont_care`` marks other objects' pixels.
 
     The box side is the longer side of the region's bounding box; when the region is narrower in one
     direction (part hidden under another object) the box is tried flush left, right or centred (up, down,
-    centred). Templates are scored by IoU over the known pixels.
+    centred). Each template scores the mean of its plain IoU and its IoU with ``dont_care`` pixels ignored.
     """
     h, w = region.shape
     ys, xs = np.nonzero(region)

@@ -226,7 +226,8 @@ class Infinity(ModelMixin, ConfigMixin):
             drop = (torch.rand(text.batch_size, generator=generator, device=gen_device) < self.cond_drop_rate).tolist()
             if any(drop):
                 uncond = self.unconditional_text(text.lens).split()
-                feats = torch.cat([u if d else s for s, u, d in zip(text.split(), uncond, drop, strict=True)], dim=0)
+                own = TextFeatures(feats, text.lens).split()
+                feats = torch.cat([u if d else s for s, u, d in zip(own, uncond, drop, strict=True)], dim=0)
         with torch.autocast(device_type=self.device.type, enabled=False):
             normed = self.text_norm(feats)
             rows, mask = TextFeatures(normed, text.lens).padded()

@@ -1,0 +1,175 @@
+"""What ``kfp_cli.submit`` sends to a KFP endpoint, against a small fake of the KFP v2beta1 REST API.
+
+This checks OUR side of the contract only: the experiment lookup/creation, the run-creation body (pipeline spec +
+platform spec, parameters, experiment, service account), the namespace and the bearer-token header, as produced by
+``kfp.Client`` 2.17.3 from our compiled package. It says nothing about whether a real Kubeflow Pipelines backend
+accepts and schedules the spec; only a run on a cluster shows that. The fake listens on 127.0.0.1 only.
+"""
+
+import json
+import sys
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.filterwarnings("ignore:This client only works with Kubeflow Pipeline:FutureWarning")
+
+from editinfinity import kfp_cli
+from editinfinity.errors import EditInfinityError
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CREATED = "2026-01-01T00:00:00Z"
+
+
+class FakeKFP:
+    """Records every request; answers healthz, experiments list/create, runs create/get."""
+
+    def __init__(self, experiments: list[dict] | None = None):
+        self.requests: list[dict] = []
+        self.experiments = list(experiments or [])
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def _reply(self, body: dict, status: int = 200) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _record(self) -> dict:
+                url = urllib.parse.urlsplit(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                req = {"method": self.command, "path": url.path, "query": urllib.parse.parse_qs(url.query),
+                       "headers": {k.lower(): v for k, v in self.headers.items()},
+                       "body": json.loads(raw) if raw else None}
+                fake.requests.append(req)
+                return req
+
+            def do_GET(self):  # noqa: N802
+                req = self._record()
+                if req["path"] == "/apis/v2beta1/healthz":
+                    return self._reply({"multi_user": False, "commit_sha": "fake", "tag_name": "2.x"})
+                if req["path"] == "/apis/v2beta1/experiments":
+                    flt = json.loads(req["query"].get("filter", ["{}"])[0])
+                    wanted = [p.get("stringValue", p.get("string_value")) for p in flt.get("predicates", [])
+                              if p.get("key") == "display_name"]
+                    found = [e for e in fake.experiments if not wanted or e["display_name"] in wanted]
+                    return self._reply({"experiments": found, "total_size": len(found)} if found else {})
+                if req["path"].startswith("/apis/v2beta1/runs/"):
+                    return self._reply({"run_id": req["path"].rsplit("/", 1)[1], "state": "RUNNING",
+                                        "created_at": CREATED})
+                return self._reply({"error": "not found"}, 404)
+
+            def do_POST(self):  # noqa: N802
+                req = self._record()
+                if req["path"] == "/apis/v2beta1/experiments":
+                    exp = {**req["body"], "experiment_id": f"exp-{len(fake.experiments) + 1}", "created_at": CREATED}
+                    fake.experiments.append(exp)
+                    return self._reply(exp)
+                if req["path"] == "/apis/v2beta1/runs":
+                    return self._reply({**req["body"], "run_id": "run-123", "state": "PENDING",
+                                        "created_at": CREATED})
+                return self._reply({"error": "not found"}, 404)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FakeKFP":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def calls(self, method: str, path: str) -> list[dict]:
+        return [r for r in self.requests if r["method"] == method and r["path"] == path]
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> Path:
+    return kfp_cli.compile_pipeline("edit", "gke-l4", tmp_path_factory.mktemp("pkg"))
+
+
+PARAMS = {"image_uri": "gs://bucket/in/cat.png", "prompt": "a cat on a bench", "edit_prompt": "a dog on a bench",
+          "mode": "auto", "target_word": "cat", "output_uri": "gs://bucket/out/cat2dog", "seed": 7}
+
+
+def test_submit_creates_experiment_and_run(package, monkeypatch):
+    monkeypatch.setenv("KFP_TEST_TOKEN", "s3cr3t-token")
+    with FakeKFP() as fake:
+        run_id = kfp_cli.submit(fake.url, "editinfinity-ci", package, PARAMS, namespace="team-vision",
+                                token_env="KFP_TEST_TOKEN", run_name="ci-run", service_account="editinfinity-runner")
+    assert run_id == "run-123"
+    assert not fake.calls("GET", "/apis/v2beta1/healthz")  # a namespace was given: no multi-user probe
+    for req in fake.requests:
+        assert req["headers"].get("authorization") == "Bearer s3cr3t-token", req["path"]
+
+    (lookup,) = fake.calls("GET", "/apis/v2beta1/experiments")
+    assert lookup["query"]["namespace"] == ["team-vision"]
+    predicate = json.loads(lookup["query"]["filter"][0])["predicates"][0]
+    assert (predicate["key"], predicate["stringValue"]) == ("display_name", "editinfinity-ci")
+    (create_exp,) = fake.calls("POST", "/apis/v2beta1/experiments")
+    assert create_exp["body"] == {"display_name": "editinfinity-ci", "namespace": "team-vision"}
+
+    (create_run,) = fake.calls("POST", "/apis/v2beta1/runs")
+    body = create_run["body"]
+    assert body["display_name"] == "ci-run"
+    assert body["experiment_id"] == "exp-1"
+    assert body["service_account"] == "editinfinity-runner"
+    assert body["runtime_config"]["parameters"] == PARAMS
+    spec, platform = yaml.safe_load_all(package.read_text())
+    sent = body["pipeline_spec"]
+    assert sent["pipeline_spec"]["pipelineInfo"] == spec["pipelineInfo"]
+    assert sent["pipeline_spec"]["deploymentSpec"] == spec["deploymentSpec"]
+    assert sent["platform_spec"] == platform  # node selectors, tolerations, PVC mount travel with the run
+    gen = sent["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-generate"]
+    assert gen["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+
+
+def test_submit_reuses_existing_experiment(package):
+    existing = {"experiment_id": "exp-42", "display_name": "nightly", "namespace": "team-vision",
+                "created_at": CREATED}
+    with FakeKFP([existing]) as fake:
+        kfp_cli.submit(fake.url, "nightly", package, PARAMS, namespace="team-vision")
+    assert not fake.calls("POST", "/apis/v2beta1/experiments")
+    (create_run,) = fake.calls("POST", "/apis/v2beta1/runs")
+    assert create_run["body"]["experiment_id"] == "exp-42"
+    assert all("authorization" not in r["headers"] for r in fake.requests)  # no token asked for, none sent
+
+
+def test_submit_without_namespace_probes_healthz(package):
+    with FakeKFP() as fake:
+        kfp_cli.submit(fake.url, "default-ns", package, {"image_uri": "s3://b/x.png", "prompt": "p",
+                                                         "edit_prompt": "q"})
+    assert fake.calls("GET", "/apis/v2beta1/healthz")
+    (create_run,) = fake.calls("POST", "/apis/v2beta1/runs")
+    assert create_run["body"]["runtime_config"]["parameters"] == {"image_uri": "s3://b/x.png", "prompt": "p",
+                                                                  "edit_prompt": "q"}
+
+
+def test_submit_refuses_missing_token_before_any_request(package, monkeypatch):
+    monkeypatch.delenv("KFP_MISSING_TOKEN", raising=False)
+    with FakeKFP() as fake:
+        with pytest.raises(EditInfinityError, match="KFP_MISSING_TOKEN"):
+            kfp_cli.submit(fake.url, "x", package, {}, namespace="ns", token_env="KFP_MISSING_TOKEN")
+    assert fake.requests == []
+
+
+def test_submit_refuses_missing_package(tmp_path):
+    with pytest.raises(EditInfinityError, match="does not exist"):
+        kfp_cli.submit("http://127.0.0.1:9", "x", tmp_path / "nope.yaml", {}, namespace="ns")
