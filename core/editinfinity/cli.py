@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 from .errors import EditInfinityError, InvalidCaseError
@@ -152,16 +153,45 @@ def _case_kwargs(args) -> dict:
                                     "mask_polarity", "resolution")}
 
 
+def _local_inputs(kw: dict) -> dict:
+    """Inputs given as gs:// or s3:// URIs are fetched once into the local cache."""
+    from . import storage
+
+    for key in ("image", "mask"):
+        value = kw.get(key)
+        if isinstance(value, str) and storage.is_remote(value):
+            kw[key] = str(storage.cached_path(value))
+    return kw
+
+
+@contextlib.contextmanager
+def _output_dir(out: str, overwrite: bool):
+    """A local directory for ``out``; a gs:// / s3:// ``out`` is built locally and published when complete."""
+    from . import storage
+
+    if not storage.is_remote(out):
+        yield Path(out)
+        return
+    if not overwrite and storage.exists(out.rstrip("/") + "/" + storage.MANIFEST_NAME):
+        raise InvalidCaseError(f"{out} already holds a published result; pass --overwrite to replace it")
+    with tempfile.TemporaryDirectory(prefix="editinfinity-out-") as tmp:
+        local = Path(tmp) / "out"
+        yield local
+        storage.publish_dir(local, out)
+
+
 def _run(args) -> int:
     from .edit import stages
 
     progress = not args.quiet
     if args.command == "edit":
-        kw = _case_kwargs(args)
+        kw = _local_inputs(_case_kwargs(args))
         kw["mask_polarity"] = kw.get("mask_polarity") or "white-edit"
-        out = stages.run_edit(args.out, **kw, preset=args.preset, weights=args.weights, device=args.device,
-                              settings=_settings(args), overwrite=args.overwrite, progress=progress)
-        print(f"edited image: {out / 'edited.png'}\nreport: {out / 'report.html'}")
+        with _output_dir(args.out, args.overwrite) as out_dir:
+            out = stages.run_edit(out_dir, **kw, preset=args.preset, weights=args.weights, device=args.device,
+                                  settings=_settings(args), overwrite=args.overwrite, progress=progress)
+        where = args.out.rstrip("/") if out != Path(args.out) else str(out)
+        print(f"edited image: {where}/edited.png\nreport: {where}/report.html")
         return 0
     if args.command == "demo":
         from .demo import run_demo
@@ -172,7 +202,7 @@ def _run(args) -> int:
     if args.command == "prepare":
         from .models.bundle import load_models
 
-        kw = _case_kwargs(args)
+        kw = _local_inputs(_case_kwargs(args))
         kw["mask_polarity"] = kw.get("mask_polarity") or "white-edit"
         models = load_models(args.preset, weights=args.weights, device=args.device)
         print(stages.prepare(args.out, **kw, models=models, overwrite=args.overwrite))
@@ -224,10 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; no partial output was left", file=sys.stderr)
         return 130
-
-
-def dump_json(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)
 
 
 if __name__ == "__main__":

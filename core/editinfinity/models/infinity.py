@@ -17,12 +17,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from . import schedules
+from .attention_maps import AttentionMapCollector
+from .bit_outputs import bit_loss, sample_bits, summed_bit_ce
 from .infinity_state import (
     LoadReport,
     chunked_block_key,
@@ -258,6 +259,8 @@ class Infinity(ModelMixin, ConfigMixin):
 
     def _check_schedule(self, schedule) -> list[tuple[int, int, int]]:
         sched = schedules.normalize_schedule(schedule)
+        if not sched:
+            raise ValueError("the scale schedule is empty")
         if len(sched) > self.lvl_embed.num_embeddings:
             raise ValueError(f"schedule has {len(sched)} scales but the model has {self.lvl_embed.num_embeddings} "
                              "level embeddings")
@@ -376,106 +379,3 @@ def _per_scale(value: float | Sequence[float], n: int, name: str) -> list[float]
     if len(values) < n:
         raise ValueError(f"`{name}` lists {len(values)} values for {n} scales")
     return values[:n]
-
-
-def sample_bits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one class per row of ``logits`` (B, n, 2) -> (B, n) long, as the reference's sampler does.
-
-    top-k (clamped to 2): ``top_k=1`` keeps only the larger logit (greedy; exact ties stay random). top-p: after
-    sorting ascending, classes whose cumulative probability is <= 1 - top_p are dropped (the larger one is always
-    kept), i.e. the minority bit is removed when its probability is <= 1 - top_p. Then a single
-    ``torch.multinomial(probs.view(-1, 2), 1, replacement=True, generator=generator)`` call, on the generator's
-    device when it differs (a CPU generator gives the same draws on every device).
-    """
-    if top_k < 0 or not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"need `top_k` >= 0 and 0 <= `top_p` <= 1, got top_k={top_k}, top_p={top_p}")
-    B, n, V = logits.shape
-    logits = logits.float()
-    if 0 < top_k < V:
-        kth = logits.topk(top_k, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
-        logits = logits.masked_fill(logits < kth, -torch.inf)
-    if top_p > 0:
-        sorted_logits, order = logits.sort(dim=-1, descending=False)
-        drop_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
-        drop_sorted[..., -1:] = False
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), -torch.inf)
-    probs = logits.softmax(dim=-1).view(-1, V)
-    if generator is not None and generator.device != probs.device:
-        idx = torch.multinomial(probs.to(generator.device), 1, replacement=True, generator=generator).to(probs.device)
-    else:
-        idx = torch.multinomial(probs, 1, replacement=True, generator=generator)
-    return idx.view(B, n)
-
-
-def bit_loss(logits: torch.Tensor, gt_bits: torch.Tensor, schedule, reweight: bool = True) -> torch.Tensor:
-    """Per-bit 2-way cross-entropy averaged over the d bits, then over tokens and batch.
-
-    ``reweight``: token weights ``sqrt(h_K w_K)/sqrt(h_k w_k)`` normalised to sum 1 (float64, as the reference, so
-    the result is float64); otherwise the plain token mean (float32).
-    """
-    B, L, V = logits.shape
-    if tuple(gt_bits.shape) != (B, L, V // 2):
-        raise ValueError(f"`gt_bits` must be {(B, L, V // 2)} for logits {tuple(logits.shape)}, got {tuple(gt_bits.shape)}")
-    ce = F.cross_entropy(logits.float().view(B, L, -1, 2).permute(0, 3, 1, 2), gt_bits.long(), reduction="none")
-    per_token = ce.mean(dim=-1)  # (B, L)
-    if reweight:
-        weights = schedules.loss_weights(schedule).to(per_token.device)
-        if weights.shape[0] != L:
-            raise ValueError(f"schedule has {weights.shape[0]} tokens but the logits have {L}")
-        return per_token.mul(weights[None]).sum(dim=-1).mean()
-    return per_token.mul(1.0 / L).sum(dim=-1).mean()
-
-
-def summed_bit_ce(logits: torch.Tensor, gt_bits: torch.Tensor) -> torch.Tensor:
-    """``-sum log p(gt bit) / B`` over every token and bit: the LoRA stage's "KL" term (KL to one-hot labels)."""
-    B, L, V = logits.shape
-    logp = F.log_softmax(logits.float().view(B, L, -1, 2), dim=-1)
-    return -logp.gather(-1, gt_bits.long().unsqueeze(-1)).sum() / B
-
-
-class AttentionMapCollector:
-    """Cross-attention map of a token range, for the conditional sample (sample 0), on the last grid.
-
-    Pass as ``attention_probe`` to a teacher-forced forward. Per block and scale: ``softmax(q k^T / sqrt(hd))``
-    over sample 0's text rows, mean over the columns ``[start, end)``, mean over heads, reshaped to (h_k, w_k)
-    and resized bilinearly (align_corners=False) to (hK, wK). :meth:`result` is the mean of all those maps.
-    """
-
-    def __init__(self, token_range: tuple[int, int], schedule):
-        self.start, self.end = (int(v) for v in token_range)
-        if not 0 <= self.start < self.end:
-            raise ValueError(f"`token_range` must be (start, end) with 0 <= start < end, got {tuple(token_range)}")
-        self.schedule = schedules.normalize_schedule(schedule)
-        self.grid = schedules.last_grid(self.schedule)
-        self._sum: torch.Tensor | None = None
-        self._count = 0
-
-    @torch.no_grad()
-    def __call__(self, layer_index: int, q_LHc: torch.Tensor, k_THc: torch.Tensor) -> None:
-        L = schedules.num_tokens(self.schedule)
-        if q_LHc.shape[0] != L:
-            raise ValueError(f"collector built for {L} tokens, got queries for {q_LHc.shape[0]}")
-        if self.end > k_THc.shape[0]:
-            raise ValueError(f"token range [{self.start}, {self.end}) exceeds the {k_THc.shape[0]} text rows")
-        q, k = q_LHc.float().transpose(0, 1), k_THc.float().transpose(0, 1)  # (H, L, hd), (H, T, hd)
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        end = 0
-        for _, h, w in self.schedule:
-            start, end = end, end + h * w
-            attn = torch.softmax(torch.matmul(q[:, start:end], k.transpose(-2, -1)) * scale, dim=-1)  # (H, n, T)
-            m = attn[:, :, self.start:self.end].mean(dim=-1).mean(dim=0).view(1, 1, h, w)
-            m = F.interpolate(m, size=self.grid, mode="bilinear", align_corners=False)[0, 0]
-            self._sum = m if self._sum is None else self._sum + m
-            self._count += 1
-
-    @property
-    def count(self) -> int:
-        """Number of (layer, scale) maps collected."""
-        return self._count
-
-    def result(self) -> torch.Tensor:
-        """(hK, wK) float32 mean map."""
-        if self._sum is None:
-            raise RuntimeError("no attention collected: pass the collector as `attention_probe` to a forward pass")
-        return self._sum / self._count
