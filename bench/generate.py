@@ -41,8 +41,6 @@ def main() -> None:
         model = Infinity(**spec.transformer)
     dtype = getattr(torch, args.dtype)
     model.eval().requires_grad_(False)
-    if device.type == "cuda":
-        model.prepare_for_inference(dtype)
     schedule = schedules.get_schedule(args.h_div_w, args.resolution)
     text = TextFeatures(torch.randn(args.text_tokens, model.config.text_channels, device=device) * 0.3,
                         [args.text_tokens])

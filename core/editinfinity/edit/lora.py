@@ -44,6 +44,8 @@ def remove_lora(model: torch.nn.Module) -> None:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.get_base_layer())
+    if "peft_config" in vars(model):  # left by inject_adapter_in_model; a stale one makes peft warn next time
+        del model.peft_config
 
 
 @contextlib.contextmanager
@@ -136,19 +138,19 @@ def load_adapter(lora_dir: str | Path, run_id: str | None = None) -> tuple[dict[
     return {k[len(PEFT_PREFIX):]: v for k, v in raw.items()}, settings
 
 
-def reference_lora_to_peft(tensors: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+def reference_lora_to_peft(tensors: dict[str, torch.Tensor], rank: int, depth: int) -> dict[str, torch.Tensor]:
     """Map the reference's LoRA file (``block_chunks.c.module.j.ffn.fc1.lora_A``, possibly flat 1-D) to peft keys."""
-    from ..models.infinity import flat_block_key
+    from ..models.infinity import flatten_block_keys
 
+    flat, _ = flatten_block_keys(tensors, depth=depth)
     out = {}
-    for key, t in tensors.items():
-        name = flat_block_key(key)
+    for name, t in flat.items():
         if name.endswith("lora_A"):
             out[name + ".weight"] = t.reshape(rank, -1).float()
         elif name.endswith("lora_B"):
             out[name + ".weight"] = t.reshape(-1, rank).float()
         else:
-            raise CheckpointError(f"unexpected key {key!r} in a reference LoRA file")
+            raise CheckpointError(f"unexpected key {name!r} in a reference LoRA file")
     return out
 
 

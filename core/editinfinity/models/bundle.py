@@ -69,7 +69,10 @@ def _random_bundle(spec: Preset, device: torch.device) -> tuple:
     from .bsq_vae import BSQVAE
     from .infinity import Infinity
 
-    with torch.random.fork_rng(devices=[]):
+    # Small presets are initialised on the CPU so their weights are the same on every machine; the large
+    # random ones (benchmarks) directly on the target device, where a CPU init of billions of weights is slow.
+    init_device = device if spec.name.endswith("-random") else torch.device("cpu")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), init_device:
         torch.manual_seed(spec.seed)
         vae = BSQVAE(**spec.vae)
         transformer = Infinity(**spec.transformer)
