@@ -66,7 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="editinfinity", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    # The same flags after the subcommand (`editinfinity edit ... -q`); SUPPRESS keeps the main parser's defaults.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
+    add = sub.add_parser
+
+    def add_parser(name, **kw):
+        return add(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser
 
     p = sub.add_parser("edit", help="run a whole edit (all stages, one process)")
     _add_case_args(p)
