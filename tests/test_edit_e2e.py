@@ -18,9 +18,9 @@ from PIL import Image
 
 from editinfinity.cli import main
 from editinfinity.demo import example_dir
+from editinfinity.edit.case import CaseSpec
 from editinfinity.edit.generate import generate_edit
 from editinfinity.edit.prepare import prepare_case
-from editinfinity.edit.case import CaseSpec
 from editinfinity.edit.settings import EditSettings
 from editinfinity.models.bundle import load_models
 from editinfinity.toyworld import Scene, Shape, caption, render, render_mask

@@ -27,11 +27,14 @@ class ModelBundle:
     device: torch.device
     preset: str
     source: str
+    #: "auto": bf16 autocast on GPU, float32 on CPU; "float32": float32 everywhere (slower, for checks).
+    precision: str = "auto"
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        """bf16 autocast on GPU, plain float32 on CPU."""
-        return torch.bfloat16 if self.device.type == "cuda" else None
+        if self.precision == "float32" or self.device.type != "cuda":
+            return None
+        return torch.bfloat16
 
     def autocast(self):
         if self.autocast_dtype is None:
