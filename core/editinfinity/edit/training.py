@@ -61,8 +61,13 @@ def optimize(params: Iterable[torch.nn.Parameter], loss_fn: Callable[[int], torc
     for step in tqdm(range(iters), desc=desc, disable=not progress, leave=False):
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(step)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+        if loss.requires_grad:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+        else:
+            # Condition dropout replaced the whole text (learned rows included) by the unconditional rows: the
+            # loss does not depend on the prompt rows this step (the reference's zero gradient); Adam skips them.
+            log.debug("%s step %d: condition dropped, no gradient", desc, step)
         opt.step()
         losses.append(float(loss.detach()))
         log.debug("%s step %d loss %.6f", desc, step, losses[-1])
