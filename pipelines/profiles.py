@@ -1,7 +1,8 @@
 """Scheduling profiles: where GPU and CPU tasks run, read from ``profiles.yaml`` (plus user files).
 
 A profile is data (see the header of ``profiles.yaml``); ``gpu_task``/``cpu_task`` apply it to a pipeline task
-at compile time through ``kfp.kubernetes``. With ``profile=None`` (local runs) only retries are set.
+at compile time through ``kfp.kubernetes``. With ``profile=None`` (kfp.local runs) tasks get none of it, not even
+retries (kfp.local honours retry policies, and a local failure is rarely transient).
 """
 
 from __future__ import annotations
@@ -166,11 +167,11 @@ def get_profile(name: str, extra: Iterable[str | os.PathLike] | None = None) -> 
 
 
 def _common(task: PipelineTask, profile: Profile | None) -> None:
-    retries = profile.retries if profile else 2
-    if retries > 0:
-        task.set_retry(num_retries=retries, backoff_duration="30s", backoff_factor=2.0, backoff_max_duration="600s")
-    if profile is None:
+    if profile is None:  # local runs: a failure is a bug or a bad input, not a preempted node; fail at once
         return
+    if profile.retries > 0:
+        task.set_retry(num_retries=profile.retries, backoff_duration="30s", backoff_factor=2.0,
+                       backoff_max_duration="600s")
     for key, value in profile.env.items():
         task.set_env_variable(key, value)
     if profile.storage_secret:

@@ -115,6 +115,8 @@ def test_local_variant_has_no_kubernetes_settings(compiled, pipeline):
     assert not k8s_executors(platform)
     for ex in spec["deploymentSpec"]["executors"].values():
         assert "accelerator" not in ex["container"].get("resources", {})
+    # No retries locally: kfp.local honours them, and a local failure is rarely transient.
+    assert "retryPolicy" not in yaml.safe_dump(spec)
 
 
 def _artifact_edges(spec: dict) -> list[tuple[str, str, tuple | None]]:

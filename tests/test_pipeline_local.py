@@ -103,12 +103,12 @@ def make_mask(case_dir, out_dir, *, attention_dir=None, threshold=0.5):
     if attention_dir is not None:
         _check(attention_dir, "attention")
     _log("make_mask", attention_dir=attention_dir is not None, threshold=threshold)
-    return _stage_dir(out_dir, "make_mask", _run_id(case_dir), {"mask.png": "mask", "weights.png": "w"})
+    return _stage_dir(out_dir, "mask", _run_id(case_dir), {"mask.png": "mask", "weights.png": "w"})
 
 def generate(case_dir, prompt_dir, lora_dir, out_dir, *, mask_dir=None, seed=0, models=None):
     _check(lora_dir, "train_lora")
     if mask_dir is not None:
-        _check(mask_dir, "make_mask")
+        _check(mask_dir, "mask")
     _log("generate", mask_dir=mask_dir is not None, seed=seed, models=models)
     return _stage_dir(out_dir, "generate", _run_id(case_dir), {"edited.png": "edited", "reconstruction.png": "r"})
 
@@ -207,7 +207,7 @@ def test_batch_runs_every_mode_and_collects_one_page(stubbed, tmp_path):
     assert [(c["mask_dir"], c["attention_dir"]) for c in summaries] == [(False, False), (True, False), (True, True)]
     # Timings travel through artifact metadata: generate carries the upstream stages to the summary.
     auto_timings = summaries[-1]["timings"]
-    assert set(auto_timings) == {"prepare", "tune_prompt", "train_lora", "attention", "make_mask", "generate"}
+    assert set(auto_timings) == {"prepare", "tune_prompt", "train_lora", "attention", "mask", "generate"}
 
     for case_id, stages in [("auto-1", {"generate", "mask", "attention"}), ("mask-1", {"generate", "mask"}),
                             ("whole-1", {"generate"})]:

@@ -27,6 +27,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +132,11 @@ def run_local(pipeline: str = "edit", *, pipeline_root: str | os.PathLike = "kfp
     graph = build_pipeline(pipeline, None, fused=fused, parallelism=parallelism)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     try:
-        task = graph(**params)
+        with warnings.catch_warnings():  # display names etc. are for the KFP UI; kfp.local says so per task
+            warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
+            # Tasks run with this interpreter on purpose (use_venv=False), not in the images named in the spec.
+            warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+            task = graph(**params)
     except RuntimeError as exc:
         raise PipelineRunError(_ANSI.sub("", str(exc))) from None
     runs = sorted(root.glob(f"{graph.name}-*"), key=lambda p: p.stat().st_mtime)

@@ -1,0 +1,460 @@
+"""Pieces shared by the training loops: configs, devices, learning-rate and time budgets, checkpoints, logging.
+
+Checkpoints are directories: ``model.safetensors`` (and other named modules' weights) in safetensors, plus
+``training_state.pt`` holding the optimizer state, step counters and generator states as plain tensors and
+numbers, read back with ``torch.load(weights_only=True)``. They are replaced atomically (write a temporary
+directory, then rename), so an interrupted run always leaves a loadable checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..errors import CheckpointError, InvalidCaseError
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CHECKPOINT = "checkpoint"
+STATE_FILE = "training_state.pt"
+
+C = TypeVar("C")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configs
+
+
+def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> C:
+    """Build the dataclass ``cls`` from a YAML file (``None``: the class defaults) and ``overrides``.
+
+    Unknown keys are errors naming the file. ``overrides`` maps field names to values (``None`` values are
+    ignored); a ``dict`` field is merged key by key, so ``{"model": {"depth": 2}}`` changes only the depth.
+    """
+    import yaml
+
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise InvalidCaseError(f"training config {p} not found; see {CONFIG_DIR} for examples")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise InvalidCaseError(f"training config {p} must be a YAML mapping, got {type(loaded).__name__}")
+        data.update(loaded)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if isinstance(value, Mapping) and isinstance(data.get(key), Mapping):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise InvalidCaseError(f"{source}: unknown training setting(s) {unknown}; known: {sorted(known)}")
+    defaults = cls()
+    for key, value in list(data.items()):
+        base = getattr(defaults, key)
+        if isinstance(base, dict) and isinstance(value, Mapping):
+            data[key] = {**base, **value}
+        elif isinstance(base, tuple) and isinstance(value, list):
+            data[key] = tuple(value)
+    out = cls(**data)
+    validate = getattr(out, "validate", None)
+    if callable(validate):
+        validate()
+    return out
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """``["lr=1e-3", "model.depth=4"]`` -> ``{"lr": 0.001, "model": {"depth": 4}}`` (values parsed as YAML)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise InvalidCaseError(f"--set {pair!r}: expected KEY=VALUE (e.g. --set batch_size=16)")
+        key, raw = pair.split("=", 1)
+        value = yaml.safe_load(raw)
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """JSON-able dict of a config dataclass."""
+    d = dataclasses.asdict(config)
+    return json.loads(json.dumps(d, default=list))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# devices and precision
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> CUDA when available, else CPU; a CUDA request without CUDA is an error."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidCaseError("--device cuda was requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def configure_backends(device: torch.device) -> None:
+    """Fast kernels for fixed-shape training on GPU (cuDNN autotuning, TF32 for the few float32 matmuls)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast(device: torch.device, enabled: bool = True) -> AbstractContextManager:
+    """bf16 autocast on GPU; nothing on CPU (float32 training)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def hardware() -> dict[str, Any]:
+    """What ran the training: device names, counts, library versions."""
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# learning rate and budgets
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int | None, min_ratio: float) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to ``peak * min_ratio`` at ``total``.
+
+    Before ``total`` is known (time-budgeted runs still measuring their speed) the rate stays at the peak.
+    """
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    if total is None or total <= warmup:
+        return peak
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's rate to ``lr`` times its ``lr_scale`` (default 1)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+@dataclass
+class Budget:
+    """When to stop: after ``steps`` optimizer updates and/or ``minutes`` of training time (both optional).
+
+    With a time limit the total step count is fixed once, from the speed measured over ``calibration_steps``
+    steps after ``skip_steps`` warm-up steps (kernel autotuning), so that the cosine schedule ends where the
+    time runs out; it is saved with the checkpoint. Training also stops when the time is up, whatever the count.
+    """
+
+    steps: int = 0
+    minutes: float | None = None
+    skip_steps: int = 5
+    calibration_steps: int = 20
+    margin: float = 0.97
+    _t0: float | None = None
+
+    def fixed_total(self) -> int | None:
+        """The total when no speed measurement is needed (a step-only budget)."""
+        if self.minutes is None:
+            if self.steps <= 0:
+                raise InvalidCaseError("a training run needs `steps` > 0 or `minutes`")
+            return self.steps
+        return None
+
+    def observe(self, step: int, done_in_run: int, elapsed: float, device: torch.device) -> int | None:
+        """Call after every step until it returns the total (then it is fixed); ``None`` while measuring."""
+        if self.minutes is None:
+            return self.fixed_total()
+        if done_in_run == self.skip_steps:
+            synchronize(device)
+            self._t0 = time.perf_counter()
+        elif done_in_run == self.skip_steps + self.calibration_steps and self._t0 is not None:
+            synchronize(device)
+            rate = self.calibration_steps / max(time.perf_counter() - self._t0, 1e-9)
+            remaining = max(0.0, self.minutes * 60 - elapsed)
+            total = step + int(rate * remaining * self.margin)
+            if self.steps > 0:
+                total = min(total, self.steps)
+            return max(total, step + 1)
+        return None
+
+    def out_of_time(self, elapsed: float) -> bool:
+        return self.minutes is not None and elapsed >= self.minutes * 60
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work (so wall-clock measurements mean something)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+@dataclass
+class TrainState:
+    """Counters and history saved with every checkpoint."""
+
+    step: int = 0
+    total_steps: int | None = None
+    elapsed: float = 0.0  # training seconds over every run of this training (resumes add up)
+    history: list[dict[str, float]] = field(default_factory=list)
+    finished: bool = False
+
+
+def _tensor_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    sd = module.state_dict()
+    # safetensors refuses shared storage (tied weights); every tensor is stored on its own.
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in sd.items()}
+
+
+def save_checkpoint(run_dir: Path, modules: Mapping[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                    state: TrainState, generators: Mapping[str, torch.Generator], config: dict[str, Any]) -> Path:
+    """Write ``run_dir/checkpoint`` atomically: ``{name}.safetensors`` per module, optimizer and counters."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / CHECKPOINT
+    tmp = run_dir / f".{CHECKPOINT}.tmp"
+    old = run_dir / f".{CHECKPOINT}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, module in modules.items():
+        save_file(_tensor_dict(module), str(tmp / f"{name}.safetensors"))
+    payload = {
+        "optimizer": optimizer.state_dict(),
+        "step": int(state.step),
+        "total_steps": -1 if state.total_steps is None else int(state.total_steps),
+        "elapsed": float(state.elapsed),
+        "finished": bool(state.finished),
+        "generators": {k: g.get_state() for k, g in generators.items()},
+        "torch_rng": torch.get_rng_state(),
+    }
+    torch.save(payload, tmp / STATE_FILE)
+    meta = {"step": state.step, "total_steps": state.total_steps, "elapsed": round(state.elapsed, 3),
+            "finished": state.finished, "config": config, "history": state.history}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The run's checkpoint directory (or the previous one if a save was interrupted mid-swap)."""
+    for name in (CHECKPOINT, f".{CHECKPOINT}.old"):
+        p = Path(run_dir) / name
+        if (p / STATE_FILE).is_file():
+            return p
+    return None
+
+
+def load_checkpoint(ckpt: Path, modules: Mapping[str, torch.nn.Module], optimizer: torch.optim.Optimizer | None,
+                    generators: Mapping[str, torch.Generator]) -> TrainState:
+    """Load a checkpoint written by :func:`save_checkpoint` into ``modules``/``optimizer``/``generators``."""
+    ckpt = Path(ckpt)
+    for name, module in modules.items():
+        path = ckpt / f"{name}.safetensors"
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {ckpt} has no {path.name}; it was written by another training run")
+        sd = load_file(str(path))
+        try:
+            module.load_state_dict(sd, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint {path} does not match the configured model ({exc}); resume with "
+                                  "the config the run started with, or start a new run directory") from exc
+    try:
+        payload = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say which one
+        raise CheckpointError(f"cannot read {ckpt / STATE_FILE} ({exc}); start a new run directory") from exc
+    if optimizer is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+    for name, gen in generators.items():
+        if name in payload["generators"]:
+            gen.set_state(payload["generators"][name])
+    torch.set_rng_state(payload["torch_rng"])
+    meta = json.loads((ckpt / "state.json").read_text())
+    total = int(payload["total_steps"])
+    return TrainState(step=int(payload["step"]), total_steps=None if total < 0 else total,
+                      elapsed=float(payload["elapsed"]), history=list(meta.get("history", [])),
+                      finished=bool(payload.get("finished", False)))
+
+
+def adamw(param_groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], weight_decay: float,
+          device: torch.device) -> torch.optim.AdamW:
+    """AdamW (fused on GPU); groups may carry ``lr_scale`` and ``weight_decay`` (0 for norms, biases, tables)."""
+    for g in param_groups:
+        g.setdefault("weight_decay", weight_decay)
+        g.setdefault("lr_scale", 1.0)
+    return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas), eps=1e-8,
+                             fused=True if device.type == "cuda" else None)
+
+
+def decay_groups(named: list[tuple[str, torch.nn.Parameter]], no_decay_names: tuple[str, ...] = (),
+                 lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """Split parameters: matrices of linear/conv layers decay; vectors, norms and lookup tables do not."""
+    decay, plain = [], []
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        if p.ndim >= 2 and not any(s in name for s in no_decay_names):
+            decay.append(p)
+        else:
+            plain.append(p)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "lr_scale": lr_scale})
+    if plain:
+        groups.append({"params": plain, "weight_decay": 0.0, "lr_scale": lr_scale})
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# progress
+
+
+class ProgressLog:
+    """Running means of the logged values, printed through ``logging`` every ``every_seconds`` and appended
+    to ``log.jsonl`` in the run directory (one JSON object per report).
+
+    Values may be GPU tensors: they are summed on the device and read back only when a report is due, so the
+    training loop does not wait for the GPU every step.
+    """
+
+    def __init__(self, name: str, run_dir: Path, every_seconds: float = 15.0):
+        self.name = name
+        self.path = Path(run_dir) / "log.jsonl"
+        self.every = every_seconds
+        self.sums: dict[str, torch.Tensor | float] = {}
+        self.count = 0
+        self.last_time = time.perf_counter()
+        self.samples = 0
+
+    def add(self, values: Mapping[str, torch.Tensor | float], samples: int) -> None:
+        for k, v in values.items():
+            v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.count += 1
+        self.samples += samples
+
+    def due(self) -> bool:
+        return time.perf_counter() - self.last_time >= self.every
+
+    def report(self, step: int, total: int | None, elapsed: float, lr: float) -> dict[str, float]:
+        """Log and return the means since the last report (empty when nothing was added).
+
+        Raises ``FloatingPointError`` when a mean is not finite (the loss diverged).
+        """
+        if not self.count:
+            return {}
+        means = {k: float(v) / self.count for k, v in self.sums.items()}
+        now = time.perf_counter()
+        dt = max(now - self.last_time, 1e-9)
+        rec = {"step": step, "elapsed": round(elapsed, 2), "lr": lr, **{k: round(v, 6) for k, v in means.items()},
+               "steps_per_s": round(self.count / dt, 3), "samples_per_s": round(self.samples / dt, 1)}
+        total_s = "?" if total is None else str(total)
+        parts = " ".join(f"{k} {v:.4g}" for k, v in means.items())
+        log.info("%s step %d/%s %s lr %.3g | %.2f steps/s %.0f samples/s | %.0f s", self.name, step, total_s,
+                 parts, lr, rec["steps_per_s"], rec["samples_per_s"], elapsed)
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        self.sums, self.count, self.samples, self.last_time = {}, 0, 0, now
+        bad = [k for k, v in means.items() if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(f"{self.name}: non-finite {bad} by step {step}; lower the learning rate")
+        return rec
+
+
+def run_steps(name: str, run_dir: Path, state: TrainState, budget: Budget, *,
+              step_fn: Callable[[int], Mapping[str, torch.Tensor | float]], lr_fn: Callable[[int, int | None], float],
+              optimizer: torch.optim.Optimizer, save: Callable[[], None], device: torch.device,
+              samples_per_step: int, log_seconds: float = 15.0, checkpoint_minutes: float = 1.0,
+              progress: bool = False, stop_at: int | None = None) -> dict[str, float]:
+    """The loop shared by every trainer: learning rate, one ``step_fn(step)`` per update, progress reports,
+    periodic checkpoints (``save``), and the stop rules of ``budget``. Sets ``state.finished`` when the budget is
+    spent (not when ``stop_at`` interrupts); saves a checkpoint on the way out. Returns the last report."""
+    plog = ProgressLog(name, run_dir, log_seconds)
+    run_start = time.perf_counter()
+    elapsed0, first = state.elapsed, state.step
+    last_ckpt = time.perf_counter()
+    last: dict[str, float] = {}
+    if state.total_steps is None:
+        state.total_steps = budget.fixed_total()
+    bar = tqdm(total=state.total_steps, initial=state.step, desc=name, disable=not progress, mininterval=5)
+    lr = lr_fn(state.step, state.total_steps)
+    try:
+        while True:
+            state.elapsed = elapsed0 + time.perf_counter() - run_start
+            if (state.total_steps is not None and state.step >= state.total_steps) or budget.out_of_time(state.elapsed):
+                state.finished = True
+                break
+            if stop_at is not None and state.step >= stop_at:
+                break
+            lr = lr_fn(state.step, state.total_steps)
+            set_lr(optimizer, lr)
+            values = step_fn(state.step)
+            state.step += 1
+            bar.update(1)
+            plog.add(values, samples_per_step)
+            if state.total_steps is None:
+                state.total_steps = budget.observe(state.step, state.step - first,
+                                                   elapsed0 + time.perf_counter() - run_start, device)
+                if state.total_steps is not None:
+                    bar.total = state.total_steps
+                    log.info("%s: %d steps fit the %.1f min budget", name, state.total_steps, budget.minutes)
+            if plog.due():
+                last = plog.report(state.step, state.total_steps, elapsed0 + time.perf_counter() - run_start, lr)
+                state.history.append(last)
+            if time.perf_counter() - last_ckpt >= checkpoint_minutes * 60:
+                state.elapsed = elapsed0 + time.perf_counter() - run_start
+                save()
+                last_ckpt = time.perf_counter()
+    finally:
+        bar.close()
+    synchronize(device)
+    state.elapsed = elapsed0 + time.perf_counter() - run_start
+    rec = plog.report(state.step, state.total_steps, state.elapsed, lr)
+    if rec:
+        last = rec
+        state.history.append(rec)
+    save()
+    log.info("%s: %s at step %d after %.0f s", name, "finished" if state.finished else "stopped", state.step,
+             state.elapsed)
+    return last
