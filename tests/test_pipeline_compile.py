@@ -331,3 +331,13 @@ def test_bad_profiles_are_rejected(tmp_path, body, message):
 def test_unknown_profile_lists_known_ones(tmp_path):
     with pytest.raises(ProfileError, match="gke-a100"):
         kfp_cli.compile_pipeline("edit", "nope", tmp_path)
+
+
+def test_cli_compile(tmp_path, capsys):
+    from editinfinity.cli import main
+
+    assert main(["pipeline", "compile", "batch", "--profile", "on-prem", "--fused", "--out", str(tmp_path)]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert path == tmp_path / "batch-fused-on-prem.yaml" and path.is_file()
+    assert main(["pipeline", "compile", "edit", "--profile", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown profile 'nope'" in capsys.readouterr().err

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.filterwarnings("ignore:This client only works with Kubeflow Pipeline:FutureWarning")
-
 from editinfinity import kfp_cli
 from editinfinity.errors import EditInfinityError
+
+pytestmark = pytest.mark.filterwarnings("ignore:This client only works with Kubeflow Pipeline:FutureWarning")
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -173,3 +173,31 @@ def test_submit_refuses_missing_token_before_any_request(package, monkeypatch):
 def test_submit_refuses_missing_package(tmp_path):
     with pytest.raises(EditInfinityError, match="does not exist"):
         kfp_cli.submit("http://127.0.0.1:9", "x", tmp_path / "nope.yaml", {}, namespace="ns")
+
+
+def test_cli_submit_types_parameters_from_the_package(package, monkeypatch, capsys):
+    from editinfinity.cli import main
+
+    monkeypatch.setenv("KFP_TEST_TOKEN", "tok")
+    with FakeKFP() as fake:
+        code = main(["pipeline", "submit", str(package), "--host", fake.url, "--namespace", "ns",
+                     "--token-env", "KFP_TEST_TOKEN", "--experiment", "cli", "-p", "image_uri=s3://b/a.png",
+                     "-p", "prompt=a cat, sitting", "-p", "edit-prompt=a dog", "-p", "seed=7", "-p", "threshold=0.25",
+                     "-p", "target_word=123"])
+    assert code == 0 and capsys.readouterr().out.strip().endswith("run-123")
+    (create_run,) = fake.calls("POST", "/apis/v2beta1/runs")
+    assert create_run["body"]["runtime_config"]["parameters"] == {
+        "image_uri": "s3://b/a.png", "prompt": "a cat, sitting", "edit_prompt": "a dog", "seed": 7,
+        "threshold": 0.25, "target_word": "123"}
+
+
+@pytest.mark.parametrize("param, message", [("colour=red", "unknown pipeline parameter 'colour'"),
+                                            ("seed=seven", "'seed' must be NUMBER_INTEGER"),
+                                            ("seed", "KEY=VALUE")])
+def test_cli_submit_rejects_bad_parameters_before_any_request(package, capsys, param, message):
+    from editinfinity.cli import main
+
+    with FakeKFP() as fake:
+        code = main(["pipeline", "submit", str(package), "--host", fake.url, "-p", param])
+    assert code == 2 and message in capsys.readouterr().err
+    assert fake.requests == []

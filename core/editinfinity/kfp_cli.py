@@ -487,18 +487,42 @@ def publish_batch(output_uri: str, report: BatchReport) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _params(items: list[str]) -> dict[str, Any]:
-    """KEY=VALUE pairs; VALUE parsed as JSON when it is valid JSON (numbers, booleans), else kept as a string."""
+def _params(items: list[str], types: Mapping[str, str]) -> dict[str, Any]:
+    """KEY=VALUE pairs typed by the pipeline's declared parameter types (``types``: name -> kind)."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
+        key = key.replace("-", "_")
         if not sep or not key:
             raise EditInfinityError(f"pipeline parameter {item!r} must look like KEY=VALUE")
+        if key not in types:
+            raise EditInfinityError(f"unknown pipeline parameter {key!r}; known: {', '.join(sorted(types))}")
+        kind = types[key].upper()
         try:
-            out[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.replace("-", "_")] = value
+            if "INT" in kind:
+                out[key] = int(value)
+            elif "DOUBLE" in kind or "FLOAT" in kind:
+                out[key] = float(value)
+            elif "BOOL" in kind:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                out[key] = value.lower() in ("true", "1")
+            else:
+                out[key] = value
+        except ValueError:
+            raise EditInfinityError(f"pipeline parameter {key!r} must be {types[key]}, got {value!r}") from None
     return out
+
+
+def _package_parameter_types(package: str | os.PathLike) -> dict[str, str]:
+    import yaml
+
+    path = Path(package)
+    if not path.is_file():
+        raise EditInfinityError(f"pipeline package {path} does not exist; run `editinfinity pipeline compile`")
+    spec = next(yaml.safe_load_all(path.read_text()))
+    params = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
+    return {name: p.get("parameterType", "STRING") for name, p in params.items()}
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
@@ -509,14 +533,17 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _cmd_run_local(args: argparse.Namespace) -> int:
-    run = run_local(args.pipeline, pipeline_root=args.pipeline_root, fused=args.fused, **_params(args.param))
+    graph = build_pipeline(args.pipeline, None, fused=args.fused)
+    types = {name: spec.type for name, spec in graph.component_spec.inputs.items()}
+    run = run_local(args.pipeline, pipeline_root=args.pipeline_root, fused=args.fused, **_params(args.param, types))
     print(json.dumps({"pipeline_root": str(run.pipeline_root), "run_dir": str(run.run_dir or ""),
                       "output": run.output}, indent=2, sort_keys=True))
     return 0
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    run_id = submit(args.host, args.experiment, args.package, _params(args.param), namespace=args.namespace,
+    params = _params(args.param, _package_parameter_types(args.package))
+    run_id = submit(args.host, args.experiment, args.package, params, namespace=args.namespace,
                     token_env=args.token_env, run_name=args.run_name, service_account=args.service_account)
     print(run_id)
     return 0

@@ -174,7 +174,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 @dataclass
 class Budget:
-    """When to stop: after ``steps`` optimizer updates and/or ``minutes`` of training time (both optional).
+    """When to stop: after ``steps`` optimizer updates (0: no count limit) and/or ``minutes`` of training time
+    (0: no time limit); at least one must be set.
 
     With a time limit the total step count is fixed once, from the speed measured over ``calibration_steps``
     steps after ``skip_steps`` warm-up steps (kernel autotuning), so that the cosine schedule ends where the
@@ -182,24 +183,26 @@ class Budget:
     """
 
     steps: int = 0
-    minutes: float | None = None
+    minutes: float = 0.0
     skip_steps: int = 5
     calibration_steps: int = 20
     margin: float = 0.97
     _t0: float | None = None
 
-    def fixed_total(self) -> int | None:
-        """The total when no speed measurement is needed (a step-only budget)."""
-        if self.minutes is None:
-            if self.steps <= 0:
-                raise InvalidCaseError("a training run needs `steps` > 0 or `minutes`")
-            return self.steps
-        return None
+    def __post_init__(self) -> None:
+        if self.steps <= 0 and not self.minutes:
+            raise InvalidCaseError("a training run needs `steps` > 0 or `minutes` > 0")
+
+    @property
+    def timed(self) -> bool:
+        return bool(self.minutes) and self.minutes > 0
+
+    def initial_total(self) -> int | None:
+        """The schedule's length before any measurement: ``steps`` when set, else unknown."""
+        return self.steps if self.steps > 0 else None
 
     def observe(self, step: int, done_in_run: int, elapsed: float, device: torch.device) -> int | None:
-        """Call after every step until it returns the total (then it is fixed); ``None`` while measuring."""
-        if self.minutes is None:
-            return self.fixed_total()
+        """Call after every step of a timed run until it returns the total; ``None`` while measuring."""
         if done_in_run == self.skip_steps:
             synchronize(device)
             self._t0 = time.perf_counter()
@@ -213,8 +216,12 @@ class Budget:
             return max(total, step + 1)
         return None
 
-    def out_of_time(self, elapsed: float) -> bool:
-        return self.minutes is not None and elapsed >= self.minutes * 60
+    def done(self, step: int, total: int | None, elapsed: float) -> bool:
+        if self.steps > 0 and step >= self.steps:
+            return True
+        if total is not None and step >= total:
+            return True
+        return self.timed and elapsed >= self.minutes * 60
 
 
 def synchronize(device: torch.device) -> None:
@@ -236,6 +243,7 @@ class TrainState:
     elapsed: float = 0.0  # training seconds over every run of this training (resumes add up)
     history: list[dict[str, float]] = field(default_factory=list)
     finished: bool = False
+    calibrated: bool = False  # the total of a timed run has been fixed from the measured speed
 
 
 def _tensor_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -262,6 +270,7 @@ def save_checkpoint(run_dir: Path, modules: Mapping[str, torch.nn.Module], optim
         "total_steps": -1 if state.total_steps is None else int(state.total_steps),
         "elapsed": float(state.elapsed),
         "finished": bool(state.finished),
+        "calibrated": bool(state.calibrated),
         "generators": {k: g.get_state() for k, g in generators.items()},
         "torch_rng": torch.get_rng_state(),
     }
@@ -314,7 +323,8 @@ def load_checkpoint(ckpt: Path, modules: Mapping[str, torch.nn.Module], optimize
     total = int(payload["total_steps"])
     return TrainState(step=int(payload["step"]), total_steps=None if total < 0 else total,
                       elapsed=float(payload["elapsed"]), history=list(meta.get("history", [])),
-                      finished=bool(payload.get("finished", False)))
+                      finished=bool(payload.get("finished", False)),
+                      calibrated=bool(payload.get("calibrated", False)))
 
 
 def adamw(param_groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], weight_decay: float,
@@ -416,13 +426,13 @@ def run_steps(name: str, run_dir: Path, state: TrainState, budget: Budget, *,
     last_ckpt = time.perf_counter()
     last: dict[str, float] = {}
     if state.total_steps is None:
-        state.total_steps = budget.fixed_total()
+        state.total_steps = budget.initial_total()
     bar = tqdm(total=state.total_steps, initial=state.step, desc=name, disable=not progress, mininterval=5)
     lr = lr_fn(state.step, state.total_steps)
     try:
         while True:
             state.elapsed = elapsed0 + time.perf_counter() - run_start
-            if (state.total_steps is not None and state.step >= state.total_steps) or budget.out_of_time(state.elapsed):
+            if budget.done(state.step, state.total_steps, state.elapsed):
                 state.finished = True
                 break
             if stop_at is not None and state.step >= stop_at:
@@ -433,11 +443,12 @@ def run_steps(name: str, run_dir: Path, state: TrainState, budget: Budget, *,
             state.step += 1
             bar.update(1)
             plog.add(values, samples_per_step)
-            if state.total_steps is None:
-                state.total_steps = budget.observe(state.step, state.step - first,
-                                                   elapsed0 + time.perf_counter() - run_start, device)
-                if state.total_steps is not None:
-                    bar.total = state.total_steps
+            if budget.timed and not state.calibrated:
+                total = budget.observe(state.step, state.step - first, elapsed0 + time.perf_counter() - run_start,
+                                       device)
+                if total is not None:
+                    state.total_steps, state.calibrated = total, True
+                    bar.total = total
                     log.info("%s: %d steps fit the %.1f min budget", name, state.total_steps, budget.minutes)
             if plog.due():
                 last = plog.report(state.step, state.total_steps, elapsed0 + time.perf_counter() - run_start, lr)

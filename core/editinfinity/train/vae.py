@@ -55,7 +55,7 @@ class VAEConfig:
     commit_weight: float = 0.25
     noise_max: float = 3.0  # pixel noise std of each training picture ~ U(0, noise_max), 0-255 units
     steps: int = 0  # 0: only the time budget limits the run
-    minutes: float | None = 3.0
+    minutes: float = 3.0  # 0: only the step count limits the run
     seed: int = 0
     workers: int = 8  # scene-sampling processes (0: sample in the training process)
     checkpoint_minutes: float = 1.0
