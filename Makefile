@@ -31,12 +31,15 @@ lint: install
 demo: install-base
 	$(VENV)/bin/editinfinity demo --out demo_output
 
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE_REPO ?= ghcr.io/editinfinity/editinfinity
+
 compile: install
-	$(VENV)/bin/editinfinity pipeline compile --out build/pipelines
+	$(PY) -m pipelines.compile --all --out build/pipelines
 
 images:
-	docker build -f images/cuda.Dockerfile -t editinfinity:cuda .
-	docker build -f images/cpu.Dockerfile -t editinfinity:cpu .
+	docker build -f images/cuda.Dockerfile -t $(IMAGE_REPO):$(VERSION)-cuda .
+	docker build -f images/cpu.Dockerfile -t $(IMAGE_REPO):$(VERSION)-cpu .
 
 bench: install-base
 	$(PY) bench/edit.py --preset tiny --device cpu --out bench/results/edit_tiny_cpu.json

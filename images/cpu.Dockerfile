@@ -14,6 +14,9 @@ FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY core ./core
+# Packaged too once pyproject maps them (the KFP definitions; components run from the compiled YAML).
+COPY components ./components
+COPY pipelines ./pipelines
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE}

@@ -4,8 +4,9 @@ Each case runs the ``edit`` pipeline as a nested graph (same stages, same mode b
 publishes to ``<output_uri>/<case id>``; the per-case results are ``dsl.Collected`` into ``batch_summary``.
 """
 
-from components import batch_summary, read_manifest
 from kfp import dsl
+
+from components import batch_summary, read_manifest
 
 from .edit import make_edit_pipeline
 from .profiles import Profile, cpu_task

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
             names = [None, *sorted(load_profiles(args.profiles))]
         for profile in names:
             for pipeline in kfp_cli.PIPELINES:
-                for fused in (False,) if args.no_fused else (False, True):
+                fusable = pipeline in kfp_cli.FUSED_PIPELINES and not args.no_fused
+                for fused in (False, True) if fusable else (False,):
                     print(kfp_cli.compile_pipeline(pipeline, profile, args.out, fused=fused,
                                                    profiles_files=args.profiles))
     except EditInfinityError as exc:

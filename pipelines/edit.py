@@ -5,10 +5,11 @@ The three modes are ``dsl.If``/``Elif``/``Else`` branches: auto (attention -> ma
 Pipelines are built by a factory because the scheduling profile is chosen at compile time.
 """
 
-from components import attention as attention_op
-from components import fused_edit, generate, mask, prepare, summarize, train_lora, tune_prompt
 from kfp import dsl
 from kfp.dsl import PipelineTask
+
+from components import attention as attention_op
+from components import fused_edit, generate, mask, prepare, summarize, train_lora, tune_prompt
 
 from .profiles import Profile, cpu_task, gpu_task
 

@@ -45,7 +45,7 @@ def _parse_tolerance(text: str) -> Tolerance:
     raise ValueError(f"unrecognised tolerance {t!r} in the parity README")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tolerances(parity_dir: str) -> dict[str, dict[str, Tolerance]]:
     """{file: {tensor: Tolerance}} parsed from the README tables."""
     out: dict[str, dict[str, Tolerance]] = {}
@@ -59,7 +59,7 @@ def tolerances(parity_dir: str) -> dict[str, dict[str, Tolerance]]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def manifest(parity_dir: str) -> dict:
     return json.loads((Path(parity_dir) / "manifest.json").read_text())
 

@@ -10,6 +10,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageFile
+
 from editinfinity.edit.case import (
     CaseSpec,
     align_mask,
@@ -23,7 +25,6 @@ from editinfinity.edit.case import (
 from editinfinity.edit.mask import cell_fractions_from_pixels
 from editinfinity.errors import InvalidCaseError
 from editinfinity.models import schedules
-from PIL import Image, ImageFile
 
 
 def _rand_rgb(h: int, w: int, seed: int = 0) -> Image.Image:

@@ -7,7 +7,6 @@ The same wiring with stubbed stages runs fast in ``tests/test_pipeline_local.py`
 """
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,6 @@ from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics, Model
 from editinfinity import kfp_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import components  # noqa: E402
 

@@ -7,6 +7,9 @@ import logging
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file
+
 from editinfinity.edit.case import load_user_mask, read_mask
 from editinfinity.edit.mask import (
     attention_threshold_value,
@@ -19,8 +22,6 @@ from editinfinity.edit.mask import (
     weights_from_pixel_mask,
 )
 from editinfinity.errors import InvalidCaseError
-from PIL import Image
-from safetensors.torch import load_file
 
 # The reference's mask files mark the edit region in black (README "Other files": masks/*.png, black = edit).
 REFERENCE_POLARITY = "black-edit"

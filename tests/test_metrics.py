@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from editinfinity.metrics import background_metrics, mse, psnr, ssim, ssim_map, zero_edited
 from PIL import Image
+
+from editinfinity.metrics import background_metrics, mse, psnr, ssim, ssim_map, zero_edited
 
 C1, C2 = 0.01 ** 2, 0.03 ** 2  # (K1 L)^2, (K2 L)^2 with L = 1
 

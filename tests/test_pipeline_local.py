@@ -13,7 +13,6 @@ The stubs are injected only into the component subprocesses, by a ``sitecustomiz
 import json
 import os
 import re
-import sys
 import textwrap
 from pathlib import Path
 
@@ -23,8 +22,6 @@ from editinfinity import kfp_cli
 from editinfinity.kfp_cli import PipelineRunError
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 SITECUSTOMIZE = '''
 import importlib.abc, importlib.util, os, sys

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from editinfinity.models.bsq_vae import BSQVAE, group_norm_groups
 from editinfinity.models.quantizer import (
     area_resize,

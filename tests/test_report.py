@@ -9,8 +9,9 @@ import re
 import numpy as np
 import pytest
 import torch
-from editinfinity import report
 from PIL import Image
+
+from editinfinity import report
 
 
 def _img(w: int = 64, h: int = 48, colour=(30, 120, 200)) -> Image.Image:

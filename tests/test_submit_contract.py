@@ -7,7 +7,7 @@ accepts and schedules the spec; only a run on a cluster shows that. The fake lis
 """
 
 import json
-import sys
+import re
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,8 +22,6 @@ from editinfinity.errors import EditInfinityError
 pytestmark = pytest.mark.filterwarnings("ignore:This client only works with Kubeflow Pipeline:FutureWarning")
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 CREATED = "2026-01-01T00:00:00Z"
 
@@ -201,3 +199,20 @@ def test_cli_submit_rejects_bad_parameters_before_any_request(package, capsys, p
         code = main(["pipeline", "submit", str(package), "--host", fake.url, "-p", param])
     assert code == 2 and message in capsys.readouterr().err
     assert fake.requests == []
+
+
+def test_submit_errors_name_the_host(package):
+    from editinfinity.kfp_cli import SubmitError
+
+    with FakeKFP() as fake:
+        url = fake.url
+    with pytest.raises(SubmitError, match=re.escape(f"cannot reach the KFP endpoint {url}")):
+        kfp_cli.submit(url, "x", package, {}, namespace="ns")  # the fake is gone: connection refused
+
+
+def test_submit_reports_an_http_error(package):
+    from editinfinity.kfp_cli import SubmitError
+
+    with FakeKFP() as fake:
+        with pytest.raises(SubmitError, match=r"answered 404"):
+            kfp_cli.submit(fake.url + "/nowhere", "x", package, {}, namespace="ns")

@@ -17,6 +17,7 @@ import shutil
 
 import pytest
 import torch
+
 from editinfinity.errors import CheckpointError, InvalidCaseError
 from editinfinity.models.text import (
     STYLE_SUFFIX,

@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file
+
 from editinfinity.errors import CheckpointError
 from editinfinity.models.bsq_vae import BSQVAE, load_vae_state_dict
 from editinfinity.models.quantizer import (
@@ -32,8 +35,6 @@ from editinfinity.models.quantizer import (
     scale_codes_on_grid,
 )
 from editinfinity.models.schedules import normalize_schedule, scale_offsets
-from PIL import Image
-from safetensors.torch import load_file
 
 pytestmark = pytest.mark.parity
 

@@ -44,11 +44,22 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
                    help="reference reproduces the published code path (q/v biases off, 9 + 49 updates, batch 2)")
 
 
+def _add_speed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpointing", default=None, metavar="auto|none|all|N",
+                   help="activation checkpointing of the training blocks: auto (default: as many as keep the GPU "
+                        "peak near 36 GiB), none, all, or the number of blocks")
+    p.add_argument("--low-memory", action="store_true",
+                   help="smallest GPU footprint: checkpoint every block, move T5 off the GPU after prepare, release "
+                        "cached memory between stages (slower)")
+
+
 def _settings(args):
     from .edit.settings import EditSettings
 
     return EditSettings.from_profile(args.profile, seed=args.seed, prompt_iters=args.prompt_iters,
-                                     lora_iters=args.lora_iters, threshold=args.threshold)
+                                     lora_iters=args.lora_iters, threshold=args.threshold,
+                                     checkpointing=getattr(args, "checkpointing", None),
+                                     low_memory=True if getattr(args, "low_memory", False) else None)
 
 
 def _mode(args) -> str:
@@ -85,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     _add_model_args(p)
     _add_settings_args(p)
+    _add_speed_args(p)
 
     p = sub.add_parser("demo", help="edit a bundled example with the default preset and write the report")
     p.add_argument("--out", default="demo_output")
@@ -191,6 +203,8 @@ def _output_dir(out: str, overwrite: bool):
 
 
 def _run(args) -> int:
+    if hasattr(args, "handler"):  # pipeline / training / benchmark commands (they need not import torch)
+        return int(args.handler(args) or 0)
     from .edit import stages
 
     progress = not args.quiet
@@ -246,8 +260,6 @@ def _run(args) -> int:
         print(stages.make_mask(args.case_dir, args.out, attention_dir=args.attention_dir, threshold=args.threshold,
                                overwrite=args.overwrite))
         return 0
-    if hasattr(args, "handler"):
-        return int(args.handler(args) or 0)
     raise InvalidCaseError(f"unknown command {args.command!r}")
 
 

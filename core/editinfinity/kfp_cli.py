@@ -31,21 +31,31 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import EditInfinityError, InvalidCaseError
+
+if TYPE_CHECKING:
+    from .edit.settings import EditSettings
+    from .models.bundle import ModelBundle
 
 if importlib.util.find_spec("kfp") is None:  # the CLI then simply has no `pipeline` command
     raise ImportError("kfp is not installed: pip install 'editinfinity[pipeline]'")
 
 log = logging.getLogger(__name__)
 
-PIPELINES = ("edit", "batch")
+PIPELINES = ("edit", "batch", "piebench")
+#: Pipelines that also come in a ``fused`` variant (every GPU stage in one pod).
+FUSED_PIPELINES = ("edit", "batch")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class PipelineRunError(EditInfinityError):
     """A local pipeline run failed; the message names the failing task (its log is above)."""
+
+
+class SubmitError(EditInfinityError):
+    """The KFP endpoint could not be reached or refused the request; the message names the host and the reply."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -77,10 +87,15 @@ def build_pipeline(pipeline: str = "edit", profile: str | None = None, *, fused:
     """The pipeline object (a kfp ``GraphComponent``) for ``profile`` (None: no Kubernetes settings)."""
     if pipeline not in PIPELINES:
         raise EditInfinityError(f"unknown pipeline {pipeline!r}; choose one of {', '.join(PIPELINES)}")
+    if fused and pipeline not in FUSED_PIPELINES:
+        raise EditInfinityError(f"the {pipeline} pipeline has no fused variant (its edit step already runs every "
+                                "stage in one pod); drop --fused")
     p = _import_pipelines()
     prof = p.get_profile(profile, profiles_files) if profile else None
     if pipeline == "edit":
         return p.make_edit_pipeline(prof, fused=fused)
+    if pipeline == "piebench":
+        return p.make_piebench_pipeline(prof, parallelism=parallelism)
     return p.make_batch_pipeline(prof, fused=fused, parallelism=parallelism)
 
 
@@ -169,13 +184,23 @@ def submit(host: str, experiment: str, package_path: str | os.PathLike, params: 
                                     "(or drop --token-env for an endpoint without authentication)")
     if not Path(package_path).is_file():
         raise EditInfinityError(f"pipeline package {package_path} does not exist; run `editinfinity pipeline compile`")
+    import kfp_server_api
+    import urllib3
+
     client_kwargs: dict[str, Any] = {"host": host, "existing_token": token}
     if namespace:
         client_kwargs["namespace"] = namespace
-    client = kfp.Client(**client_kwargs)
-    result = client.create_run_from_pipeline_package(
-        str(package_path), arguments=dict(params or {}), run_name=run_name, experiment_name=experiment,
-        namespace=namespace, enable_caching=enable_caching, service_account=service_account)
+    try:
+        client = kfp.Client(**client_kwargs)
+        result = client.create_run_from_pipeline_package(
+            str(package_path), arguments=dict(params or {}), run_name=run_name, experiment_name=experiment,
+            namespace=namespace, enable_caching=enable_caching, service_account=service_account)
+    except kfp_server_api.ApiException as exc:
+        hint = " (check the token and --namespace)" if exc.status in (401, 403) else ""
+        raise SubmitError(f"KFP endpoint {host} answered {exc.status} {exc.reason}{hint}: {exc.body}") from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise SubmitError(f"cannot reach the KFP endpoint {host}: {exc.__class__.__name__}; check --host "
+                          "(e.g. https://kubeflow.example.com/pipeline) and the network") from None
     log.info("submitted run %s to %s (experiment %s)", result.run_id, host, experiment)
     return result.run_id
 
@@ -186,8 +211,6 @@ def submit(host: str, experiment: str, package_path: str | os.PathLike, params: 
 
 STAGE_FILE = "stage.json"
 SKIPPED_FILE = "skipped.json"
-#: run_edit's stage folder names (OUT/stages/<name>), in pipeline order.
-STAGE_DIRS = ("case", "prompt", "lora", "attention", "mask", "generate")
 
 
 def _has_scheme(uri: str) -> bool:
@@ -218,14 +241,14 @@ def resolve_weights(weights: str) -> str | None:
     return weights
 
 
-def load_models(preset: str, weights: str):
+def load_models(preset: str, weights: str) -> ModelBundle:
     """Load the model bundle once for this pod (preset "" means the default preset)."""
     from .models.bundle import load_models as _load
 
     return _load(preset or None, weights=resolve_weights(weights))
 
 
-def edit_settings(*, prompt_iters: int, lora_iters: int, seed: int, threshold: float):
+def edit_settings(*, prompt_iters: int, lora_iters: int, seed: int, threshold: float) -> EditSettings:
     """The method's settings (default profile) with the pipeline's overrides."""
     from .edit.settings import EditSettings
 
@@ -526,8 +549,8 @@ def _package_parameter_types(package: str | os.PathLike) -> dict[str, str]:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    path = compile_pipeline(args.pipeline, args.profile, args.out, fused=args.fused, profiles_files=args.profiles,
-                            parallelism=args.parallelism)
+    path = compile_pipeline(args.pipeline_option or args.pipeline, args.profile, args.out, fused=args.fused,
+                            profiles_files=args.profiles, parallelism=args.parallelism)
     print(path)
     return 0
 
@@ -556,6 +579,8 @@ def add_pipeline_parser(sub: argparse._SubParsersAction) -> None:
 
     c = cmds.add_parser("compile", help="compile a pipeline to KFP YAML for a scheduling profile")
     c.add_argument("pipeline", nargs="?", default="edit", choices=PIPELINES)
+    c.add_argument("--pipeline", dest="pipeline_option", default=None, choices=PIPELINES,
+                   help="the same as the positional PIPELINE (e.g. --pipeline piebench)")
     c.add_argument("--profile", default=None, help="profile from pipelines/profiles.yaml (gke-a100, gke-l4, "
                                                    "eks-p4d, on-prem, ...); none: no Kubernetes settings")
     c.add_argument("--profiles", action="append", default=None, metavar="FILE", help="extra profiles YAML")

@@ -108,8 +108,9 @@ def generate(case_dir, prompt_dir, lora_dir, out_dir, *, mask_dir=None, seed: in
     result = generate_edit(models, case, rows, adapter, weights, settings, adapter_settings)
     with stage_output(out_dir, "generate", run_id=case.run_id, overwrite=overwrite,
                       settings=settings.to_dict()) as (tmp, record):
-        result.edited.save(tmp / "edited.png")
-        result.reconstruction.save(tmp / "reconstruction.png")
+        # Fast zlib level: the same pixels, a slightly larger file, a fraction of the encoding time at 1M.
+        result.edited.save(tmp / "edited.png", compress_level=1)
+        result.reconstruction.save(tmp / "reconstruction.png", compress_level=1)
         save_file({"edited_codes": result.edited_codes.contiguous()}, str(tmp / "edited_codes.safetensors"))
         record["mode"] = case.spec.mode
     return Path(out_dir)

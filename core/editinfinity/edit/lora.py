@@ -19,11 +19,21 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, StageError
 from ..models.bundle import ModelBundle
+from ..models.infinity import TextConditionCache
+from ..models.text import TextFeatures
 from .artifacts import read_stage, stage_output
 from .prepare import CaseData, load_case
 from .prompt_tuning import load_embedding
 from .settings import EditSettings
-from .training import make_generator, optimize, styled_text, teacher_forcing_inputs, training_mode
+from .training import (
+    make_generator,
+    on_device,
+    optimize,
+    stage_checkpoint_blocks,
+    styled_text,
+    teacher_forcing_inputs,
+    training_mode,
+)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -49,18 +59,42 @@ def remove_lora(model: torch.nn.Module) -> None:
 
 
 @contextlib.contextmanager
+def _float32_targets(model: torch.nn.Module, targets: list[str]):
+    """peft initialises new adapters in float32, then moves them to the base layer's dtype: on a bf16 frozen base
+    that would round the seeded initialisation. While injecting, the target layers show float32 placeholder weights
+    (same device) so the adapters are created exactly as on a float32 base; the real weights come back after."""
+    swapped = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.rpartition(".")[2] in targets and m.weight.dtype != torch.float32:
+            swapped.append((m, m.weight.data))
+            m.weight.data = torch.empty(0, dtype=torch.float32, device=m.weight.device)
+    try:
+        yield
+    finally:
+        for m, weight in swapped:
+            m.weight.data = weight
+
+
+@contextlib.contextmanager
 def lora_adapter(model: torch.nn.Module, config: LoraConfig, state: dict | None = None, *, seed: int = 0):
     """Inject a LoRA adapter (fresh, seeded init; or ``state`` loaded strictly) for the block's duration.
 
-    Adapter parameters are float32 whatever the base weights' dtype (the optimizer updates them in float32).
+    Adapter parameters are float32 whatever the base weights' dtype (the optimizer updates them in float32), and
+    a fresh adapter's initial values do not depend on that dtype. The adapter's input is not cast to float32
+    (peft's default): under bf16 autocast its matmuls run in bf16 anyway, and the cast only cost a float32 copy
+    of the FFN activations.
     """
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+        with _float32_targets(model, sorted(config.target_modules)):
+            inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     try:
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.data = p.data.float()
+        for module in model.modules():
+            if isinstance(module, LoraLayer) and hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
         if state is not None:
             expected = set(get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME))
             got = set(state)
@@ -83,13 +117,21 @@ def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return params
 
 
+def lora_text(models: ModelBundle, case: CaseData, rows: torch.Tensor, settings: EditSettings) -> TextFeatures:
+    """The LoRA stage's text batch: the styled source prompt with the learned rows, ``lora_batch`` times."""
+    return styled_text(case, "source_styled", rows, models.device).repeat(settings.lora_batch)
+
+
 def lora_loss(models: ModelBundle, case: CaseData, rows: torch.Tensor, settings: EditSettings,
-              generator: torch.Generator) -> torch.Tensor:
-    """The stage-C objective: reweighted bitwise CE + kl_weight x summed bit CE, over ``lora_batch`` noisy copies."""
+              generator: torch.Generator, text_cache: TextConditionCache | None = None) -> torch.Tensor:
+    """The stage-C objective: reweighted bitwise CE + kl_weight x summed bit CE, over ``lora_batch`` noisy copies.
+
+    ``text_cache`` (a :class:`TextConditionCache` of :func:`lora_text`) skips the frozen text path; same result.
+    """
     gt_bits, x_in = teacher_forcing_inputs(models, case, settings, generator, batch=settings.lora_batch)
-    text = styled_text(case, "source_styled", rows, models.device).repeat(settings.lora_batch)
+    text = text_cache.text if text_cache is not None else lora_text(models, case, rows, settings)
     with models.autocast():
-        logits = models.transformer(text, x_in, case.schedule, generator=generator)
+        logits = models.transformer(text, x_in, case.schedule, generator=generator, text_cache=text_cache)
     logits = logits.float()
     loss = models.transformer.bit_loss(logits, gt_bits, case.schedule)
     if settings.kl_weight:
@@ -98,15 +140,24 @@ def lora_loss(models: ModelBundle, case: CaseData, rows: torch.Tensor, settings:
 
 
 def train_lora_adapter(models: ModelBundle, case: CaseData, rows: torch.Tensor, settings: EditSettings | None = None,
-                       progress: bool = True) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """Train the adapter for ``settings.lora_iters`` updates; returns (peft state dict on CPU, losses)."""
+                       progress: bool = True, info: dict | None = None) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Train the adapter for ``settings.lora_iters`` updates; returns (peft state dict on CPU, losses).
+
+    The text path runs once (:class:`TextConditionCache`). ``info``, when given, receives ``checkpoint_blocks``.
+    """
     settings = settings or EditSettings()
     gen = make_generator(models.device, settings.seed)
+    case = on_device(case, models.device, ["source_styled"])
+    rows = rows.to(models.device)
+    n_ckpt = stage_checkpoint_blocks(models, case, settings, batch=settings.lora_batch)
+    if info is not None:
+        info["checkpoint_blocks"] = n_ckpt
     with lora_adapter(models.transformer, lora_config(settings), seed=settings.seed) as model:
         params = lora_parameters(model)
-        with training_mode(model, settings):
-            losses = optimize(params, lambda _: lora_loss(models, case, rows, settings, gen), settings.lora_iters,
-                              settings, "LoRA", progress)
+        cache = TextConditionCache(model, lora_text(models, case, rows, settings))
+        with training_mode(model, settings, checkpoint_blocks=n_ckpt):
+            losses = optimize(params, lambda _: lora_loss(models, case, rows, settings, gen, cache),
+                              settings.lora_iters, settings, "LoRA", progress)
         state = {k: v.detach().float().cpu().contiguous()
                  for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
     return state, losses
@@ -164,9 +215,11 @@ def train_lora(case_dir, prompt_dir, out_dir, *, iters: int = 50, seed: int = 0,
     models = models or load_models(case.preset)
     settings = settings or EditSettings()
     settings.lora_iters, settings.seed = iters, seed
-    state, losses = train_lora_adapter(models, case, rows, settings, progress)
+    info: dict = {}
+    state, losses = train_lora_adapter(models, case, rows, settings, progress, info=info)
     with stage_output(out_dir, "train_lora", run_id=case.run_id, overwrite=overwrite,
                       settings=settings.to_dict()) as (tmp, record):
         save_adapter(state, tmp, settings)
         record["losses"] = losses
+        record.update(info)
     return Path(out_dir)

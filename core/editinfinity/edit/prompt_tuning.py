@@ -16,7 +16,15 @@ from ..models.bundle import ModelBundle
 from .artifacts import read_stage, stage_output
 from .prepare import CaseData, load_case
 from .settings import EditSettings
-from .training import make_generator, optimize, styled_text, teacher_forcing_inputs, training_mode
+from .training import (
+    make_generator,
+    on_device,
+    optimize,
+    stage_checkpoint_blocks,
+    styled_text,
+    teacher_forcing_inputs,
+    training_mode,
+)
 
 EMBEDDING_FILE = "prompt_embedding.safetensors"
 
@@ -32,13 +40,20 @@ def prompt_tuning_loss(models: ModelBundle, case: CaseData, rows: torch.Tensor, 
 
 
 def tune_prompt_embedding(models: ModelBundle, case: CaseData, settings: EditSettings | None = None,
-                          progress: bool = True) -> tuple[torch.Tensor, list[float]]:
-    """Learn ``settings.style_rows`` rows for ``settings.prompt_iters`` optimizer updates; returns (rows, losses)."""
+                          progress: bool = True, info: dict | None = None) -> tuple[torch.Tensor, list[float]]:
+    """Learn ``settings.style_rows`` rows for ``settings.prompt_iters`` optimizer updates; returns (rows, losses).
+
+    ``info``, when given, receives ``checkpoint_blocks`` (blocks recomputed in the backward pass).
+    """
     settings = settings or EditSettings()
     channels = case.text["source_styled"].features.shape[-1]
     rows = torch.zeros(settings.style_rows, channels, device=models.device, requires_grad=True)
     gen = make_generator(models.device, settings.seed)
-    with training_mode(models.transformer, settings):
+    case = on_device(case, models.device, ["source_styled"])
+    n_ckpt = stage_checkpoint_blocks(models, case, settings)
+    if info is not None:
+        info["checkpoint_blocks"] = n_ckpt
+    with training_mode(models.transformer, settings, checkpoint_blocks=n_ckpt):
         losses = optimize([rows], lambda _: prompt_tuning_loss(models, case, rows, settings, gen),
                           settings.prompt_iters, settings, "prompt tuning", progress)
     return rows.detach().cpu(), losses
@@ -67,9 +82,11 @@ def tune_prompt(case_dir, out_dir, *, iters: int = 10, seed: int = 0, models: Mo
     models = models or load_models(case.preset)
     settings = settings or EditSettings()
     settings.prompt_iters, settings.seed = iters, seed
-    rows, losses = tune_prompt_embedding(models, case, settings, progress)
+    info: dict = {}
+    rows, losses = tune_prompt_embedding(models, case, settings, progress, info=info)
     with stage_output(out_dir, "tune_prompt", run_id=case.run_id, overwrite=overwrite,
                       settings=settings.to_dict()) as (tmp, record):
         save_embedding(rows, tmp / EMBEDDING_FILE, settings)
         record["losses"] = losses
+        record.update(info)
     return Path(out_dir)

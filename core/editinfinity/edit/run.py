@@ -4,6 +4,10 @@
 per-stage commands) and the user-facing outputs at the top of ``OUT``: ``edited.png``, ``reconstruction.png``,
 ``mask.png``/``weights.png`` (modes with a mask), ``attention.png`` (mode auto), ``report.html`` and ``summary.json``.
 ``OUT`` appears only once everything is written.
+
+With ``settings.low_memory`` the T5 encoder leaves the GPU after prepare (and comes back for the next edit's
+prepare), every training block is checkpointed and cached GPU memory is released between stages; those moves are
+timed with the stage they follow.
 """
 
 from __future__ import annotations
@@ -120,15 +124,29 @@ def run_edit(out_dir, *, image, prompt: str, edit_prompt: str, mode: str = "auto
     try:
         st = tmp / "stages"
 
+        cuda = models.device.type == "cuda"
+        memory: dict[str, float] = {}
+
         def timed(name, fn, *args, **kwargs):
             start = time.perf_counter()
             result = fn(*args, **kwargs)
-            if models.device.type == "cuda":
+            if settings.low_memory:
+                models.release_cached_memory()
+            if cuda:
                 torch.cuda.synchronize()
+                memory[name] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             timings[name] = round(time.perf_counter() - start, 4)
             return result
 
-        case_dir = timed("prepare", prepare, st / "case", image=image, prompt=prompt, edit_prompt=edit_prompt,
+        def prepare_stage(*args, **kwargs):
+            if settings.low_memory:
+                models.onload_text_encoder()
+            result = prepare(*args, **kwargs)
+            if settings.low_memory:
+                models.offload_text_encoder()
+            return result
+
+        case_dir = timed("prepare", prepare_stage, st / "case", image=image, prompt=prompt, edit_prompt=edit_prompt,
                          mode=mode, target_word=target_word, mask=mask, mask_polarity=mask_polarity,
                          resolution=resolution or _default_resolution(models), models=models, settings=settings)
         prompt_dir = timed("tune_prompt", tune_prompt, case_dir, st / "prompt", iters=settings.prompt_iters,
@@ -144,11 +162,16 @@ def run_edit(out_dir, *, image, prompt: str, edit_prompt: str, mode: str = "auto
         generate_dir = timed("generate", generate, case_dir, prompt_dir, lora_dir, st / "generate",
                              mask_dir=mask_dir, seed=settings.seed, models=models, settings=settings)
         timings["total"] = round(sum(v for k, v in timings.items() if k != "load_models"), 4)
-        if models.device.type == "cuda":
+        if cuda:
             timings["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        models_info = {"preset": models.preset, "source": models.source, "device": str(models.device),
+                       "frozen_dtype": str(models.frozen_dtype).removeprefix("torch.")}
+        extra = {"models": models_info}
+        if cuda:
+            # Running maximum of allocated GPU memory after each stage: the stage where it rises set the peak.
+            extra["peak_gpu_memory_gb_after_stage"] = memory
         summarize(tmp, case_dir=case_dir, generate_dir=generate_dir, mask_dir=mask_dir,
-                  attention_dir=attention_dir, timings=timings, settings=settings,
-                  extra={"models": {"preset": models.preset, "source": models.source, "device": str(models.device)}})
+                  attention_dir=attention_dir, timings=timings, settings=settings, extra=extra)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -3,6 +3,11 @@
 ``default``: correct, single GPU, fast — iteration counts are optimizer updates (10 prompt-tuning, 50 LoRA).
 ``reference``: reproduces the published code path where it differs (METHOD.md §10): q/v biases ignored, 9 + 49
 updates, LoRA effective batch 2. Condition dropout and DropPath are on in both, as in the published runs (Q14).
+
+Speed/memory settings change how the training stages run, not what they compute: ``checkpointing`` (activation
+checkpointing of the transformer blocks: ``"auto"`` sizes it to the GPU memory, see
+:func:`editinfinity.edit.training.checkpoint_block_count`), ``low_memory`` (every block checkpointed, T5 offloaded
+after prepare, cached GPU memory released between stages) and ``compile`` (``torch.compile`` of the training blocks).
 """
 
 from __future__ import annotations
@@ -11,6 +16,24 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..errors import InvalidCaseError
+
+CHECKPOINTING_MODES = ("auto", "none", "all")
+
+
+def parse_checkpointing(value: str | int) -> str | int:
+    """``"auto"``, ``"none"``, ``"all"`` or a number of blocks (an int or a string of digits) -> canonical value."""
+    if isinstance(value, bool):
+        raise InvalidCaseError(f"checkpointing must be auto, none, all or a number of blocks, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise InvalidCaseError(f"checkpointing must be >= 0 blocks, got {value}")
+        return value
+    text = str(value).strip().lower()
+    if text in CHECKPOINTING_MODES:
+        return text
+    if text.isdigit():
+        return int(text)
+    raise InvalidCaseError(f"checkpointing must be auto, none, all or a number of blocks, got {value!r}")
 
 
 @dataclass
@@ -47,6 +70,11 @@ class EditSettings:
     seed: int = 0
     # q/v biases: "upstream" uses them (the weights were trained with them), "editinfinity" ignores them.
     bias_mode: str = "upstream"
+    # Speed and memory (module docstring): activation checkpointing of the training blocks, the low-memory setting
+    # and torch.compile of the training blocks (the first update then compiles, tens of seconds at 2B).
+    checkpointing: str | int = "auto"
+    low_memory: bool = False
+    compile: bool = False
     profile: str = "default"
     extra: dict = field(default_factory=dict)
 
@@ -75,6 +103,13 @@ class EditSettings:
             raise InvalidCaseError(f"bias_mode must be upstream or editinfinity, got {self.bias_mode!r}")
         if self.lora_batch < 1:
             raise InvalidCaseError("lora_batch must be >= 1")
+        self.checkpointing = parse_checkpointing(self.checkpointing)
+
+    @property
+    def effective_checkpointing(self) -> str | int:
+        """``checkpointing`` with ``low_memory`` applied: low memory turns ``"auto"`` into ``"all"``."""
+        mode = parse_checkpointing(self.checkpointing)
+        return "all" if self.low_memory and mode == "auto" else mode
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -3,41 +3,125 @@
 "N iterations" means N optimizer updates (the reference performs N − 1, METHOD.md Q10). Every random draw
 (bitwise self-correction flips, condition dropout, DropPath, LoRA dropout) comes from generators seeded by the
 stage's seed, so a stage re-run with the same inputs and seed gives the same result on the same device.
+
+Speed: the update loop makes no host synchronisation of its own (losses stay on the device until the end), the
+case's tensors are moved to the device once, and ``checkpointing`` / ``compile`` (``EditSettings``) are applied
+for the duration of a stage by :func:`training_mode`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import math
 from collections.abc import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
+from ..models import schedules
 from ..models.bundle import ModelBundle
 from ..models.quantizer import bitwise_self_correction
 from ..models.text import TextFeatures
 from .prepare import CaseData
-from .settings import EditSettings
+from .settings import EditSettings, parse_checkpointing
 
 log = logging.getLogger(__name__)
+
+#: Bytes one transformer block keeps for its backward pass, per token and per channel of width, when it is not
+#: checkpointed (training objective under bf16 autocast, batch 1). Fitted to the 2B measurement at 1M on an H200
+#: (peak 55.0 GiB with float32 weights: 8.2 GiB transformer + 4.6 GiB T5 + 4.0 GiB bf16 weight copies kept by
+#: autograd + ~0.3 GiB VAE leave ~37.9 GiB for 32 blocks of 10521 tokens x 2048 channels = 59 bytes), rounded up.
+ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 64
+#: What a checkpointed block still keeps: its float32 input.
+CHECKPOINTED_BYTES_PER_TOKEN_CHANNEL = 4
+#: Peak GPU memory that ``checkpointing="auto"`` aims at (below the 40 GB goal in either unit).
+AUTO_PEAK_BYTES = 36 * 2**30
+#: Left free for the loss, gradients in flight, one recomputed block and allocator slack.
+AUTO_RESERVE_BYTES = 2 * 2**30
 
 
 def make_generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
+def checkpoint_block_count(setting: str | int, *, depth: int, tokens: int, width: int, batch: int = 1,
+                           device: torch.device | str = "cpu", allocated_bytes: int | None = None,
+                           free_bytes: int | None = None, peak_bytes: int = AUTO_PEAK_BYTES) -> int:
+    """How many blocks (from the first) to checkpoint: ``"none"`` 0, ``"all"`` depth, an int as given (clamped),
+    ``"auto"`` the fewest that keep the estimated training peak under ``peak_bytes``.
+
+    Auto's estimate: each plain block keeps ``tokens * batch * width * ACTIVATION_BYTES_PER_TOKEN_CHANNEL`` bytes,
+    a checkpointed one ``... * CHECKPOINTED_BYTES_PER_TOKEN_CHANNEL``; on top of what is allocated now (weights,
+    T5, VAE: ``torch.cuda.memory_allocated`` unless given) plus ``AUTO_RESERVE_BYTES``. The budget is also capped
+    by the free device memory (``torch.cuda.mem_get_info``). On the CPU "auto" checkpoints nothing.
+    """
+    mode = parse_checkpointing(setting)
+    if mode == "none":
+        return 0
+    if mode == "all":
+        return depth
+    if isinstance(mode, int):
+        return max(0, min(mode, depth))
+    device = torch.device(device)
+    if device.type != "cuda" and allocated_bytes is None:
+        return 0
+    if allocated_bytes is None:
+        allocated_bytes = torch.cuda.memory_allocated(device)
+    if free_bytes is None and device.type == "cuda":
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    per_block = tokens * batch * width * ACTIVATION_BYTES_PER_TOKEN_CHANNEL
+    per_checkpointed = tokens * batch * width * CHECKPOINTED_BYTES_PER_TOKEN_CHANNEL
+    budget = peak_bytes - allocated_bytes - AUTO_RESERVE_BYTES
+    if free_bytes is not None:
+        budget = min(budget, free_bytes - AUTO_RESERVE_BYTES)
+    # (depth - n) * per_block + n * per_checkpointed <= budget
+    need = depth * per_block - budget
+    if need <= 0:
+        return 0
+    return max(0, min(depth, math.ceil(need / (per_block - per_checkpointed))))
+
+
+def stage_checkpoint_blocks(models: ModelBundle, case: CaseData, settings: EditSettings, batch: int = 1) -> int:
+    """:func:`checkpoint_block_count` for a training stage of ``case`` (the effective setting, low memory applied)."""
+    t = models.transformer
+    n = checkpoint_block_count(settings.effective_checkpointing, depth=len(t.blocks),
+                               tokens=schedules.num_tokens(case.schedule), width=t.config.embed_dim, batch=batch,
+                               device=models.device)
+    log.info("activation checkpointing: %d of %d blocks (setting %r)", n, len(t.blocks),
+             settings.effective_checkpointing)
+    return n
+
+
 @contextlib.contextmanager
-def training_mode(transformer: torch.nn.Module, settings: EditSettings):
-    """Train mode with the settings' condition dropout and DropPath rates; restores eval mode afterwards."""
+def training_mode(transformer: torch.nn.Module, settings: EditSettings, *, checkpoint_blocks: int = 0):
+    """Train mode with the settings' condition dropout and DropPath rates, ``checkpoint_blocks`` blocks
+    checkpointed and ``settings.compile`` applied; restores eval mode (and no checkpointing/compile) afterwards."""
     previous = (transformer.cond_drop_rate, transformer.drop_path_rate)
+    speed = hasattr(transformer, "set_activation_checkpointing")
     transformer.set_regularization(cond_drop_rate=settings.cond_drop_rate, drop_path_rate=settings.drop_path_rate)
+    if speed:
+        transformer.set_activation_checkpointing(checkpoint_blocks)
+        transformer.set_block_compile(settings.compile)
     transformer.train()
     try:
         yield
     finally:
         transformer.eval()
         transformer.set_regularization(cond_drop_rate=previous[0], drop_path_rate=previous[1])
+        if speed:
+            transformer.set_activation_checkpointing(0)
+            transformer.set_block_compile(False)
+
+
+def on_device(case: CaseData, device: torch.device, variants: Iterable[str] = ()) -> CaseData:
+    """A shallow copy of ``case`` whose raw features (and the named text variants) already live on ``device``,
+    so the per-update ``.to(device)`` calls are no-ops instead of host copies."""
+    text = dict(case.text)
+    for name in variants:
+        text[name] = text[name].to(device)
+    return dataclasses.replace(case, raw_features=case.raw_features.to(device), text=text)
 
 
 def teacher_forcing_inputs(models: ModelBundle, case: CaseData, settings: EditSettings, generator: torch.Generator,
@@ -50,14 +134,18 @@ def teacher_forcing_inputs(models: ModelBundle, case: CaseData, settings: EditSe
 
 def optimize(params: Iterable[torch.nn.Parameter], loss_fn: Callable[[int], torch.Tensor], iters: int,
              settings: EditSettings, desc: str, progress: bool = True) -> list[float]:
-    """AdamW (decoupled weight decay, constant lr) with global-norm clipping of the trained tensors only."""
+    """AdamW (decoupled weight decay, constant lr) with global-norm clipping of the trained tensors only.
+
+    Losses stay on the device and are read once at the end (per-step debug logging reads them every step).
+    """
     params = list(params)
     if iters == 0:
         return []
     fused = all(p.is_cuda for p in params)
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=settings.betas, eps=settings.eps,
                             weight_decay=settings.weight_decay, fused=fused or None)
-    losses = []
+    debug = log.isEnabledFor(logging.DEBUG)
+    losses: list[torch.Tensor] = []
     for step in tqdm(range(iters), desc=desc, disable=not progress, leave=False):
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(step)
@@ -69,9 +157,10 @@ def optimize(params: Iterable[torch.nn.Parameter], loss_fn: Callable[[int], torc
             # loss does not depend on the prompt rows this step (the reference's zero gradient); Adam skips them.
             log.debug("%s step %d: condition dropped, no gradient", desc, step)
         opt.step()
-        losses.append(float(loss.detach()))
-        log.debug("%s step %d loss %.6f", desc, step, losses[-1])
-    return losses
+        losses.append(loss.detach().to(torch.float64))
+        if debug:
+            log.debug("%s step %d loss %.6f", desc, step, float(losses[-1]))
+    return [float(v) for v in torch.stack(losses).cpu().tolist()]
 
 
 def styled_text(case: CaseData, variant: str, rows: torch.Tensor | None, device: torch.device) -> TextFeatures:

@@ -1,10 +1,16 @@
-"""Load every model of a preset once per process: VAE, transformer, T5 encoder and tokenizer."""
+"""Load every model of a preset once per process: VAE, transformer, T5 encoder and tokenizer.
+
+Storage precision (``load_models(dtype=...)``): on CUDA by default the frozen transformer's block matmul weights and
+the T5 encoder are stored in bf16 (:meth:`Infinity.cast_frozen`: identical results under the bf16 autocast the
+stages use, about half the GPU memory); the text path, norms, embeddings, head and the VAE stay float32, and
+trained tensors (prompt rows, LoRA) are float32. On the CPU everything stays float32 (parity).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,24 +35,66 @@ class ModelBundle:
     source: str
     #: "auto": bf16 autocast on GPU, float32 on CPU; "float32": float32 everywhere (slower, for checks).
     precision: str = "auto"
+    #: Storage dtype of the transformer's frozen block matmul weights (see ``load_models(dtype=...)``).
+    frozen_dtype: torch.dtype = torch.float32
+    _host_text_encoder: dict = field(default_factory=dict, repr=False)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        if self.precision == "float32" or self.device.type != "cuda":
+        if self.precision == "float32":
             return None
-        return torch.bfloat16
+        if self.device.type == "cuda":
+            return torch.bfloat16
+        # A CPU bundle with bf16 block weights (tests, small machines) needs bf16 autocast to run them.
+        return self.frozen_dtype if self.frozen_dtype != torch.float32 else None
 
     def autocast(self):
+        """The autocast context of the stages; first puts the transformer's block weights in this bundle's storage
+        dtype (float32 for ``precision="float32"``) when another bundle sharing the model changed them."""
+        self.match_frozen_dtype()
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def match_frozen_dtype(self) -> None:
+        """Cast the block weights to ``frozen_dtype`` (float32 when ``precision == "float32"``) if they differ."""
+        want = torch.float32 if self.precision == "float32" else self.frozen_dtype
+        cast = getattr(self.transformer, "cast_frozen", None)
+        if cast is not None and self.transformer.frozen_dtype != want:
+            cast(want)
+
     def offload_text_encoder(self) -> None:
-        """Free the T5 encoder's GPU memory once the prompts are encoded (low-memory setting)."""
-        if self.text_encoder is not None:
-            self.text_encoder.to("cpu")
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        """Free the T5 encoder's GPU memory once the prompts are encoded (low-memory setting).
+
+        The weights are frozen, so the first offload keeps a host copy (pinned on CUDA) and later offloads just drop
+        the GPU tensors; :meth:`onload_text_encoder` copies them back.
+        """
+        enc = self.text_encoder
+        if enc is None or self.device.type != "cuda":
+            return
+        host = self._host_text_encoder
+        for name, t in [*enc.named_parameters(), *enc.named_buffers()]:
+            if t.device.type == "cpu":
+                continue
+            copy = host.get(name)
+            if copy is None or copy.shape != t.shape or copy.dtype != t.dtype:
+                copy = host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+            t.data = copy
+        torch.cuda.empty_cache()
+
+    def onload_text_encoder(self) -> None:
+        """Put the T5 encoder back on the bundle's device (after :meth:`offload_text_encoder`)."""
+        enc = self.text_encoder
+        if enc is None:
+            return
+        for _, t in [*enc.named_parameters(), *enc.named_buffers()]:
+            if t.device != self.device:
+                t.data = t.data.to(self.device, non_blocking=True)
+
+    def release_cached_memory(self) -> None:
+        """Return cached, unused GPU blocks to the driver (between stages of the low-memory setting)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def describe(self) -> dict:
         return {"preset": self.preset, "source": self.source, "device": str(self.device),
@@ -104,12 +152,31 @@ def _directory_bundle(directory: Path) -> tuple:
     return vae, transformer, tokenizer, text_encoder
 
 
+def resolve_frozen_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None``/``"auto"``: bf16 on CUDA, float32 elsewhere; else ``"bfloat16"``/``"float32"`` or a torch dtype."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        named = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+        if dtype not in named:
+            raise ValueError(f"unknown model dtype {dtype!r}; choose auto, bfloat16 or float32")
+        return named[dtype]
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"model dtype must be bfloat16 or float32, got {dtype}")
+    return dtype
+
+
 def load_models(preset: str | None = None, *, weights: str | None = None, device: str | torch.device | None = None,
-                bias_mode: str | None = None) -> ModelBundle:
-    """Build or load the models of ``preset`` (``weights`` overrides the preset's weight source)."""
+                bias_mode: str | None = None, dtype: str | torch.dtype | None = None) -> ModelBundle:
+    """Build or load the models of ``preset`` (``weights`` overrides the preset's weight source).
+
+    ``dtype``: storage of the frozen transformer block weights and of the T5 encoder (module docstring); ``None`` or
+    ``"auto"`` = bf16 on CUDA, float32 on the CPU.
+    """
     name = preset or default_preset_name()
     spec = get_preset(name)
     dev = torch.device(device) if device is not None else default_device()
+    frozen = resolve_frozen_dtype(dtype, dev)
     source = weights if weights is not None else spec.weights
     if source is None:
         parts = _random_bundle(spec, dev)
@@ -134,6 +201,9 @@ def load_models(preset: str | None = None, *, weights: str | None = None, device
         transformer.set_bias_mode(bias_mode)
     for m in (vae, transformer, text_encoder):
         m.eval().requires_grad_(False).to(dev)
-    log.info("loaded preset %s from %s on %s", name, source_desc, dev)
+    if frozen != torch.float32:
+        transformer.cast_frozen(frozen)
+        text_encoder.to(frozen)
+    log.info("loaded preset %s from %s on %s (frozen weights %s)", name, source_desc, dev, frozen)
     return ModelBundle(vae=vae, transformer=transformer, tokenizer=tokenizer, text_encoder=text_encoder, device=dev,
-                       preset=name, source=source_desc)
+                       preset=name, source=source_desc, frozen_dtype=frozen)

@@ -8,6 +8,11 @@ sees scales <= k); generation runs scale by scale with a KV cache and classifier
 Precision: the text path, AdaLN, norms, q/k normalisation + RoPE, the head and the losses run in float32; under
 bf16 autocast (GPU) the block matmuls and attention run in bf16. Names of parameters equal the official keys
 except ``blocks.{i}`` (see :mod:`.infinity_state` for the mapping).
+
+Speed and memory (training): :meth:`Infinity.cast_frozen` stores the block matmul weights in bf16 (identical results
+under bf16 autocast, half the memory, no per-call weight casts); :meth:`Infinity.set_activation_checkpointing`
+recomputes the first N blocks in the backward pass; :meth:`Infinity.set_block_compile` runs the teacher-forced
+training blocks through ``torch.compile``; :class:`TextConditionCache` runs a frozen text path once per training run.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
@@ -56,6 +63,7 @@ __all__ = [
     "Infinity",
     "LoadReport",
     "TextCondition",
+    "TextConditionCache",
     "bit_loss",
     "chunked_block_key",
     "flat_block_key",
@@ -78,6 +86,49 @@ class TextCondition:
     memory: torch.Tensor
     mask: torch.Tensor
     attn_mask: torch.Tensor | None
+
+
+class TextConditionCache:
+    """The text path's outputs for one fixed text batch, computed once, with and without condition dropout.
+
+    During LoRA training neither the text nor the text path (``cfg_uncond``, ``text_norm``, the pools, the memory
+    MLP, ``shared_ada_lin``) changes, so :meth:`Infinity.forward` with ``text_cache=`` reuses these tensors instead
+    of re-running the text path every update. Condition dropout keeps its exact random draw; a dropped sample takes
+    the rows of the unconditional variant (``cfg_uncond[:len]``, as :meth:`Infinity.encode_text` builds them),
+    chosen on the device without a host sync. Build a new cache if the text or the text path's weights change.
+    """
+
+    def __init__(self, model: Infinity, text: TextFeatures):
+        text = text.to(model.device)
+        trainable = [n for n, p in model.text_path_parameters() if p.requires_grad]
+        if text.features.requires_grad or trainable:
+            raise ValueError("TextConditionCache needs a frozen text path and text without gradients; trainable: "
+                             f"{trainable or ['the text features']}")
+        with torch.no_grad():
+            self.kept = model.encode_text(text, allow_dropout=False)
+            self.dropped = model.encode_text(model.unconditional_text(text.lens), allow_dropout=False)
+        self.text = text
+        self.lens = list(text.lens)
+
+    def select(self, drop: torch.Tensor | None) -> TextCondition:
+        """The condition of a batch whose samples ``drop`` (B,) bool lost their text (None: nothing dropped)."""
+        if drop is None:
+            return self.kept
+        d = drop.to(self.kept.cond_BD.device)
+
+        def pick(kept: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+            return torch.where(d.view(-1, *([1] * (kept.ndim - 1))), dropped, kept)
+
+        k, u = self.kept, self.dropped
+        return TextCondition(cond_BD=pick(k.cond_BD, u.cond_BD), gss=pick(k.gss, u.gss),
+                             memory=pick(k.memory, u.memory), mask=k.mask, attn_mask=k.attn_mask)
+
+
+def _run_block(blk: CrossAttnBlock, x: torch.Tensor, gss: torch.Tensor, memory: torch.Tensor,
+               attn_mask: torch.Tensor | None, rope: torch.Tensor, segments: Sequence[int],
+               keep: torch.Tensor | None) -> torch.Tensor:
+    """One teacher-forced block without cache or probe: the unit that training checkpoints and compiles."""
+    return blk(x, gss, memory, attn_mask, rope, segments, None, keep)
 
 
 @dataclass
@@ -129,7 +180,12 @@ class Infinity(ModelMixin, ConfigMixin):
         C, D = embed_dim, embed_dim
         self.cond_drop_rate, self.drop_path_rate = float(cond_drop_rate), float(drop_path_rate)
         self.gradient_checkpointing = False
+        #: Teacher-forced blocks (from the first) recomputed in the backward pass; see set_activation_checkpointing.
+        self.checkpoint_blocks = 0
+        self._compile_blocks = False
+        self._compiled_block: Callable | None = None
         self._rope_cache: dict = {}
+        self._schedule_cache: dict = {}
 
         # 1. text conditioning
         # Drawn on the CPU (seeded CPU generator), then placed where the model is being built.
@@ -208,6 +264,62 @@ class Infinity(ModelMixin, ConfigMixin):
             self.drop_path_rate = float(drop_path_rate)
             self.register_to_config(drop_path_rate=self.drop_path_rate)
 
+    # -- speed and memory -----------------------------------------------------------------------------------------
+
+    def block_linears(self) -> list[nn.Linear]:
+        """The matmul layers inside the blocks (q/k/v, projections, cross-attention, FFN; ~98% of the weights).
+
+        A LoRA-wrapped layer counts by its base layer; the adapters' own layers are not included.
+        """
+        return [m for blk in self.blocks for name, m in blk.named_modules()
+                if isinstance(m, nn.Linear) and "lora_" not in name]
+
+    @property
+    def frozen_dtype(self) -> torch.dtype:
+        """Storage dtype of the block matmul weights (see :meth:`cast_frozen`)."""
+        return self.blocks[0].sa.mat_qkv.weight.dtype
+
+    @torch.no_grad()
+    def cast_frozen(self, dtype: torch.dtype) -> Infinity:
+        """Store the block matmul weights (and their biases) in ``dtype``; everything else stays as it is.
+
+        Those layers only run under autocast on the GPU, where ``F.linear`` casts weight and bias to the autocast
+        dtype on every call: storing them in bf16 gives identical results under bf16 autocast, halves their memory
+        and skips the per-call casts (and the cast copies autograd would keep for the backward pass). The parts that
+        run with autocast disabled (text path, AdaLN, norms, embeddings, head) keep their float32 weights, and LoRA
+        adapters are skipped. With bf16 storage the model must run under bf16 autocast (``ModelBundle.autocast``);
+        ``cast_frozen(torch.float32)`` goes back (to the bf16-rounded values). Returns ``self``.
+        """
+        for m in self.block_linears():
+            if m.weight.dtype != dtype:
+                m.to(dtype)
+        return self
+
+    def set_activation_checkpointing(self, blocks: int) -> None:
+        """Recompute the first ``blocks`` blocks in the backward pass instead of keeping their activations
+        (teacher forcing with gradients only; 0 = none, ``depth`` = every block). Random draws (condition dropout,
+        DropPath) are made before the blocks and LoRA dropout's RNG state is restored, so the recomputation equals
+        the original forward."""
+        self.checkpoint_blocks = max(0, min(int(blocks), len(self.blocks)))
+
+    def set_block_compile(self, enabled: bool) -> None:
+        """Run the teacher-forced blocks through ``torch.compile`` in train mode with gradients (training stages).
+
+        Generation (KV cache, a new shape every scale), eval-mode forwards and attention probes stay eager. The
+        blocks share one compiled graph (same code, parameters are graph inputs); the first update compiles.
+        """
+        self._compile_blocks = bool(enabled)
+        if enabled and self._compiled_block is None:
+            self._compiled_block = torch.compile(_run_block, dynamic=False, options={"fallback_random": True})
+
+    def _schedule_tensor(self, kind: str, sched, device: torch.device, build: Callable) -> torch.Tensor:
+        """A per-schedule constant (level index, loss weights) kept on ``device``: no host copy every update."""
+        key = (kind, tuple(sched), str(device))
+        found = self._schedule_cache.get(key)
+        if found is None:
+            found = self._schedule_cache[key] = build(sched).to(device)
+        return found
+
     # -- pieces -----------------------------------------------------------------------------------------------------
 
     def unconditional_text(self, lens: Sequence[int]) -> TextFeatures:
@@ -217,14 +329,27 @@ class Infinity(ModelMixin, ConfigMixin):
                              "shorten the prompt (learned rows count too)")
         return TextFeatures(torch.cat([self.cfg_uncond[:n] for n in lens], dim=0), list(lens))
 
+    def text_path_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of the text path: unconditional rows, text norm, pool, memory MLP, shared AdaLN map."""
+        return [(n, p) for n, p in self.named_parameters()
+                if n.split(".")[0] in ("cfg_uncond", "text_norm", "text_proj_for_sos", "text_proj_for_ca",
+                                       "shared_ada_lin")]
+
+    def _draw_condition_drop(self, batch: int, generator: torch.Generator | None) -> torch.Tensor | None:
+        """(B,) bool: the samples whose text is replaced by the unconditional rows (train mode, rate > 0), else None."""
+        if not (self.training and self.cond_drop_rate > 0):
+            return None
+        gen_device = generator.device if generator is not None else "cpu"
+        return torch.rand(batch, generator=generator, device=gen_device) < self.cond_drop_rate
+
     def encode_text(self, text: TextFeatures, generator: torch.Generator | None = None,
                     allow_dropout: bool = True) -> TextCondition:
         """Text path in float32: condition dropout (train mode), RMS norm, attentive pool, memory MLP, AdaLN map."""
         text = text.to(self.device)
         feats = text.features.float()
-        if allow_dropout and self.training and self.cond_drop_rate > 0:
-            gen_device = generator.device if generator is not None else "cpu"
-            drop = (torch.rand(text.batch_size, generator=generator, device=gen_device) < self.cond_drop_rate).tolist()
+        drop = self._draw_condition_drop(text.batch_size, generator) if allow_dropout else None
+        if drop is not None:
+            drop = drop.tolist()
             if any(drop):
                 uncond = self.unconditional_text(text.lens).split()
                 own = TextFeatures(feats, text.lens).split()
@@ -277,11 +402,13 @@ class Infinity(ModelMixin, ConfigMixin):
 
     def forward(self, text: TextFeatures, x_wo_prefix: torch.Tensor, schedule,
                 attention_probe: AttentionProbe | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None,
+                text_cache: TextConditionCache | None = None) -> torch.Tensor:
         """Teacher-forced logits (B, L, 2d) from the next-scale inputs ``x_wo_prefix`` (B, L-1, d).
 
         ``generator`` drives condition dropout and DropPath (train mode only). ``attention_probe`` (e.g. an
         :class:`AttentionMapCollector`) sees every block's cross-attention queries/keys of sample 0.
+        ``text_cache`` (built from this same ``text``) replaces the text path by its cached outputs.
         """
         sched = self._check_schedule(schedule)
         lengths = schedules.scale_lengths(sched)
@@ -290,23 +417,46 @@ class Infinity(ModelMixin, ConfigMixin):
         if tuple(x_wo_prefix.shape) != expected:
             raise ValueError(f"`x_wo_prefix` must be {expected} for this text batch and schedule, "
                              f"got {tuple(x_wo_prefix.shape)}")
-        cond = self.encode_text(text, generator)
+        if text_cache is None:
+            cond = self.encode_text(text, generator)
+        else:
+            if text_cache.lens != list(text.lens):
+                raise ValueError(f"`text_cache` was built for text lengths {text_cache.lens}, got {list(text.lens)}")
+            cond = text_cache.select(self._draw_condition_drop(B, generator))
         sos = cond.cond_BD.unsqueeze(1) + self.pos_start
         x = torch.cat([sos, self.embed_tokens(x_wo_prefix.to(self.device))], dim=1)
-        x = x + self.lvl_embed.weight[schedules.scale_index_per_token(sched).to(self.device)]
+        x = x + self.lvl_embed.weight[self._schedule_tensor("level", sched, self.device,
+                                                            schedules.scale_index_per_token)]
         rope = self.rope(sched)
         keep = self._drop_path_keep(B, generator)
+        grad = torch.is_grad_enabled()
+        # Checkpointing and compilation apply to training forwards only (gradients on, no probe).
+        plain = not grad or attention_probe is not None
+        run = _run_block
+        if self._compile_blocks and self.training and not plain and self._compiled_block is not None:
+            run = self._compiled_block
         for i, blk in enumerate(self.blocks):
-            args = (x, cond.gss, cond.memory, cond.attn_mask, rope, lengths, None, keep[i], attention_probe, i)
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
+            if grad and self.gradient_checkpointing:  # diffusers' switch: every block
+                args = (x, cond.gss, cond.memory, cond.attn_mask, rope, lengths, None, keep[i], attention_probe, i)
                 x = self._gradient_checkpointing_func(blk, *args)
+            elif plain:
+                x = blk(x, cond.gss, cond.memory, cond.attn_mask, rope, lengths, None, keep[i], attention_probe, i)
+            elif i < self.checkpoint_blocks:
+                x = torch.utils.checkpoint.checkpoint(run, blk, x, cond.gss, cond.memory, cond.attn_mask, rope,
+                                                      lengths, keep[i], use_reentrant=False)
             else:
-                x = blk(*args)
+                x = run(blk, x, cond.gss, cond.memory, cond.attn_mask, rope, lengths, keep[i])
         return self.logits(x, cond.cond_BD)
 
     def bit_loss(self, logits: torch.Tensor, gt_bits: torch.Tensor, schedule, reweight: bool = True) -> torch.Tensor:
-        """See :func:`bit_loss`."""
-        return bit_loss(logits, gt_bits, schedule, reweight)
+        """See :func:`bit_loss` (same values; the reweighting table stays on the device between calls)."""
+        B, L, V = logits.shape
+        sched = schedules.normalize_schedule(schedule)
+        if not reweight or tuple(gt_bits.shape) != (B, L, V // 2) or schedules.num_tokens(sched) != L:
+            return bit_loss(logits, gt_bits, schedule, reweight)  # the plain mean, or its error message
+        weights = self._schedule_tensor("loss_weights", sched, logits.device, schedules.loss_weights)
+        ce = F.cross_entropy(logits.float().view(B, L, -1, 2).permute(0, 3, 1, 2), gt_bits.long(), reduction="none")
+        return ce.mean(dim=-1).mul(weights[None]).sum(dim=-1).mean()
 
     def summed_bit_ce(self, logits: torch.Tensor, gt_bits: torch.Tensor) -> torch.Tensor:
         """See :func:`summed_bit_ce`."""

@@ -78,6 +78,12 @@ def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: 
             data[key] = {**base, **value}
         elif isinstance(base, tuple) and isinstance(value, list):
             data[key] = tuple(value)
+        elif isinstance(base, float) and not isinstance(base, bool) and isinstance(value, int | str):
+            # YAML 1.1 reads "1e-3" as a string and "3" as an int
+            try:
+                data[key] = float(value)
+            except ValueError:
+                raise InvalidCaseError(f"{source}: `{key}` must be a number, got {value!r}") from None
     out = cls(**data)
     validate = getattr(out, "validate", None)
     if callable(validate):
@@ -107,6 +113,19 @@ def config_dict(config: Any) -> dict[str, Any]:
     """JSON-able dict of a config dataclass."""
     d = dataclasses.asdict(config)
     return json.loads(json.dumps(d, default=list))
+
+
+def schedule_of(resolution: str | list) -> list[tuple[int, int, int]]:
+    """A square schedule from a pixel budget name (``"0.06M"``) or an explicit list of ``[h, w]`` grids (small
+    test runs, e.g. ``[[1, 1], [2, 2], [4, 4]]`` for 64 px pictures)."""
+    from ..models import schedules
+
+    if isinstance(resolution, str):
+        return schedules.get_schedule(1.0, resolution)
+    sched = schedules.normalize_schedule(resolution)
+    if not sched:
+        raise InvalidCaseError("an explicit resolution must list at least one [h, w] grid")
+    return sched
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Training data from the toy world: seeded scene batches (sampled in worker processes) and a batched renderer.
 
-Seeds. Training batch ``step`` of stream ``stream`` is ``toyworld.sample_scene`` drawn ``batch`` times from
-``np.random.default_rng([TRAIN_TAG, seed, stream, step])``, a pure function of those numbers, so a resumed run
-sees exactly the batches it would have seen. Evaluation uses integer seeds (``sample_scene(s)`` is
+Seeds (:mod:`.scenes`). Training batch ``step`` of stream ``stream`` is ``toyworld.sample_scene`` drawn ``batch``
+times from ``np.random.default_rng([TRAIN_TAG, seed, stream, step])``, a pure function of those numbers, so a
+resumed run sees exactly the batches it would have seen. Evaluation uses integer seeds (``sample_scene(s)`` is
 ``default_rng([s])``, ``make_edit_case(s)`` is ``default_rng([s, 0x7E1D])``); numpy pads entropy with zeros, so
 those equal a training stream only if ``stream`` were 0, and training streams are numbered from 1: no evaluation
 scene is ever a training scene.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import logging
 import multiprocessing
+import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 
@@ -24,39 +25,23 @@ import numpy as np
 import torch
 
 from .. import toyworld
+from .scenes import (  # noqa: F401  re-exported: the seed conventions live with the sampler
+    EDIT_SEED_BASE,
+    HELDOUT_SEED_BASE,
+    TEXT_STREAM,
+    TRAIN_TAG,
+    TRANSFORMER_STREAM,
+    VAE_STREAM,
+    exit_with_parent,
+    heldout_scenes,
+    scene_batch,
+    stream_rng,
+)
 
 log = logging.getLogger(__name__)
 
-#: First entropy word of every training stream (see the module docstring).
-TRAIN_TAG = 0x7EA1
-#: Streams: the VAE and the transformer draw independent scenes; 3 is the transformer's caption/text variants.
-VAE_STREAM, TRANSFORMER_STREAM, TEXT_STREAM = 1, 2, 3
-#: Integer seeds of held-out scenes (evaluation and the training's final checks); never used by training.
-HELDOUT_SEED_BASE = 1_000_000
-#: Integer seeds of held-out edit cases (``toyworld.make_edit_case``).
-EDIT_SEED_BASE = 2_000_000
-
 _KIND_INDEX = {k: i for i, k in enumerate(toyworld.KINDS)}
 _SQUARE, _CIRCLE, _TRIANGLE = (_KIND_INDEX[k] for k in ("square", "circle", "triangle"))
-
-
-def stream_rng(seed: int, stream: int, step: int) -> np.random.Generator:
-    """The numpy generator of one training batch (or of one step's text variants)."""
-    if stream < 1:
-        raise ValueError("training streams are numbered from 1 (stream 0 could coincide with evaluation seeds)")
-    return np.random.default_rng([TRAIN_TAG, int(seed), int(stream), int(step)])
-
-
-def scene_batch(seed: int, stream: int, step: int, batch: int, width: int = 256, height: int = 256
-                ) -> list[toyworld.Scene]:
-    """Training batch ``step`` of ``stream``: ``batch`` valid scenes (1 or 2 shapes, equally likely)."""
-    rng = stream_rng(seed, stream, step)
-    return [toyworld.sample_scene(rng, width, height) for _ in range(batch)]
-
-
-def heldout_scenes(n: int, width: int = 256, height: int = 256, base: int = HELDOUT_SEED_BASE) -> list[toyworld.Scene]:
-    """``n`` evaluation scenes from the integer seeds ``base, base+1, ...`` (never used in training)."""
-    return [toyworld.sample_scene(base + i, width, height) for i in range(n)]
 
 
 class SceneStream:
@@ -71,14 +56,16 @@ class SceneStream:
         self.seed, self.stream, self.batch = int(seed), int(stream), int(batch)
         self.width, self.height = int(width), int(height)
         self.next_step = int(start)
-        self.workers = max(0, int(workers))
+        # Never more processes than spare cores: the training process needs one.
+        self.workers = min(max(0, int(workers)), max(1, (os.cpu_count() or 2) - 1))
         self.prefetch = prefetch if prefetch is not None else 3 * self.workers
         self._pool: ProcessPoolExecutor | None = None
         self._pending: collections.deque[tuple[int, Future]] = collections.deque()
         self._submitted = self.next_step
         if self.workers:
             # spawn: the workers never share the parent's CUDA context or threads.
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=exit_with_parent, initargs=(os.getpid(),))
             self._fill()
 
     def _fill(self) -> None:

@@ -42,7 +42,7 @@ class VAEConfig:
     model: dict = field(default_factory=lambda: {"base_ch": 32, "ch_mult": [1, 2, 4, 4, 4], "num_res_blocks": 2,
                                                  "codebook_dim": 32, "patch_size": 16})
     image_size: int = 256
-    resolution: str = "0.06M"  # the scale schedule the latent is quantised with (the transformer's)
+    resolution: str | list = "0.06M"  # the schedule the latent is quantised with (the transformer's), or grids
     batch_size: int = 32
     lr: float = 6e-4
     betas: tuple[float, float] = (0.9, 0.99)
@@ -72,7 +72,7 @@ class VAEConfig:
                              f"match {self.image_size}px pictures with patch size {patch}")
 
     def schedule(self) -> schedules.Schedule:
-        return schedules.get_schedule(1.0, self.resolution)
+        return common.schedule_of(self.resolution)
 
 
 @dataclass

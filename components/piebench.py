@@ -1,0 +1,123 @@
+"""PIE-Bench components: list the cases (CPU), edit one case (GPU, all stages in one process), score them all (GPU).
+
+Thin wrappers over ``editinfinity.bench.kfp``; every result lives under ``output_uri`` in the layout of
+``editinfinity bench piebench --out`` (so the pipeline and the CLI resume each other's runs). The scoring step runs
+on a GPU node because that is where the model-cache volume holding the CLIP / DINO / LPIPS weights is mounted.
+(No ``from __future__ import annotations`` here: kfp reads the annotations at decoration time.)
+"""
+
+from kfp import dsl
+from kfp.dsl import HTML, Markdown, Metrics, Output
+
+from .images import CPU_IMAGE, GPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def piebench_cases(data_uri: str, output_uri: str, mode: str, types: str, limit: int, preset: str, weights: str,
+                   resolution: str, prompt_iters: int, lora_iters: int, seed: int, threshold: float) -> list:
+    """Read the mapping file, select the cases, and record (or check) the run's settings in ``bench.json``.
+
+    Args:
+        data_uri: PIE-Bench folder holding ``mapping_file.json`` and ``annotation_images/`` (path, gs://, s3://).
+        output_uri: Results root; ``<output_uri>/bench.json`` must match these settings when it exists.
+        mode: auto | mask | whole.
+        types: Edit types to run, e.g. "0,1,9"; empty for all.
+        limit: Only the first N selected entries; 0 for all.
+        preset: Model preset name; empty for the default preset.
+        weights: Converted weights directory or URI.
+        resolution: Pixel budget; empty for the preset's default.
+        prompt_iters: Prompt-tuning updates.
+        lora_iters: LoRA updates.
+        seed: Random seed.
+        threshold: Attention-mask threshold.
+
+    Returns:
+        The well-formed selected cases, each ``{"id", "edit_type"}`` (malformed entries are reported by scoring).
+    """
+    from editinfinity.bench import kfp as bk
+
+    config = bk.bench_config(mode=mode, preset=preset, weights=weights, resolution=resolution,
+                             prompt_iters=prompt_iters, lora_iters=lora_iters, seed=seed, threshold=threshold)
+    return bk.list_cases(data_uri, output_uri, config, types=types, limit=limit)
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def piebench_edit(data_uri: str, case_id: str, output_uri: str, mode: str, preset: str, weights: str,
+                  resolution: str, prompt_iters: int, lora_iters: int, seed: int, threshold: float) -> str:
+    """Edit one PIE-Bench case (all stages, one model load) and publish it to ``<output_uri>/cases/<id>/``.
+
+    A case already done there is skipped; a case that fails records ``error.json`` and returns status "failed"
+    (the task itself succeeds, so the other cases and the scoring step still run).
+
+    Args:
+        data_uri: PIE-Bench folder.
+        case_id: The entry id (12 digits in PIE-Bench).
+        output_uri: Results root.
+        mode: auto | mask | whole.
+        preset: Model preset name.
+        weights: Converted weights directory or URI.
+        resolution: Pixel budget; empty for the preset's default.
+        prompt_iters: Prompt-tuning updates.
+        lora_iters: LoRA updates.
+        seed: Random seed.
+        threshold: Attention-mask threshold.
+
+    Returns:
+        JSON ``{"id", "status": "done" | "resumed" | "failed", "error"}``.
+    """
+    from editinfinity import kfp_cli as rt
+    from editinfinity.bench import kfp as bk
+
+    config = bk.bench_config(mode=mode, preset=preset, weights=weights, resolution=resolution,
+                             prompt_iters=prompt_iters, lora_iters=lora_iters, seed=seed, threshold=threshold)
+    return bk.edit_case(data_uri, case_id, output_uri, config, models_loader=lambda: rt.load_models(preset, weights))
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def piebench_score(results: list, data_uri: str, output_uri: str, mode: str, types: str, limit: int, preset: str,
+                   weights: str, resolution: str, prompt_iters: int, lora_iters: int, seed: int, threshold: float,
+                   clip: str, dino: str, lpips: str, table: Output[HTML], table_md: Output[Markdown],
+                   metrics: Output[Metrics]):
+    """Score every finished case as PnP-Inversion does; publish ``results.csv``, ``table.md``, ``table.html``
+    and ``grids/`` to ``output_uri``.
+
+    Args:
+        results: The per-case results of ``piebench-edit`` (collected; only waited for).
+        data_uri: PIE-Bench folder.
+        output_uri: Results root.
+        mode: auto | mask | whole (as the edits).
+        types: Edit types, as the cases step.
+        limit: Entry limit, as the cases step.
+        preset: Model preset name (recorded in the table header).
+        weights: Converted weights (recorded in the table header).
+        resolution: Pixel budget (recorded).
+        prompt_iters: Prompt-tuning updates (recorded).
+        lora_iters: LoRA updates (recorded).
+        seed: Random seed (recorded).
+        threshold: Attention-mask threshold (recorded).
+        clip: CLIP weights (folder on the model cache, hub id, gs:// / s3://); empty: not computed.
+        dino: DINO ViT-B/8 weights (transformers folder / hub id, or dino_vitbase8_pretrain.pth); empty: not computed.
+        lpips: Folder with squeezenet1_1-*.pth and LPIPS v0.1 squeeze.pth; empty: not computed.
+        table: The table page (with the thumbnail grids), shown in the KFP UI.
+        table_md: The table in Markdown.
+        metrics: Case counts and the overall means.
+    """
+    import base64
+    import re
+    from pathlib import Path
+
+    from editinfinity.bench import kfp as bk
+
+    config = bk.bench_config(mode=mode, preset=preset, weights=weights, resolution=resolution,
+                             prompt_iters=prompt_iters, lora_iters=lora_iters, seed=seed, threshold=threshold)
+    result = bk.score_all(data_uri, output_uri, config, types=types, limit=limit, clip=clip, dino=dino, lpips=lpips)
+    page = result.files["html"].read_text()
+
+    def inline(match):  # the UI shows one file: embed the grids
+        data = base64.b64encode((result.out_dir / match.group(1)).read_bytes()).decode()
+        return f'src="data:image/png;base64,{data}"'
+
+    Path(table.path).write_text(re.sub(r'src="(grids/[^"]+)"', inline, page))
+    Path(table_md.path).write_text(result.files["markdown"].read_text())
+    for name, value in bk.table_metrics(result).items():
+        metrics.log_metric(name, value)

@@ -1,0 +1,96 @@
+"""``editinfinity train-vae``, ``editinfinity train`` and ``editinfinity train-toy``.
+
+Registered by the main CLI through :func:`add_train_parser`; each subcommand's ``handler`` returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from . import common
+
+log = logging.getLogger(__name__)
+
+
+def _verbose(args: argparse.Namespace) -> None:
+    # The main CLI logs warnings only; training progress is the point of these commands.
+    if not getattr(args, "quiet", False):
+        logging.getLogger("editinfinity").setLevel(logging.INFO)
+        if not logging.getLogger().handlers:
+            logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _common_args(p: argparse.ArgumentParser, default_config: Path) -> None:
+    p.add_argument("--config", default=str(default_config), help=f"YAML config (default {default_config.name})")
+    p.add_argument("--out", required=True, help="run directory: checkpoint/, log.jsonl, the trained model")
+    p.add_argument("--minutes", type=float, help="training time budget (overrides the config; 0: none)")
+    p.add_argument("--steps", type=int, help="optimizer steps (overrides the config; 0: none)")
+    p.add_argument("--workers", type=int, help="scene-sampling processes (0: in the training process)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. batch_size=16")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--progress", action="store_true", help="tqdm progress bar")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    over = common.parse_overrides(args.set)
+    for key in ("minutes", "steps", "workers"):
+        if getattr(args, key) is not None:
+            over[key] = getattr(args, key)
+    return over
+
+
+def train_vae_command(args: argparse.Namespace) -> int:
+    """``editinfinity train-vae``."""
+    from .vae import VAEConfig, train_vae
+
+    _verbose(args)
+    cfg = common.load_config(VAEConfig, args.config, _overrides(args))
+    res = train_vae(cfg, args.out, device=args.device, resume=args.resume, progress=args.progress)
+    if res.heldout:
+        log.info("held-out PSNR %.2f dB; model in %s", res.heldout["mean_psnr"], res.model_dir)
+    return 0 if (res.model_dir / "config.json").is_file() else 1
+
+
+def train_transformer_command(args: argparse.Namespace) -> int:
+    """``editinfinity train``."""
+    from .transformer import TransformerConfig, train_transformer
+
+    _verbose(args)
+    cfg = common.load_config(TransformerConfig, args.config, _overrides(args))
+    res = train_transformer(cfg, args.out, args.vae, tokenizer_dir=args.tokenizer, device=args.device,
+                            resume=args.resume, progress=args.progress)
+    return 0 if (res.transformer_dir / "config.json").is_file() else 1
+
+
+def train_toy_command(args: argparse.Namespace) -> int:
+    """``editinfinity train-toy``: the one-shot driver of :mod:`editinfinity.train.toy`."""
+    from .toy import run
+
+    _verbose(args)
+    return run(args)
+
+
+def add_train_parser(subparsers) -> None:
+    """Register ``train-vae``, ``train`` and ``train-toy`` on the main CLI's subparsers."""
+    from .toy import TRANSFORMER_CONFIG, VAE_CONFIG, add_toy_arguments
+
+    p = subparsers.add_parser("train-vae", help="train a BSQ VAE on toy-world pictures",
+                              description="Train a BSQ VAE (reconstruction of the multi-scale quantised latent).")
+    _common_args(p, VAE_CONFIG)
+    p.set_defaults(handler=train_vae_command)
+
+    p = subparsers.add_parser("train", help="train the Infinity transformer (and T5) against a trained VAE",
+                              description="Train the transformer with teacher forcing and bitwise self-correction.")
+    _common_args(p, TRANSFORMER_CONFIG)
+    p.add_argument("--vae", required=True, help="trained VAE directory (save_pretrained layout, e.g. RUN/vae)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the bundled toy-world tokenizer)")
+    p.set_defaults(handler=train_transformer_command)
+
+    p = subparsers.add_parser("train-toy", help="train the toy preset end to end (VAE, then transformer)",
+                              description="Train the toy preset within time budgets and write its weights "
+                                          "directory.")
+    add_toy_arguments(p)
+    p.set_defaults(handler=train_toy_command)

@@ -1,0 +1,220 @@
+"""Judging a toy-world model without any learned judge: reconstruction PSNR, text-to-image attributes, edits.
+
+Every verdict comes from ``toyworld.analyse`` (pixels -> palette colours -> shapes). Scenes and edit cases use
+integer seeds from :data:`~editinfinity.train.data.HELDOUT_SEED_BASE` / :data:`~editinfinity.train.data.EDIT_SEED_BASE`
+on, which training never draws (see :mod:`editinfinity.train.data`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import toyworld
+from ..metrics import psnr
+from ..models import schedules
+from ..models.text import encode_prompts
+from .common import autocast
+from .data import EDIT_SEED_BASE, heldout_scenes, to_uint8
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "mask", "whole")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# text to image
+
+
+def judge_generation(image: np.ndarray | Image.Image, scene: toyworld.Scene) -> dict[str, Any]:
+    """Does a picture show what ``scene``'s caption asks for?
+
+    ``objects_ok``: every prompted object is found with its colour and kind (the issue's criterion);
+    ``matches``: also the background colour and no extra object (``toyworld.matches``).
+    """
+    verdict = toyworld.analyse(image, scene)["expected"]
+    return {
+        "objects_ok": all(o["colour_ok"] and o["kind_ok"] for o in verdict["objects"]),
+        "matches": bool(verdict["matches"]),
+        "background_ok": bool(verdict["background_ok"]),
+        "extra_objects": int(verdict["extra_objects"]),
+        "objects": len(scene.shapes),
+    }
+
+
+@torch.no_grad()
+def generate_pictures(transformer, vae, tokenizer, text_encoder, prompts: Sequence[str], schedule, *,
+                      cfg: float = 4.0, tau: float = 0.5, top_k: int = 900, top_p: float = 0.97, seed: int = 0,
+                      batch: int = 32) -> list[np.ndarray]:
+    """Text-to-image with the plain prompts: ``(H, W, 3)`` uint8 pictures, one per prompt."""
+    device = next(transformer.parameters()).device
+    enc_device = next(text_encoder.parameters()).device
+    out: list[np.ndarray] = []
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    for i in range(0, len(prompts), batch):
+        chunk = list(prompts[i:i + batch])
+        with autocast(enc_device, enabled=False):
+            text = encode_prompts(tokenizer, text_encoder, chunk).to(device)
+        with autocast(device):
+            res = transformer.generate(text, schedule, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, generator=gen)
+            img = vae.decode(res.summed_codes)
+        out += list(to_uint8(img))
+    return out
+
+
+def text_to_image_eval(transformer, vae, tokenizer, text_encoder, n: int, *, resolution: str = "0.06M",
+                       schedule=None, cfg: float = 4.0, tau: float = 0.5, seed: int = 0, batch: int = 32,
+                       scenes: Sequence[toyworld.Scene] | None = None) -> dict[str, Any]:
+    """Generate from the captions of ``n`` held-out scenes and judge each picture (rates and per-case verdicts).
+
+    The square ``schedule`` defaults to the one of ``resolution``.
+    """
+    schedule = schedule if schedule is not None else schedules.get_schedule(1.0, resolution)
+    H, W = schedules.pixel_size(schedule)
+    scenes = list(scenes) if scenes is not None else heldout_scenes(n, W, H)
+    was = [m.training for m in (transformer, vae, text_encoder)]
+    for m in (transformer, vae, text_encoder):
+        m.eval()
+    t0 = time.perf_counter()
+    try:
+        pictures = generate_pictures(transformer, vae, tokenizer, text_encoder,
+                                     [toyworld.caption(s) for s in scenes], schedule, cfg=cfg, tau=tau, seed=seed,
+                                     batch=batch)
+    finally:
+        for m, w in zip((transformer, vae, text_encoder), was, strict=True):
+            m.train(w)
+    seconds = time.perf_counter() - t0
+    cases = []
+    for s, pic in zip(scenes, pictures, strict=True):
+        cases.append({"caption": toyworld.caption(s), **judge_generation(pic, s)})
+    return {"generations": len(cases), **_rates(cases, ("objects_ok", "matches", "background_ok")),
+            "by_objects": {str(k): _rates([c for c in cases if c["objects"] == k], ("objects_ok", "matches"))
+                           for k in (1, 2)},
+            "cfg": cfg, "tau": tau, "seconds": round(seconds, 2), "cases": cases}
+
+
+def _rates(cases: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"n": len(cases)}
+    for k in keys:
+        out[f"{k}_rate"] = float(np.mean([bool(c[k]) for c in cases])) if cases else None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# edits
+
+
+def keep_region(edit_mask: np.ndarray, cell: int = 16, dilate_cells: int = 1) -> np.ndarray:
+    """Pixels outside ``edit_mask`` dilated to latent cells: every cell touching the mask, grown by
+    ``dilate_cells`` cells (8-neighbourhood), is excluded. Returns bool ``(H, W)``, True = must be kept."""
+    m = torch.as_tensor(np.asarray(edit_mask, dtype=bool)).float()[None, None]
+    H, W = m.shape[-2:]
+    if H % cell or W % cell:
+        raise ValueError(f"mask size {H}x{W} is not a multiple of the {cell}px latent cell")
+    cells = torch.nn.functional.max_pool2d(m, cell)
+    if dilate_cells > 0:
+        k = 2 * dilate_cells + 1
+        cells = torch.nn.functional.max_pool2d(cells, k, stride=1, padding=dilate_cells)
+    pix = torch.nn.functional.interpolate(cells, size=(H, W), mode="nearest")[0, 0]
+    return ~pix.bool().numpy()
+
+
+def edit_cases(n: int, base: int = EDIT_SEED_BASE, width: int = 256, height: int = 256) -> list[dict[str, Any]]:
+    """``n`` held-out edit cases (one object's colour or kind changes) from ``toyworld.make_edit_case``."""
+    return [toyworld.make_edit_case(base + i, width, height) for i in range(n)]
+
+
+def judge_edit(case: dict[str, Any], edited: np.ndarray, reconstruction: np.ndarray | None = None,
+               cell: int = 16) -> dict[str, Any]:
+    """Verdicts of one edit: the edited object as requested, and the untouched region preserved.
+
+    ``present``: an object with the edited object's new colour *and* kind is found (the requested attribute with
+    the object it belongs to); ``attribute_only``: some object has the requested colour (or kind); ``matches``:
+    the whole picture equals the ideal edit's attributes; ``psnr_outside``: PSNR against the source picture
+    outside the true edit region dilated by one latent cell (also against the VAE reconstruction when given).
+    """
+    new = case["edited_scene"].shapes[case["index"]]
+    attr = {"colour": new.colour} if case["attribute"] == "colour" else {"kind": new.kind}
+    keep = keep_region(case["mask"], cell)
+    source = np.asarray(case["image"].convert("RGB"))
+    out = {
+        "present": toyworld.attribute_present(edited, colour=new.colour, kind=new.kind),
+        "attribute_only": toyworld.attribute_present(edited, **attr),
+        "matches": toyworld.matches(edited, case["edited_scene"]),
+        "psnr_outside": _finite(psnr(source, edited, mask=keep)),
+        "keep_fraction": float(keep.mean()),
+    }
+    if reconstruction is not None:
+        out["psnr_outside_vs_reconstruction"] = _finite(psnr(reconstruction, edited, mask=keep))
+        out["reconstruction_psnr"] = _finite(psnr(source, reconstruction))
+    return out
+
+
+def _finite(v: float) -> float:
+    return float(v) if math.isfinite(v) else 99.0  # identical pixels: report a ceiling instead of inf
+
+
+def _cells(mask: np.ndarray, cell: int) -> np.ndarray:
+    m = torch.as_tensor(np.asarray(mask, dtype=bool)).float()[None, None]
+    return torch.nn.functional.max_pool2d(m, cell)[0, 0].bool().numpy()
+
+
+def run_edit_case(pipe, case: dict[str, Any], mode: str, settings, workdir: Path) -> dict[str, Any]:
+    """Edit one case with ``pipe`` (an ``EditInfinityPipeline``) in ``mode`` and judge it."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    kw: dict[str, Any] = {}
+    if mode == "auto":
+        kw["target_word"] = case["target_word"]
+    elif mode == "mask":
+        path = Path(workdir) / "mask.png"
+        Image.fromarray(np.asarray(case["mask"], dtype=np.uint8) * 255).save(path)
+        kw["mask"] = str(path)
+    t0 = time.perf_counter()
+    out = pipe.edit(case["image"], case["prompt"], case["edit_prompt"], settings=settings, progress=False, **kw)
+    seconds = time.perf_counter() - t0
+    edited = np.asarray(out.image.convert("RGB"))
+    recon = np.asarray(out.reconstruction.convert("RGB"))
+    res = {"mode": mode, "prompt": case["prompt"], "edit_prompt": case["edit_prompt"],
+           "target_word": case["target_word"] if mode == "auto" else None, "attribute": case["attribute"],
+           "old_value": case["old_value"], "new_value": case["new_value"], "seconds": round(seconds, 3),
+           **judge_edit(case, edited, recon)}
+    if out.edit_mask is not None:
+        truth = _cells(case["mask"], 16)
+        pred = out.edit_mask.numpy().astype(bool)
+        if pred.shape == truth.shape:
+            union = (truth | pred).sum()
+            res["mask_iou"] = float((truth & pred).sum() / union) if union else 1.0
+            res["mask_cells"] = int(pred.sum())
+    return res
+
+
+def edit_eval(pipe, n: int, mode: str, settings, *, base: int = EDIT_SEED_BASE,
+              cases: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Edit ``n`` held-out cases in ``mode`` and summarise: rates, mean PSNR outside the dilated mask."""
+    cases = list(cases) if cases is not None else edit_cases(n, base)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="toy-eval-") as tmp:
+        for i, case in enumerate(cases):
+            results.append(run_edit_case(pipe, case, mode, settings, Path(tmp)))
+            log.info("edit %s %d/%d: present=%s psnr_outside=%.1f", mode, i + 1, len(cases), results[-1]["present"],
+                     results[-1]["psnr_outside"])
+    ps = np.array([r["psnr_outside"] for r in results]) if results else np.array([np.nan])
+    summary = {"mode": mode, "cases": len(results),
+               **_rates(results, ("present", "attribute_only", "matches")),
+               "psnr_outside_mean": float(np.mean(ps)), "psnr_outside_median": float(np.median(ps)),
+               "psnr_outside_ge_30_rate": float(np.mean(ps >= 30)),
+               "seconds_per_edit": float(np.mean([r["seconds"] for r in results])) if results else None}
+    if any("mask_iou" in r for r in results):
+        summary["mask_iou_mean"] = float(np.mean([r["mask_iou"] for r in results if "mask_iou" in r]))
+    summary["results"] = results
+    return summary

@@ -1,0 +1,372 @@
+"""Train the ``toy`` preset end to end: the BSQ VAE, then the transformer and its T5, each within a time budget.
+
+    python -m editinfinity.train.toy --out build/toy --vae-minutes 3 --transformer-minutes 7 --device cuda
+
+``OUT`` gets the layout ``load_models(weights=OUT)`` reads — ``vae/`` and ``transformer/`` (float16 safetensors,
+which ``from_pretrained`` upcasts to float32), ``text_encoder/`` (float32: ``transformers`` would otherwise load a
+float16 T5), ``tokenizer/`` (the bundled toy-world tokenizer), ``model_index.json`` — plus ``training.json``
+(configs, steps, losses, seconds, hardware, checks) and ``MODEL_CARD.md``. Files appear as soon as they exist:
+the VAE right after its phase, the transformer at every checkpoint, so an interrupted run still leaves a loadable
+directory. Training state (optimizer, checkpoints, logs) lives in ``--work`` (default ``OUT.work``); ``--resume``
+continues from it, and ``--phase vae`` / ``--phase transformer`` run one phase per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .. import __version__
+from ..errors import InvalidCaseError
+from . import common
+from .transformer import TransformerConfig, train_transformer
+from .vae import VAEConfig, heldout_psnr, train_vae
+
+log = logging.getLogger(__name__)
+
+#: Upper bound on the shipped weights (every ``*.safetensors`` file of the output directory).
+MAX_WEIGHT_BYTES = 40 * 1024 * 1024
+VAE_CONFIG = common.CONFIG_DIR / "toy_vae.yaml"
+TRANSFORMER_CONFIG = common.CONFIG_DIR / "toy_transformer.yaml"
+
+
+def add_toy_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The driver's options (shared by ``python -m editinfinity.train.toy`` and ``editinfinity train-toy``)."""
+    p.add_argument("--out", required=True, help="weights directory to write (the layout load_models reads)")
+    p.add_argument("--work", help="training state directory (checkpoints, logs); default OUT.work")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--phase", choices=("all", "vae", "transformer"), default="all",
+                   help="run both phases, or one (the transformer phase needs the VAE phase's output)")
+    p.add_argument("--vae-minutes", type=float, help="VAE training time (default from the config: 3)")
+    p.add_argument("--transformer-minutes", type=float, help="transformer training time (default from the config: 7)")
+    p.add_argument("--vae-steps", type=int, help="cap on VAE optimizer steps")
+    p.add_argument("--transformer-steps", type=int, help="cap on transformer optimizer steps")
+    p.add_argument("--vae-config", default=None, help=f"VAE YAML config (default {VAE_CONFIG.name})")
+    p.add_argument("--transformer-config", default=None, help=f"transformer YAML config (default "
+                   f"{TRANSFORMER_CONFIG.name})")
+    p.add_argument("--vae-set", action="append", metavar="KEY=VALUE", help="override a VAE setting (repeatable)")
+    p.add_argument("--transformer-set", action="append", metavar="KEY=VALUE",
+                   help="override a transformer setting, e.g. model.depth=4 (repeatable)")
+    p.add_argument("--workers", type=int, help="scene-sampling processes per phase (default from the configs)")
+    p.add_argument("--check-images", type=int, default=200,
+                   help="held-out pictures for the final VAE PSNR check of the exported weights (0: skip)")
+    p.add_argument("--resume", action="store_true", help="continue the runs found in --work")
+    p.add_argument("--overwrite", action="store_true", help="delete OUT and --work first")
+    p.add_argument("--progress", action="store_true", help="tqdm bars (default: log lines only)")
+    return p
+
+
+def _config_path(given: str | None, default: Path) -> Path | None:
+    if given:
+        return Path(given)
+    return default if default.is_file() else None
+
+
+def load_configs(args: argparse.Namespace) -> tuple[VAEConfig, TransformerConfig]:
+    """The two configs: YAML file, then ``--*-set`` overrides, then the minute/step/worker flags."""
+    vae_over = common.parse_overrides(args.vae_set)
+    tr_over = common.parse_overrides(args.transformer_set)
+    for over, minutes, steps in ((vae_over, args.vae_minutes, args.vae_steps),
+                                 (tr_over, args.transformer_minutes, args.transformer_steps)):
+        if minutes is not None:
+            over["minutes"] = minutes
+        if steps is not None:
+            over["steps"] = steps
+        if args.workers is not None:
+            over["workers"] = args.workers
+    vae_cfg = common.load_config(VAEConfig, _config_path(args.vae_config, VAE_CONFIG), vae_over)
+    tr_cfg = common.load_config(TransformerConfig, _config_path(args.transformer_config, TRANSFORMER_CONFIG), tr_over)
+    if vae_cfg.image_size != tr_cfg.image_size:
+        raise InvalidCaseError(f"the VAE config trains on {vae_cfg.image_size}px pictures but the transformer "
+                               f"config on {tr_cfg.image_size}px; use one size")
+    return vae_cfg, tr_cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# export
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_diffusers_fp16(model, out_dir: Path) -> Path:
+    """``save_pretrained`` layout (config + ``diffusion_pytorch_model.safetensors``) with float16 tensors.
+
+    ``ModelMixin.from_pretrained`` builds the model in float32 and copies the float16 values in, so a plain load
+    gives a float32 model.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_config(tmp)
+    sd = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype).contiguous()
+          for k, v in model.state_dict().items()}
+    save_file(sd, str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    _replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def export_text_encoder(encoder, out_dir: Path) -> Path:
+    """``T5EncoderModel.save_pretrained`` in float32 (a float16 file would load as float16 with transformers 5)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    enc = copy.deepcopy(encoder).to("cpu", torch.float32)
+    enc.save_pretrained(tmp)
+    _replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def export_shared(out: Path) -> None:
+    """Tokenizer copy and ``model_index.json`` (written once, before any weights)."""
+    from ..models.bundle import bundled_tokenizer_dir
+    from ..models.checkpoints import write_model_index
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = out / "tokenizer"
+    if not tok.is_dir():
+        shutil.copytree(bundled_tokenizer_dir(), tok)
+    write_model_index(out, preset="toy")
+
+
+def weight_bytes(out: Path) -> dict[str, int]:
+    """Size of every shipped safetensors file, by path relative to ``out``."""
+    return {str(p.relative_to(out)): p.stat().st_size for p in sorted(Path(out).rglob("*.safetensors"))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# record
+
+
+class Record:
+    """``training.json``, rewritten after every phase so the directory always says what it holds."""
+
+    def __init__(self, out: Path, resume: bool):
+        self.path = Path(out) / "training.json"
+        self.data: dict[str, Any] = {}
+        if resume and self.path.is_file():
+            self.data = json.loads(self.path.read_text())
+        self.data.update({"preset": "toy", "editinfinity": __version__, "hardware": common.hardware(),
+                          "command": " ".join(sys.argv)})
+
+    def update(self, **kw: Any) -> None:
+        self.data.update(kw)
+        self.path.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
+
+
+def _phase_record(result, run_dir: Path, cfg) -> dict[str, Any]:
+    rec: dict[str, Any] = {"config": common.config_dict(cfg), "steps": result.steps,
+                           "seconds": round(result.seconds, 1), "final": result.final_losses}
+    hist = result.history
+    if hist:
+        rec["steps_per_s"] = round(sum(h.get("steps_per_s", 0) for h in hist) / len(hist), 3)
+        rec["loss_curve"] = [{k: h[k] for k in ("step", "elapsed", "loss") if k in h} for h in hist]
+    rec["log"] = str(run_dir / "log.jsonl")
+    return rec
+
+
+def final_checks(out: Path, device: torch.device, vae_cfg: VAEConfig, check_images: int) -> dict[str, Any]:
+    """Load ``out`` exactly as users will (``load_models(weights=out)``) and measure the held-out VAE PSNR."""
+    from ..models.bundle import load_models
+    from .data import heldout_scenes
+
+    t0 = time.perf_counter()
+    models = load_models("toy", weights=str(out), device=device)
+    checks: dict[str, Any] = {"load_models": "ok", "dtypes": {
+        "vae": str(next(models.vae.parameters()).dtype), "transformer": str(next(models.transformer.parameters()).dtype),
+        "text_encoder": str(next(models.text_encoder.parameters()).dtype)}}
+    if check_images > 0:
+        scenes = heldout_scenes(check_images, vae_cfg.image_size, vae_cfg.image_size)
+        checks["vae_psnr_exported"] = heldout_psnr(models.vae, scenes, vae_cfg.schedule(), device)
+    checks["seconds"] = round(time.perf_counter() - t0, 1)
+    return checks
+
+
+MODEL_CARD = """# editinfinity `toy` model
+
+A small Infinity-architecture model (BSQ VAE + bitwise next-scale transformer + tiny T5 encoder) trained from
+scratch by `python -m editinfinity.train.toy` on the synthetic toy world of `editinfinity.toyworld`: flat-coloured
+circles, squares and triangles (1 or 2 per picture, 9 palette colours) on a flat background, 256x256 pixels,
+captioned `a {{colour}} {{shape}} [and a {{colour}} {{shape}}] on a {{colour}} background`. It exists so that the CPU
+demo and the tests really edit pictures; it knows nothing outside this world.
+
+## Components
+
+| component | architecture | parameters | stored as |
+| --- | --- | --- | --- |
+| `vae/` | BSQVAE {vae_model}, 32 bits per 16x16 cell | {vae_params} | float16 safetensors (loads as float32) |
+| `transformer/` | Infinity {tr_model} | {tr_params} | float16 safetensors (loads as float32) |
+| `text_encoder/` | T5 encoder {t5_model}, trained jointly: {t5_trained} | {t5_params} | float32 safetensors |
+| `tokenizer/` | SentencePiece unigram over the world's words (`toyworld.build_tokenizer`) | - | - |
+
+Weights on disk: {weight_mb:.1f} MB in total.
+
+## Training
+
+- Data: random scenes rendered on the fly (`toyworld.sample_scene`), seeded per step; no external data. Seeds of
+  the evaluation (`bench/toy_eval.py`) are never drawn in training (see `editinfinity/train/data.py`).
+- VAE: L1 + MSE reconstruction of the decode of the multi-scale quantised latent (0.06M schedule,
+  straight-through BSQ), commitment 0.25; pixel noise std ~ U(0, {noise_max}); {vae_steps} steps of batch
+  {vae_batch} in {vae_minutes:.1f} min.
+- Transformer: teacher forcing with bitwise self-correction (strength {bsc}), scale-reweighted bitwise
+  cross-entropy, condition dropout {cdr} (for classifier-free guidance), styled prompts and appended rows part of
+  the time; {tr_steps} steps of batch {tr_batch} in {tr_minutes:.1f} min.
+- Hardware: {hardware}. bf16 autocast on GPU.
+
+## Checks at the end of training
+
+{checks}
+
+The full evaluation (held-out text-to-image accuracy, editing in all three modes) is `bench/toy_eval.py`; its
+results are in `bench/results/`.
+
+## Limitations
+
+Only the toy world's captions and pictures (256x256, the 0.06M schedule); other prompts tokenise to characters
+and give meaningless pictures. Not a substitute for the official Infinity weights.
+"""
+
+
+def write_model_card(out: Path, record: dict[str, Any]) -> None:
+    """``MODEL_CARD.md`` from the training record."""
+    vae, tr = record.get("vae", {}), record.get("transformer", {})
+    vcfg, tcfg = vae.get("config", {}), tr.get("config", {})
+    checks = record.get("checks", {})
+    lines = []
+    if "heldout" in vae and vae["heldout"]:
+        lines.append(f"- VAE reconstruction PSNR on {vae['heldout']['images']} held-out pictures (training weights): "
+                     f"{vae['heldout']['mean_psnr']:.2f} dB mean, {vae['heldout']['min_psnr']:.2f} dB min.")
+    if "vae_psnr_exported" in checks:
+        c = checks["vae_psnr_exported"]
+        lines.append(f"- Same, shipped float16 weights: {c['mean_psnr']:.2f} dB mean.")
+    if tr.get("samples"):
+        s = tr["samples"]
+        lines.append(f"- Text to image on {s['generations']} held-out captions (cfg {s['cfg']}, tau {s['tau']}): every "
+                     f"object's colour and shape as prompted in {100 * s['objects_ok_rate']:.1f}%, exact match "
+                     f"(background, no extra object) in {100 * s['matches_rate']:.1f}%.")
+    hw = record.get("hardware", {})
+    text = MODEL_CARD.format(
+        vae_model=vcfg.get("model", {}), vae_params=f"{vae.get('parameters', 0) / 1e6:.2f}M",
+        tr_model=tcfg.get("model", {}), tr_params=f"{tr.get('parameters', 0) / 1e6:.2f}M",
+        t5_model=tcfg.get("text_encoder", {}), t5_trained=tcfg.get("train_text_encoder"),
+        t5_params=f"{tr.get('text_encoder_parameters', 0) / 1e6:.2f}M",
+        weight_mb=sum(record.get("weights", {}).get("bytes", {}).values()) / 2**20,
+        noise_max=vcfg.get("noise_max"), vae_steps=vae.get("steps"), vae_batch=vcfg.get("batch_size"),
+        vae_minutes=vae.get("seconds", 0) / 60, bsc=tcfg.get("noise_strength"), cdr=tcfg.get("cond_drop_rate"),
+        tr_steps=tr.get("steps"), tr_batch=tcfg.get("batch_size"), tr_minutes=tr.get("seconds", 0) / 60,
+        hardware=hw.get("gpu", f"CPU ({hw.get('cpu_count')} cores)"),
+        checks="\n".join(lines) or "- (not run)")
+    (Path(out) / "MODEL_CARD.md").write_text(text)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# driver
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the phases ``args`` asks for; returns the exit code (1 when the weights exceed 40 MB)."""
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out.with_name(out.name + ".work")
+    if args.overwrite:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    vae_cfg, tr_cfg = load_configs(args)
+    device = common.resolve_device(args.device)
+    work.mkdir(parents=True, exist_ok=True)
+    export_shared(out)
+    record = Record(out, resume=args.resume or args.phase == "transformer")
+    log.info("toy training on %s: %s", device, json.dumps(common.hardware()))
+    t_start = time.perf_counter()
+    vae_run, tr_run = work / "vae", work / "transformer"
+
+    if args.phase in ("all", "vae"):
+        res = train_vae(vae_cfg, vae_run, device=device, resume=args.resume, progress=args.progress)
+        if not (res.model_dir / "config.json").is_file():
+            raise RuntimeError(f"the VAE run in {vae_run} did not finish; run again with --resume")
+        from ..models.bsq_vae import BSQVAE
+
+        export_diffusers_fp16(BSQVAE.from_pretrained(str(res.model_dir)), out / "vae")
+        rec = _phase_record(res, vae_run, vae_cfg)
+        rec["heldout"] = res.heldout
+        rec["parameters"] = json.loads((vae_run / "result.json").read_text()).get("parameters")
+        record.update(vae=rec)
+        log.info("toy: VAE exported to %s", out / "vae")
+
+    if args.phase in ("all", "transformer"):
+        vae_dir = vae_run / "vae"
+        if not (vae_dir / "config.json").is_file():
+            raise InvalidCaseError(f"no trained VAE in {vae_dir}; run the VAE phase first (--phase vae)")
+
+        def on_save(transformer, text_encoder, final: bool) -> None:
+            export_diffusers_fp16(transformer, out / "transformer")
+            export_text_encoder(text_encoder, out / "text_encoder")
+            log.info("toy: %s transformer and text encoder exported to %s", "final" if final else "checkpoint", out)
+
+        res = train_transformer(tr_cfg, tr_run, vae_dir, device=device, resume=args.resume, progress=args.progress,
+                                on_save=on_save)
+        if not (res.transformer_dir / "config.json").is_file():
+            raise RuntimeError(f"the transformer run in {tr_run} did not finish; run again with --resume")
+        rec = _phase_record(res, tr_run, tr_cfg)
+        result = json.loads((tr_run / "result.json").read_text())
+        rec["samples"] = result.get("samples")
+        rec["samples_by_cfg"] = result.get("samples_by_cfg")
+        rec["parameters"] = result.get("parameters")
+        rec["text_encoder_parameters"] = result.get("text_encoder_parameters")
+        record.update(transformer=rec)
+
+    sizes = weight_bytes(out)
+    total = sum(sizes.values())
+    record.update(weights={"bytes": sizes, "total_bytes": total, "total_mb": round(total / 2**20, 2),
+                           "limit_mb": MAX_WEIGHT_BYTES / 2**20,
+                           "dtypes": {"vae": "float16", "transformer": "float16", "text_encoder": "float32"}},
+                  seconds={**record.data.get("seconds", {}), args.phase: round(time.perf_counter() - t_start, 1)})
+    complete = all((out / d / "config.json").is_file() for d in ("vae", "transformer", "text_encoder"))
+    if complete:
+        record.update(checks=final_checks(out, device, vae_cfg, args.check_images))
+        log.info("toy: checks %s", json.dumps(record.data["checks"]))
+    write_model_card(out, record.data)
+    log.info("toy: wrote %s (%.1f MB of weights) in %.0f s", out, total / 2**20, time.perf_counter() - t_start)
+    if total > MAX_WEIGHT_BYTES:
+        log.error("toy: the weights take %.1f MB, over the %.0f MB limit; use a smaller model config",
+                  total / 2**20, MAX_WEIGHT_BYTES / 2**20)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return add_toy_arguments(argparse.ArgumentParser(prog="python -m editinfinity.train.toy", description=__doc__,
+                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def setup_logging(verbose: bool = True) -> None:
+    """Progress lines on stderr (flushed per line, so they stream through pipes)."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""Training the Infinity transformer (and its small T5 text encoder) on toy-world captions.
+
+Each step renders a batch of fresh scenes (seeded per step), encodes them with the frozen VAE, and builds the
+teacher-forcing inputs with bitwise self-correction (``quantizer.bitwise_self_correction``: per scale a flip
+probability ~ U{0, .01, ..., strength}; labels are the clean bits of the residual the flipped earlier scales
+leave). The loss is ``Infinity.bit_loss`` (per-bit cross-entropy, scale-reweighted). Classifier-free guidance
+learns from the model's own condition dropout (``cond_drop_rate``: a dropped sample's text rows become
+``cfg_uncond[:len]``).
+
+Text: the captions' T5 rows, trained jointly with the transformer by default (a frozen random T5 barely tells
+"a red circle and a blue square" from "a blue circle and a red square"). Part of the batch uses the styled prompt
+(``caption + STYLE_SUFFIX``) and part of those get 20 appended rows — zeros or small random vectors — because
+the edit stages append learned rows (zero-initialised) after the styled prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import toyworld
+from ..errors import CheckpointError
+from ..models import schedules
+from ..models.bsq_vae import BSQVAE
+from ..models.infinity import Infinity
+from ..models.quantizer import bitwise_self_correction
+from ..models.text import STYLE_SUFFIX, TextFeatures, tokenize_prompts
+from . import common
+from .data import TEXT_STREAM, TRANSFORMER_STREAM, SceneStream, render_batch, stream_rng
+
+log = logging.getLogger(__name__)
+
+#: Parameters that never get weight decay (tables, gains, per-head temperatures, learned queries).
+NO_DECAY = ("cfg_uncond", "lvl_embed", "pos_start", "ada_gss", "scale_mul", "mat_q", "embed_tokens", "shared",
+            "relative_attention_bias")
+
+
+@dataclass
+class TransformerConfig:
+    """Settings of a transformer training run (defaults: the toy preset, a few minutes on one GPU)."""
+
+    model: dict = field(default_factory=lambda: {"depth": 8, "embed_dim": 256, "num_heads": 4, "mlp_ratio": 4,
+                                                 "text_channels": 128, "text_maxlen": 512, "codebook_dim": 32})
+    text_encoder: dict = field(default_factory=lambda: {"d_model": 128, "num_layers": 2, "num_heads": 4})
+    train_text_encoder: bool = True
+    text_lr_scale: float = 1.0
+    image_size: int = 256
+    resolution: str | list = "0.06M"  # pixel budget name, or explicit [h, w] grids (small test runs)
+    batch_size: int = 128
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.97)
+    weight_decay: float = 0.05
+    warmup_steps: int = 300
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 2.0
+    noise_strength: float = 0.3  # bitwise self-correction
+    noise_layers: int = 0  # scales whose bits are flipped; 0: every scale
+    cond_drop_rate: float = 0.1
+    drop_path_rate: float = 0.0
+    style_prob: float = 0.5  # share of captions with the language-style suffix
+    rows_prob: float = 0.5  # share of styled captions that get `rows` appended rows
+    rows: int = 20
+    rows_zero_prob: float = 0.5  # appended rows are zeros, else gaussian with std 10**U(rows_log10_std)
+    rows_log10_std: tuple[float, float] = (-5.0, -2.5)
+    image_noise: float = 0.0  # pixel noise std of the training pictures (0-255 units)
+    steps: int = 0
+    minutes: float = 7.0
+    seed: int = 0
+    workers: int = 8
+    checkpoint_minutes: float = 1.0
+    log_seconds: float = 15.0
+    sample_images: int = 64  # held-out text-to-image check at the end (0: skip)
+    cfg: float = 4.0  # guidance of that check (the edit pipeline's default)
+    tau: float = 0.5
+    extra_cfgs: tuple[float, ...] = (2.0,)  # also checked, to see which guidance suits the trained model
+
+    def validate(self) -> None:
+        if not 0 <= self.noise_strength <= 1:
+            raise ValueError("noise_strength must be in [0, 1]")
+        if self.batch_size < 1 or self.rows < 0:
+            raise ValueError("batch_size must be positive and rows non-negative")
+        sched = self.schedule()
+        if schedules.pixel_size(sched) != (self.image_size, self.image_size):
+            raise ValueError(f"resolution {self.resolution} is {schedules.pixel_size(sched)} px, "
+                             f"not {self.image_size} px")
+
+    def schedule(self) -> schedules.Schedule:
+        return common.schedule_of(self.resolution)
+
+
+@dataclass
+class TransformerTrainResult:
+    """The run's model directories, counters, last losses and the held-out text-to-image check."""
+
+    transformer_dir: Path
+    text_encoder_dir: Path
+    steps: int
+    seconds: float
+    final_losses: dict[str, float]
+    samples: dict[str, Any] | None
+    history: list[dict[str, float]]
+
+
+def build_text_encoder(config: TransformerConfig, vocab_size: int):
+    """A seeded random tiny T5 encoder (``toyworld.tiny_t5_config``) of width ``model.text_channels``."""
+    from transformers import T5EncoderModel
+
+    t5 = dict(config.text_encoder)
+    if t5.get("d_model", 128) != config.model["text_channels"]:
+        raise ValueError(f"text_encoder.d_model ({t5.get('d_model')}) must equal model.text_channels "
+                         f"({config.model['text_channels']})")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + 1)
+        return T5EncoderModel(toyworld.tiny_t5_config(vocab_size, **t5))
+
+
+def build_transformer(config: TransformerConfig) -> Infinity:
+    """A freshly initialised transformer of the config (seeded by ``config.seed``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return Infinity(**config.model, cond_drop_rate=config.cond_drop_rate, drop_path_rate=config.drop_path_rate)
+
+
+def encode_captions(tokenizer, encoder, prompts: list[str], device: torch.device) -> TextFeatures:
+    """T5 rows of ``prompts`` as ``encode_prompts`` computes them (real tokens incl. EOS), keeping gradients."""
+    tokens = tokenize_prompts(tokenizer, prompts, pad_to_max_length=False)
+    ids = tokens["input_ids"].to(device)
+    mask = tokens["attention_mask"].to(device)
+    hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+    return TextFeatures(hidden[mask.bool()], mask.sum(dim=1).tolist())
+
+
+def append_rows_per_sample(text: TextFeatures, rows: list[torch.Tensor | None]) -> TextFeatures:
+    """Append ``rows[b]`` (``(n_b, C)``, or None for nothing) after sample ``b``'s rows."""
+    parts: list[torch.Tensor] = []
+    lens: list[int] = []
+    for block, extra in zip(text.split(), rows, strict=True):
+        parts.append(block)
+        if extra is not None and extra.shape[0]:
+            parts.append(extra.to(block))
+        lens.append(block.shape[0] + (0 if extra is None else int(extra.shape[0])))
+    return TextFeatures(torch.cat(parts, dim=0), lens)
+
+
+def text_variants(config: TransformerConfig, step: int, captions: list[str], channels: int
+                  ) -> tuple[list[str], list[torch.Tensor | None]]:
+    """Step ``step``'s prompts (plain or styled) and appended rows, a pure function of the seed and step."""
+    rng = stream_rng(config.seed, TEXT_STREAM, step)
+    B = len(captions)
+    styled = rng.random(B) < config.style_prob
+    with_rows = styled & (rng.random(B) < config.rows_prob)
+    zero = rng.random(B) < config.rows_zero_prob
+    lo, hi = config.rows_log10_std
+    std = 10.0 ** rng.uniform(lo, hi, B)
+    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    noise = torch.randn(B, config.rows, channels, generator=gen)
+    prompts = [c + STYLE_SUFFIX if s else c for c, s in zip(captions, styled, strict=True)]
+    rows: list[torch.Tensor | None] = []
+    for b in range(B):
+        if not with_rows[b] or config.rows == 0:
+            rows.append(None)
+        elif zero[b]:
+            rows.append(torch.zeros(config.rows, channels))
+        else:
+            rows.append(noise[b] * float(std[b]))
+    return prompts, rows
+
+
+def bit_accuracy(logits: torch.Tensor, gt_bits: torch.Tensor, coarse_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Share of bits the argmax predicts right: over every token, and over the first ``coarse_tokens``."""
+    B, L, V = logits.shape
+    right = (logits.detach().view(B, L, V // 2, 2).argmax(-1) == gt_bits.long()).float()
+    return right.mean(), right[:, :coarse_tokens].mean()
+
+
+def load_frozen_vae(vae: BSQVAE | str | Path, device: torch.device) -> BSQVAE:
+    """The VAE that codes the pictures, frozen, in eval mode on ``device``."""
+    if not isinstance(vae, BSQVAE):
+        vae = BSQVAE.from_pretrained(str(vae))
+    return vae.to(device).float().eval().requires_grad_(False)
+
+
+def train_transformer(config: TransformerConfig, run_dir: str | Path, vae: BSQVAE | str | Path, *,
+                      tokenizer_dir: str | Path | None = None, device: str | torch.device | None = None,
+                      resume: bool = False, progress: bool = False, stop_at: int | None = None,
+                      on_save: Callable[[Infinity, Any, bool], None] | None = None) -> TransformerTrainResult:
+    """Train (or resume) the transformer and T5 in ``run_dir`` against the frozen ``vae``.
+
+    Writes ``checkpoint/`` every ``checkpoint_minutes``, ``log.jsonl``, and when the budget is spent
+    ``transformer/`` and ``text_encoder/`` (``save_pretrained``, float32), ``tokenizer/`` and ``result.json``.
+    ``on_save(transformer, text_encoder, final)`` runs after every checkpoint (e.g. to export weights as they
+    improve). ``stop_at`` ends this call after that step without finishing the run.
+    """
+    from transformers import AutoTokenizer
+
+    from ..models.bundle import bundled_tokenizer_dir
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dev = common.resolve_device(device)
+    common.configure_backends(dev)
+    schedule = config.schedule()
+    cfg_dict = common.config_dict(config)
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else bundled_tokenizer_dir()
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), legacy=True)
+    tokenizer.model_max_length = 512
+    vae_model = load_frozen_vae(vae, dev)
+    if vae_model.config.codebook_dim != config.model["codebook_dim"]:
+        raise ValueError(f"the VAE codes {vae_model.config.codebook_dim} bits but the transformer expects "
+                         f"{config.model['codebook_dim']}")
+    transformer = build_transformer(config).to(dev).train()
+    text_encoder = build_text_encoder(config, len(tokenizer)).to(dev)
+    text_encoder.train(config.train_text_encoder).requires_grad_(config.train_text_encoder)
+    groups = common.decay_groups(list(transformer.named_parameters()), NO_DECAY)
+    if config.train_text_encoder:
+        groups += common.decay_groups(list(text_encoder.named_parameters()), NO_DECAY, config.text_lr_scale)
+    opt = common.adamw(groups, config.lr, config.betas, config.weight_decay, dev)
+    params = [p for g in groups for p in g["params"]]
+    gen = torch.Generator(device=dev).manual_seed(config.seed)
+    modules = {"transformer": transformer, "text_encoder": text_encoder}
+    state = common.TrainState()
+    ckpt = common.find_checkpoint(run_dir)
+    if ckpt is not None and not resume:
+        raise CheckpointError(f"{run_dir} already holds a training checkpoint; pass --resume to continue it "
+                              "or choose another output directory")
+    if ckpt is not None:
+        state = common.load_checkpoint(ckpt, modules, opt, {"train": gen})
+        log.info("transformer: resumed %s at step %d (%.0f s trained)", ckpt, state.step, state.elapsed)
+    n_params = sum(p.numel() for p in transformer.parameters())
+    n_text = sum(p.numel() for p in text_encoder.parameters())
+    noise_layers = len(schedule) if config.noise_layers <= 0 else config.noise_layers
+    coarse = sum(schedules.scale_lengths(schedule)[:4])
+    log.info("transformer: %.2fM parameters (+ T5 %.2fM, %s), batch %d, %d tokens per picture, device %s",
+             n_params / 1e6, n_text / 1e6, "trained" if config.train_text_encoder else "frozen", config.batch_size,
+             schedules.num_tokens(schedule), dev)
+
+    def save(final: bool = False) -> None:
+        common.save_checkpoint(run_dir, modules, opt, state, {"train": gen}, cfg_dict)
+        if on_save is not None:
+            on_save(transformer, text_encoder, final)
+
+    with SceneStream(config.seed, TRANSFORMER_STREAM, config.batch_size, start=state.step,
+                     width=config.image_size, height=config.image_size, workers=config.workers) as stream:
+
+        def step_fn(step: int) -> dict[str, torch.Tensor]:
+            scenes = stream.get(step)
+            prompts, rows = text_variants(config, step, [toyworld.caption(s) for s in scenes],
+                                          config.model["text_channels"])
+            img = render_batch(scenes, dev, noise=config.image_noise, generator=gen)
+            with torch.no_grad(), common.autocast(dev):
+                z = vae_model.encoder(img)
+            gt_bits, x_in = bitwise_self_correction(z.float(), schedule, noise_layers, config.noise_strength, gen)
+            with torch.set_grad_enabled(config.train_text_encoder), common.autocast(dev):
+                text = encode_captions(tokenizer, text_encoder, prompts, dev)
+            text = append_rows_per_sample(text, rows)
+            with common.autocast(dev):
+                logits = transformer(text, x_in, schedule, generator=gen)
+            logits = logits.float()
+            loss = transformer.bit_loss(logits, gt_bits, schedule)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            opt.step()
+            acc, acc_coarse = bit_accuracy(logits, gt_bits, coarse)
+            return {"loss": loss.detach().float(), "bit_acc": acc, "coarse_acc": acc_coarse, "grad_norm": grad_norm}
+
+        last = common.run_steps(
+            "transformer", run_dir, state, common.Budget(steps=config.steps, minutes=config.minutes),
+            step_fn=step_fn, optimizer=opt, save=save, device=dev, samples_per_step=config.batch_size,
+            lr_fn=lambda step, total: common.lr_at(step, config.lr, config.warmup_steps, total, config.min_lr_ratio),
+            log_seconds=config.log_seconds, checkpoint_minutes=config.checkpoint_minutes, progress=progress,
+            stop_at=stop_at)
+    t_dir, e_dir = run_dir / "transformer", run_dir / "text_encoder"
+    samples = None
+    if state.finished:
+        transformer.eval()
+        text_encoder.eval()
+        transformer.save_pretrained(t_dir)
+        text_encoder.save_pretrained(e_dir)
+        shutil.copytree(tok_dir, run_dir / "tokenizer", dirs_exist_ok=True)
+        if on_save is not None:
+            on_save(transformer, text_encoder, True)
+        by_cfg: dict[str, Any] = {}
+        if config.sample_images > 0:
+            from .evaluate import text_to_image_eval
+
+            for cfg in (config.cfg, *config.extra_cfgs):
+                t0 = time.perf_counter()
+                summary = text_to_image_eval(transformer, vae_model, tokenizer, text_encoder, config.sample_images,
+                                             schedule=schedule, cfg=cfg, tau=config.tau, seed=config.seed)
+                log.info("transformer: held-out text-to-image at cfg %g: objects as prompted %.1f%%, exact match "
+                         "%.1f%% (%d pictures, %.0f s)", cfg, 100 * summary["objects_ok_rate"],
+                         100 * summary["matches_rate"], summary["generations"], time.perf_counter() - t0)
+                by_cfg[str(cfg)] = _without_cases(summary)
+                if samples is None:
+                    samples = summary
+        result = {"steps": state.step, "seconds": round(state.elapsed, 2), "final": last,
+                  "samples": _without_cases(samples), "samples_by_cfg": by_cfg, "config": cfg_dict,
+                  "hardware": common.hardware(), "parameters": n_params, "text_encoder_parameters": n_text}
+        (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    return TransformerTrainResult(transformer_dir=t_dir, text_encoder_dir=e_dir, steps=state.step,
+                                  seconds=state.elapsed, final_losses=last, samples=samples, history=state.history)
+
+
+def _without_cases(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    if summary is None:
+        return None
+    out = {k: v for k, v in summary.items() if k != "cases"}
+    out["examples"] = summary.get("cases", [])[:8]
+    return out
+

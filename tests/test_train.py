@@ -1,0 +1,319 @@
+"""Training code: batched renderer and seeds, the VAE and transformer loops (learning, exact resumption), the toy
+driver's weights directory, and the evaluation script. Everything runs on the CPU with tiny models at 64 px."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from editinfinity import toyworld as tw
+from editinfinity.edit.case import image_to_tensor
+from editinfinity.models.bsq_vae import BSQVAE
+from editinfinity.models.bundle import bundled_tokenizer_dir, load_models
+from editinfinity.models.quantizer import multiscale_quantize
+from editinfinity.models.text import STYLE_SUFFIX, encode_prompts
+from editinfinity.train import common
+from editinfinity.train.cli import add_train_parser
+from editinfinity.train.data import SceneStream, render_batch, scene_batch, stream_rng
+from editinfinity.train.evaluate import keep_region
+from editinfinity.train.transformer import (
+    TransformerConfig,
+    append_rows_per_sample,
+    build_text_encoder,
+    encode_captions,
+    text_variants,
+    train_transformer,
+)
+from editinfinity.train.vae import VAEConfig, build_vae, train_vae, vae_losses
+
+ROOT = Path(__file__).resolve().parents[1]
+GRIDS_64 = [[1, 1], [2, 2], [4, 4]]  # a 3-scale schedule for 64 px pictures
+TINY_VAE = {"model": {"base_ch": 24, "ch_mult": [1, 1, 1, 1, 1], "num_res_blocks": 1}, "resolution": GRIDS_64,
+            "image_size": 64, "batch_size": 2, "workers": 0, "log_seconds": 0, "checkpoint_minutes": 1000,
+            "eval_images": 2, "minutes": 0, "warmup_steps": 2}
+TINY_TRANSFORMER = {"model": {"depth": 1, "embed_dim": 64, "num_heads": 2}, "resolution": GRIDS_64, "image_size": 64,
+                    "batch_size": 2, "workers": 0, "log_seconds": 0, "checkpoint_minutes": 1000, "sample_images": 0,
+                    "minutes": 0, "warmup_steps": 2, "rows": 3}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # One thread: on a shared 2-core runner, two oneDNN threads contending with other work run 2-10x slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_vae_config(**kw) -> VAEConfig:
+    return common.load_config(VAEConfig, overrides={**TINY_VAE, **kw})
+
+
+def tiny_transformer_config(**kw) -> TransformerConfig:
+    return common.load_config(TransformerConfig, overrides={**TINY_TRANSFORMER, **kw})
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    """A tiny random VAE in the save_pretrained layout (the transformer tests only need its codes)."""
+    d = tmp_path_factory.mktemp("vae") / "vae"
+    build_vae(tiny_vae_config()).save_pretrained(d)
+    return d
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(bundled_tokenizer_dir()), legacy=True)
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def test_render_batch_equals_toyworld_render_and_adds_the_requested_noise():
+    scenes = scene_batch(0, 1, 0, 12)
+    ref = torch.cat([image_to_tensor(tw.render(s)) for s in scenes])
+    assert torch.equal(render_batch(scenes), ref)
+    gen = torch.Generator().manual_seed(0)
+    noisy = render_batch(scenes[:3], noise=torch.tensor([0.0, 2.0, 4.0]), generator=gen)
+    std = ((noisy - ref[:3]) * 127.5).std(dim=(1, 2, 3))
+    assert std[0] == 0 and abs(float(std[1]) - 2) < 0.2 and abs(float(std[2]) - 4) < 0.3
+
+
+def test_training_streams_are_seeded_per_step_and_never_evaluation_seeds():
+    assert scene_batch(3, 2, 7, 4) == scene_batch(3, 2, 7, 4)
+    assert scene_batch(3, 2, 7, 4) != scene_batch(3, 2, 8, 4)
+    assert scene_batch(3, 1, 7, 4) != scene_batch(3, 2, 7, 4)
+    # numpy pads seed entropy with zeros: stream 0 of seed s at step 0 would replay tw.sample_scene(...) seeds
+    with pytest.raises(ValueError, match="numbered from 1"):
+        stream_rng(0, 0, 0)
+    first = {float(stream_rng(0, s, step).random()) for s in (1, 2, 3) for step in range(50)}
+    evaluation = {float(np.random.default_rng(i).random()) for i in range(1000)}
+    assert not first & evaluation
+
+
+def test_scene_stream_with_worker_processes_gives_the_in_process_batches():
+    with SceneStream(5, 1, 3, start=4, workers=2, width=64, height=64) as pooled:
+        got = [pooled.get(step) for step in range(4, 8)]
+    assert got == [scene_batch(5, 1, step, 3, 64, 64) for step in range(4, 8)]
+    with SceneStream(5, 1, 3, start=4) as stream, pytest.raises(ValueError, match="expected step 4"):
+        stream.get(5)
+
+
+# ------------------------------------------------------------------------------------------------- VAE
+
+
+def test_vae_objective_reaches_the_encoder_through_the_quantiser_and_learns():
+    cfg = tiny_vae_config()
+    vae = build_vae(cfg)
+    img = render_batch(scene_batch(0, 1, 0, 4, 64, 64))
+    losses = vae_losses(vae, img, cfg.schedule(), cfg)
+    (losses["l1"] + losses["mse"]).backward()  # reconstruction only: the encoder's gradient must pass the quantiser
+    assert vae.encoder.conv_in.conv.weight.grad.abs().sum() > 0
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    first = None
+    for _ in range(25):
+        loss = vae_losses(vae, img, cfg.schedule(), cfg)["loss"]
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.6 * first
+
+
+def test_vae_resume_continues_exactly_where_the_checkpoint_stopped(tmp_path):
+    cfg = tiny_vae_config(steps=4)
+    straight = train_vae(cfg, tmp_path / "straight", device="cpu")
+    assert straight.steps == 4 and (tmp_path / "straight" / "vae" / "config.json").is_file()
+    assert straight.heldout["images"] == 2 and np.isfinite(straight.heldout["mean_psnr"])
+
+    part = train_vae(cfg, tmp_path / "resumed", device="cpu", stop_at=2)
+    assert part.steps == 2 and not (tmp_path / "resumed" / "vae").exists()
+    ckpt = tmp_path / "resumed" / "checkpoint"
+    payload = torch.load(ckpt / common.STATE_FILE, weights_only=True)
+    assert payload["step"] == 2 and payload["total_steps"] == 4
+    # the checkpoint's optimizer state loads into a fresh optimizer unchanged
+    vae = build_vae(cfg)
+    opt = common.adamw(common.decay_groups(list(vae.named_parameters())), cfg.lr, cfg.betas, cfg.weight_decay,
+                       torch.device("cpu"))
+    state = common.load_checkpoint(ckpt, {"model": vae}, opt, {})
+    assert state.step == 2
+    for k, saved in payload["optimizer"]["state"].items():
+        for name, tensor in saved.items():
+            assert torch.equal(opt.state_dict()["state"][k][name], tensor)
+    with pytest.raises(common.CheckpointError, match="--resume"):
+        train_vae(cfg, tmp_path / "resumed", device="cpu")
+
+    resumed = train_vae(cfg, tmp_path / "resumed", device="cpu", resume=True)
+    assert resumed.steps == 4
+    assert [h["step"] for h in resumed.history] == [1, 2, 3, 4]
+    a = BSQVAE.from_pretrained(str(tmp_path / "straight" / "vae")).state_dict()
+    b = BSQVAE.from_pretrained(str(tmp_path / "resumed" / "vae")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------------- transformer
+
+
+def test_caption_features_equal_the_inference_encoding_and_rows_append_per_sample():
+    tok = _tokenizer()
+    cfg = tiny_transformer_config()
+    t5 = build_text_encoder(cfg, len(tok)).eval()
+    prompts = ["a red circle on a gray background", "a blue square and a green triangle on a white background"
+               + STYLE_SUFFIX]
+    with torch.no_grad():
+        ours = encode_captions(tok, t5, prompts, torch.device("cpu"))
+    ref = encode_prompts(tok, t5, prompts)
+    assert ours.lens == ref.lens and torch.allclose(ours.features, ref.features, atol=1e-6)
+    rows = torch.ones(3, ref.channels)
+    text = append_rows_per_sample(ref, [None, rows])
+    assert text.lens == [ref.lens[0], ref.lens[1] + 3]
+    assert torch.equal(text.split()[1][-3:], rows) and torch.equal(text.split()[0], ref.split()[0])
+
+
+def test_text_variants_mix_plain_and_styled_prompts_with_zero_or_tiny_rows():
+    cfg = tiny_transformer_config(style_prob=0.5, rows_prob=0.5, rows=4)
+    captions = [f"a red circle on a {c} background" for c in tw.COLOURS if c != "red"] * 8
+    prompts, rows = text_variants(cfg, 3, captions, 128)
+    again, rows2 = text_variants(cfg, 3, captions, 128)
+    assert prompts == again and all((a is None and b is None) or torch.equal(a, b) for a, b in zip(rows, rows2, strict=True))
+    styled = [p.endswith(STYLE_SUFFIX) for p in prompts]
+    assert 0 < sum(styled) < len(prompts)
+    with_rows = [r is not None for r in rows]
+    assert any(with_rows) and all(s for s, w in zip(styled, with_rows, strict=True) if w)  # rows only after styled prompts
+    used = [r for r in rows if r is not None]
+    assert all(r.shape == (4, 128) and float(r.abs().max()) < 0.1 for r in used)
+    assert any(float(r.abs().max()) == 0 for r in used) and any(float(r.abs().max()) > 0 for r in used)
+
+
+def test_transformer_training_lowers_the_bit_loss(tmp_path, vae_dir):
+    cfg = tiny_transformer_config(steps=14, lr=3e-3, warmup_steps=1, batch_size=4)
+    res = train_transformer(cfg, tmp_path / "run", vae_dir, device="cpu")
+    losses = [h["loss"] for h in res.history]
+    assert len(losses) == 14 and np.isfinite(losses).all()
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.01
+    assert (tmp_path / "run" / "transformer" / "config.json").is_file()
+    assert (tmp_path / "run" / "text_encoder" / "config.json").is_file()
+
+
+def test_transformer_resume_continues_exactly(tmp_path, vae_dir):
+    cfg = tiny_transformer_config(steps=4)
+    train_transformer(cfg, tmp_path / "straight", vae_dir, device="cpu")
+    part = train_transformer(cfg, tmp_path / "resumed", vae_dir, device="cpu", stop_at=2)
+    assert part.steps == 2 and not (tmp_path / "resumed" / "transformer").exists()
+    exported = []
+    resumed = train_transformer(cfg, tmp_path / "resumed", vae_dir, device="cpu", resume=True,
+                                on_save=lambda t, e, final: exported.append(final))
+    assert resumed.steps == 4 and exported[-1] is True
+    for name in ("transformer", "text_encoder"):
+        a = (tmp_path / "straight" / "checkpoint" / f"{name}.safetensors").read_bytes()
+        b = (tmp_path / "resumed" / "checkpoint" / f"{name}.safetensors").read_bytes()
+        assert a == b, name
+
+
+# ------------------------------------------------------------------------------------------------- small pieces
+
+
+def test_learning_rate_schedule_and_time_budget():
+    assert common.lr_at(0, 1.0, 4, 100, 0.1) == pytest.approx(0.25)
+    assert common.lr_at(4, 1.0, 4, 100, 0.1) == pytest.approx(1.0)
+    assert common.lr_at(100, 1.0, 4, 100, 0.1) == pytest.approx(0.1)
+    assert common.lr_at(50, 1.0, 4, None, 0.1) == 1.0  # total not measured yet: peak
+    budget = common.Budget(minutes=1.0, skip_steps=1, calibration_steps=2)
+    cpu = torch.device("cpu")
+    assert budget.observe(1, 1, 0.0, cpu) is None
+    assert budget.observe(2, 2, 0.0, cpu) is None
+    total = budget.observe(3, 3, 1.0, cpu)
+    assert total is not None and total > 3
+    assert budget.done(5, None, 61.0) and not budget.done(5, None, 10.0)
+    with pytest.raises(common.InvalidCaseError):
+        common.Budget()
+
+
+def test_configs_in_the_repo_are_the_defaults_and_overrides_parse():
+    from editinfinity.train.toy import TRANSFORMER_CONFIG, VAE_CONFIG
+
+    assert common.load_config(VAEConfig, VAE_CONFIG) == VAEConfig()
+    assert common.load_config(TransformerConfig, TRANSFORMER_CONFIG) == TransformerConfig()
+    over = common.parse_overrides(["lr=1e-3", "model.depth=2", "resolution=[[1,1],[2,2]]"])
+    cfg = common.load_config(TransformerConfig, TRANSFORMER_CONFIG, {**over, "image_size": 32})
+    assert cfg.lr == 1e-3 and cfg.model["depth"] == 2 and cfg.model["embed_dim"] == 256
+    with pytest.raises(common.InvalidCaseError, match="unknown training setting"):
+        common.load_config(VAEConfig, overrides={"batchsize": 3})
+
+
+def test_keep_region_excludes_the_mask_cells_and_their_neighbours():
+    mask = np.zeros((64, 64), bool)
+    mask[20, 20] = True  # one pixel in cell (1, 1)
+    keep = keep_region(mask, cell=16)
+    assert not keep[0:48, 0:48].any() and keep[48:, :].all() and keep[:, 48:].all()
+
+
+def test_train_commands_register_with_handlers():
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    for argv in (["train-vae", "--out", "x"], ["train", "--out", "x", "--vae", "v"], ["train-toy", "--out", "x"]):
+        args = parser.parse_args(argv)
+        assert callable(args.handler)
+
+
+# ------------------------------------------------------------------------------------------------- driver + eval
+
+
+def _tiny_driver_args(out: Path) -> list[str]:
+    args = ["--out", str(out), "--device", "cpu", "--workers", "0", "--vae-minutes", "0", "--vae-steps", "2",
+            "--transformer-minutes", "0", "--transformer-steps", "2", "--check-images", "2",
+            "--transformer-set", "sample_images=2", "--transformer-set", "extra_cfgs=[]"]
+    for k, v in TINY_VAE.items():
+        if k == "model":
+            args += [a for kk, vv in v.items() for a in ("--vae-set", f"model.{kk}={json.dumps(vv)}")]
+        elif k not in ("minutes", "workers"):
+            args += ["--vae-set", f"{k}={json.dumps(v)}"]
+    for k, v in TINY_TRANSFORMER.items():
+        if k == "model":
+            args += [a for kk, vv in v.items() for a in ("--transformer-set", f"model.{kk}={json.dumps(vv)}")]
+        elif k not in ("minutes", "workers", "sample_images"):
+            args += ["--transformer-set", f"{k}={json.dumps(v)}"]
+    return args
+
+
+def test_toy_driver_writes_a_loadable_directory_and_the_eval_script_runs_on_it(tmp_path):
+    from editinfinity.train.toy import main
+
+    out = tmp_path / "toy"
+    assert main(_tiny_driver_args(out)) == 0
+    for part in ("vae", "transformer", "text_encoder", "tokenizer"):
+        assert (out / part).is_dir(), part
+    assert json.loads((out / "model_index.json").read_text())["editinfinity_preset"] == "toy"
+    with safe_open(str(out / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} <= {torch.float16}
+    record = json.loads((out / "training.json").read_text())
+    assert record["vae"]["steps"] == 2 and record["transformer"]["steps"] == 2
+    assert record["weights"]["total_bytes"] <= 40 * 2**20
+    assert record["checks"]["load_models"] == "ok" and record["checks"]["dtypes"]["vae"] == "torch.float32"
+    assert record["transformer"]["samples"]["generations"] == 2
+    assert "toy" in (out / "MODEL_CARD.md").read_text()
+
+    models = load_models("toy", weights=str(out), device="cpu")
+    x = render_batch([tw.sample_scene(0)])
+    codes = multiscale_quantize(models.vae.encode_raw(x), [(1, 1, 1), (1, 4, 4), (1, 16, 16)])
+    assert models.vae.decode(codes.summed_codes).shape == (1, 3, 256, 256)
+
+    spec = importlib.util.spec_from_file_location("toy_eval", ROOT / "bench" / "toy_eval.py")
+    toy_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy_eval)
+    report_path = tmp_path / "eval.json"
+    assert toy_eval.main(["--weights", str(out), "--device", "cpu", "--limit", "2", "--prompt-iters", "1",
+                          "--lora-iters", "1", "--out", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["vae"]["images"] == 2 and report["text_to_image"]["generations"] == 2
+    assert set(report["edits"]) == {"auto", "mask", "whole"}
+    assert all(report["edits"][m]["cases"] == 2 for m in report["edits"])
+    assert report["limited"] and set(report["passed"]) >= {"vae_psnr", "text_to_image", "edit_auto_present"}
