@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import toyworld
@@ -150,27 +151,22 @@ def append_rows_per_sample(text: TextFeatures, rows: list[torch.Tensor | None]) 
     return TextFeatures(torch.cat(parts, dim=0), lens)
 
 
-def text_variants(config: TransformerConfig, step: int, captions: list[str], channels: int
-                  ) -> tuple[list[str], list[torch.Tensor | None]]:
-    """Step ``step``'s prompts (plain or styled) and appended rows, a pure function of the seed and step."""
+def text_variants(config: TransformerConfig, step: int, captions: list[str], channels: int,
+                  device: torch.device | str = "cpu") -> tuple[list[str], list[torch.Tensor | None]]:
+    """Step ``step``'s prompts (plain or styled) and appended rows (on ``device``), a pure function of the seed
+    and step."""
     rng = stream_rng(config.seed, TEXT_STREAM, step)
     B = len(captions)
     styled = rng.random(B) < config.style_prob
     with_rows = styled & (rng.random(B) < config.rows_prob)
     zero = rng.random(B) < config.rows_zero_prob
     lo, hi = config.rows_log10_std
-    std = 10.0 ** rng.uniform(lo, hi, B)
+    std = np.where(zero, 0.0, 10.0 ** rng.uniform(lo, hi, B)).astype(np.float32)
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    noise = torch.randn(B, config.rows, channels, generator=gen)
+    noise = torch.randn(B, config.rows, channels, generator=gen) * torch.from_numpy(std).view(B, 1, 1)
+    noise = noise.to(device)  # one transfer for the whole batch
     prompts = [c + STYLE_SUFFIX if s else c for c, s in zip(captions, styled, strict=True)]
-    rows: list[torch.Tensor | None] = []
-    for b in range(B):
-        if not with_rows[b] or config.rows == 0:
-            rows.append(None)
-        elif zero[b]:
-            rows.append(torch.zeros(config.rows, channels))
-        else:
-            rows.append(noise[b] * float(std[b]))
+    rows = [noise[b] if with_rows[b] and config.rows > 0 else None for b in range(B)]
     return prompts, rows
 
 
@@ -253,7 +249,7 @@ def train_transformer(config: TransformerConfig, run_dir: str | Path, vae: BSQVA
         def step_fn(step: int) -> dict[str, torch.Tensor]:
             scenes = stream.get(step)
             prompts, rows = text_variants(config, step, [toyworld.caption(s) for s in scenes],
-                                          config.model["text_channels"])
+                                          config.model["text_channels"], dev)
             img = render_batch(scenes, dev, noise=config.image_noise, generator=gen)
             with torch.no_grad(), common.autocast(dev):
                 z = vae_model.encoder(img)
