@@ -2,31 +2,52 @@
 
     python bench/edit.py --preset tiny --device cpu --out bench/results/edit_tiny_cpu.json
     python bench/edit.py --preset 2b-random --device cuda --with-load --out bench/results/edit_h200.json
+    python bench/edit.py --preset 2b-random --device cuda --with-load --variants default,low-memory \\
+        --out bench/results/edit_h200.json        # also writes edit_h200_low-memory.json
 
-``--with-load`` first writes the preset's random weights as safetensors (the layout of `editinfinity convert`) and
-then times loading every model from that directory, as a user with converted official weights would.
+``--with-load`` first writes the preset's random weights as float32 safetensors (the layout of `editinfinity
+convert`, the size of the official files) and then times loading every model from that directory, as a user with
+converted official weights would. ``--variants`` runs several settings in one process on the same loaded models
+(each ``--repeat`` times; the last run is reported): ``default`` (the flags below), ``low-memory``, ``compile``,
+``no-checkpointing``, ``checkpoint-all``, ``cudnn-attention``, ``flash-attention``. The first variant's numbers are the top-level fields of ``--out``; every
+variant is also under ``variants`` and, after the first, in ``<out>_<variant>.json``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import resource
-import tempfile
 import time
-from pathlib import Path
 
-import torch
+_START = time.perf_counter()
 
-from editinfinity.demo import example_dir
-from editinfinity.edit.run import run_edit
-from editinfinity.edit.settings import EditSettings
-from editinfinity.models.bundle import load_models
-from editinfinity.models.checkpoints import write_model_index
-from editinfinity.models.presets import get_preset
-from editinfinity.toyworld import Scene, Shape, render
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
 
+import torch  # noqa: E402
+
+from editinfinity.demo import example_dir  # noqa: E402
+from editinfinity.edit.run import run_edit  # noqa: E402
+from editinfinity.edit.settings import EditSettings  # noqa: E402
+from editinfinity.models.bundle import load_models  # noqa: E402
+from editinfinity.models.checkpoints import write_model_index  # noqa: E402
+from editinfinity.models.presets import get_preset  # noqa: E402
+from editinfinity.toyworld import Scene, Shape, render  # noqa: E402
+
+IMPORT_SECONDS = time.perf_counter() - _START
 REFERENCE_TOTAL_SECONDS = 321  # ../shared/notes/reference-bench.md, one H200, random official-format weights
+GOALS = {"total_seconds_warm": 15.0, "total_seconds_with_load": 25.0, "peak_gpu_memory_gb": 40.0,
+         "peak_gpu_memory_gb_low_memory": 24.0, "generation_seconds": 1.0}
+VARIANTS = {
+    "default": {},
+    "low-memory": {"low_memory": True},
+    "compile": {"compile": True},
+    "no-checkpointing": {"checkpointing": "none"},
+    "checkpoint-all": {"checkpointing": "all"},
+    "cudnn-attention": {"attention_backend": "cudnn"},
+    "flash-attention": {"attention_backend": "flash"},
+}
 
 
 def save_bundle(models, directory: Path, preset: str) -> None:
@@ -37,77 +58,156 @@ def save_bundle(models, directory: Path, preset: str) -> None:
     write_model_index(directory, preset=preset)
 
 
+def bench_image(directory: Path, resolution: str) -> tuple[Path, dict, tuple[int, int]]:
+    """The bundled example scene rendered at the schedule's pixel size, and its case (prompts, target word)."""
+    from editinfinity.models import schedules
+
+    h, w = schedules.pixel_size(schedules.get_schedule(1.0, resolution))
+    ex = example_dir()
+    case = json.loads((ex / "case.json").read_text())
+    scene = Scene.from_dict(json.loads((ex / "scene.json").read_text()))
+    scale = w / scene.width
+    big = Scene(scene.background, tuple(Shape(s.kind, s.colour, s.cx * scale, s.cy * scale, s.size * scale)
+                                        for s in scene.shapes), w, h)
+    image = directory / "image.png"
+    render(big).save(image)
+    return image, case, (h, w)
+
+
+def stage_records(out: Path) -> dict:
+    """Checkpointed blocks and update counts recorded by the training stages."""
+    found = {}
+    for stage in ("prompt", "lora"):
+        path = out / "stages" / stage / "stage.json"
+        if path.is_file():
+            rec = json.loads(path.read_text())
+            found[stage] = {"checkpoint_blocks": rec.get("checkpoint_blocks"), "updates": len(rec.get("losses", []))}
+    return found
+
+
+def run_variant(name: str, overrides: dict, args, models, image: Path, case: dict, resolution: str,
+                tmp: Path) -> dict:
+    settings = EditSettings(prompt_iters=args.prompt_iters, lora_iters=args.lora_iters, **overrides)
+    cuda = args.device.startswith("cuda")
+    summary, totals, out = None, [], None
+    for i in range(args.repeat):
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        out = run_edit(tmp / f"{name}{i}", image=str(image), prompt=case["prompt"], edit_prompt=case["edit_prompt"],
+                       mode="auto", target_word=case["target_word"], resolution=resolution, models=models,
+                       settings=settings, overwrite=True, progress=False)
+        summary = json.loads((out / "summary.json").read_text())
+        totals.append(summary["seconds"]["total"])
+    secs = summary["seconds"]
+    return {
+        "variant": name,
+        "settings": {"checkpointing": settings.checkpointing, "low_memory": settings.low_memory,
+                     "compile": settings.compile, "attention_backend": settings.attention_backend,
+                     "frozen_dtype": summary["models"].get("frozen_dtype")},
+        "stage_seconds": {k: v for k, v in secs.items() if k not in ("total", "peak_gpu_memory_gb")},
+        "total_seconds_warm": secs["total"],
+        "total_seconds_all_runs": totals,
+        "generation_seconds": secs["generate"],
+        "peak_gpu_memory_gb": secs.get("peak_gpu_memory_gb"),
+        "peak_gpu_memory_gb_after_stage": summary.get("peak_gpu_memory_gb_after_stage"),
+        "training": stage_records(out),
+        "seconds_per_update": {
+            "tune_prompt": round(secs["tune_prompt"] / max(args.prompt_iters, 1), 4),
+            "train_lora": round(secs["train_lora"] / max(args.lora_iters, 1), 4),
+        },
+    }
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--resolution", default=None)
     ap.add_argument("--prompt-iters", type=int, default=10)
     ap.add_argument("--lora-iters", type=int, default=50)
     ap.add_argument("--with-load", action="store_true")
-    ap.add_argument("--repeat", type=int, default=2, help="edits to run; the last is reported (the first warms up)")
+    ap.add_argument("--repeat", type=int, default=2, help="edits per variant; the last is reported (the first warms up)")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                    help="storage of the frozen transformer blocks and T5 (auto: bf16 on CUDA)")
+    ap.add_argument("--checkpointing", default=None, help="auto | none | all | N (the default variant)")
+    ap.add_argument("--low-memory", action="store_true", help="the default variant in the low-memory setting")
+    ap.add_argument("--compile", action="store_true", help="the default variant with torch.compile'd training blocks")
+    ap.add_argument("--attention-backend", default=None, choices=("auto", "flash", "cudnn", "efficient", "math"),
+                    help="SDPA kernel preferred by the training stages (the default variant)")
+    ap.add_argument("--variants", default="default", help=f"comma-separated, from {', '.join(VARIANTS)}")
     ap.add_argument("--out", default="bench/results/edit.json")
     args = ap.parse_args()
 
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        ap.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    default = {}
+    if args.checkpointing is not None:
+        default["checkpointing"] = args.checkpointing
+    if args.low_memory:
+        default["low_memory"] = True
+    if args.compile:
+        default["compile"] = True
+    if args.attention_backend is not None:
+        default["attention_backend"] = args.attention_backend
+
     spec = get_preset(args.preset)
     resolution = args.resolution or spec.resolution
-    from editinfinity.models import schedules
-
-    h, w = schedules.pixel_size(schedules.get_schedule(1.0, resolution))
-    ex = example_dir()
-    case = json.loads((ex / "case.json").read_text())
     tmp = Path(tempfile.mkdtemp(prefix="bench-edit-"))
-    scene = Scene.from_dict(json.loads((ex / "scene.json").read_text()))
-    scale = w / scene.width
-    big = Scene(scene.background, tuple(Shape(s.kind, s.colour, s.cx * scale, s.cy * scale, s.size * scale)
-                                        for s in scene.shapes), w, h)
-    image = tmp / "image.png"
-    render(big).save(image)
+    image, case, (h, w) = bench_image(tmp, resolution)
+    cuda = args.device.startswith("cuda")
 
     t = time.perf_counter()
-    models = load_models(args.preset, device=args.device)
+    # Saved weights must be float32 (the official files' size), so build in float32 when they are written.
+    models = load_models(args.preset, device=args.device, dtype="float32" if args.with_load else args.dtype)
     build_seconds = time.perf_counter() - t
     load_seconds = None
     if args.with_load:
         save_bundle(models, tmp / "weights", args.preset)
         del models
-        if args.device.startswith("cuda"):
+        if cuda:
             torch.cuda.empty_cache()
         t = time.perf_counter()
-        models = load_models(args.preset, weights=str(tmp / "weights"), device=args.device)
-        if args.device.startswith("cuda"):
+        models = load_models(args.preset, weights=str(tmp / "weights"), device=args.device, dtype=args.dtype)
+        if cuda:
             torch.cuda.synchronize()
         load_seconds = time.perf_counter() - t
-    settings = EditSettings(prompt_iters=args.prompt_iters, lora_iters=args.lora_iters)
-    summary = None
-    for i in range(args.repeat):
-        if args.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        out = run_edit(tmp / f"out{i}", image=str(image), prompt=case["prompt"], edit_prompt=case["edit_prompt"],
-                       mode="auto", target_word=case["target_word"], resolution=resolution, models=models,
-                       settings=settings, overwrite=True, progress=False)
-        summary = json.loads((out / "summary.json").read_text())
-    secs = summary["seconds"]
-    gen_t = secs["generate"]
-    result = {
+
+    common = {
         "benchmark": "edit (automatic mask)", "preset": args.preset, "resolution": resolution,
         "image_size": [h, w], "prompt_iters": args.prompt_iters, "lora_iters": args.lora_iters,
         "device": args.device,
-        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-        "torch": torch.__version__, "stage_seconds": {k: v for k, v in secs.items() if k not in ("total",)},
-        "total_seconds_warm": secs["total"],
-        "total_seconds_with_load": (secs["total"] + load_seconds) if load_seconds is not None else None,
-        "load_seconds": load_seconds, "random_build_seconds": build_seconds,
-        "generation_seconds": gen_t,
-        "peak_gpu_memory_gb": secs.get("peak_gpu_memory_gb"),
+        "gpu": torch.cuda.get_device_name() if cuda else None,
+        "torch": torch.__version__,
+        "load_seconds": load_seconds, "random_build_seconds": build_seconds, "import_seconds": IMPORT_SECONDS,
         "peak_cpu_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "reference_total_seconds": REFERENCE_TOTAL_SECONDS if args.preset.startswith("2b") else None,
-        "note": "generation_seconds is the generate stage: one CFG generation with blending, VAE decodes of the "
-                "edit and of the reconstruction",
+        "goals": GOALS,
+        "note": "generation_seconds is the generate stage: one CFG generation with LoRA and blending, VAE decodes "
+                "of the edit and of the reconstruction, PNG writes; bench/generate.py times the generation alone. "
+                "total_seconds_with_load = load_seconds + total_seconds_warm (Python imports excluded: "
+                "import_seconds). Memory in GiB (2**30 bytes).",
     }
-    print(json.dumps(result, indent=2))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    for name in names:
+        overrides = default if name == "default" else VARIANTS[name]
+        r = run_variant(name, overrides, args, models, image, case, resolution, tmp)
+        r["total_seconds_with_load"] = (r["total_seconds_warm"] + load_seconds) if load_seconds is not None else None
+        results[name] = r
+        print(f"{name}: warm {r['total_seconds_warm']:.2f} s, with load {r['total_seconds_with_load']}, "
+              f"peak {r['peak_gpu_memory_gb']} GiB, stages {r['stage_seconds']}, "
+              f"training {r['training']}", flush=True)
+        # Written after every variant, so a run cut short keeps what it measured.
+        first = results[names[0]]
+        out_path.write_text(json.dumps({**common, **first, "variants": results}, indent=2) + "\n")
+        if name != names[0]:
+            other = out_path.with_name(f"{out_path.stem}_{name}{out_path.suffix}")
+            other.write_text(json.dumps({**common, **r}, indent=2) + "\n")
+    print(json.dumps({**common, **results[names[0]], "variants": results}, indent=2))
 
 
 if __name__ == "__main__":

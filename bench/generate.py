@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--storage", default="auto", choices=("auto", "float32"),
+                    help="block weight storage: auto = the autocast dtype on CUDA (as load_models), float32")
     ap.add_argument("--out", default="bench/results/generate.json")
     args = ap.parse_args()
 
@@ -41,6 +43,8 @@ def main() -> None:
         model = Infinity(**spec.transformer)
     dtype = getattr(torch, args.dtype)
     model.eval().requires_grad_(False)
+    if args.storage == "auto" and device.type == "cuda":
+        model.cast_frozen(dtype)  # identical results under autocast of that dtype, no per-call weight casts
     schedule = schedules.get_schedule(args.h_div_w, args.resolution)
     text = TextFeatures(torch.randn(args.text_tokens, model.config.text_channels, device=device) * 0.3,
                         [args.text_tokens])
@@ -65,6 +69,7 @@ def main() -> None:
         "benchmark": "generate", "preset": args.preset, "resolution": args.resolution,
         "schedule_last_grid": list(schedules.last_grid(schedule)), "tokens": schedules.num_tokens(schedule),
         "scales": len(schedule), "cfg": args.cfg, "dtype": args.dtype, "device": str(device),
+        "block_weight_storage": str(model.frozen_dtype).removeprefix("torch."),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__, "params": sum(p.numel() for p in model.parameters()),
         "seconds_per_image_median": statistics.median(times), "seconds_per_image_min": min(times),

@@ -22,7 +22,7 @@ from editinfinity.edit.prepare import prepare_case
 from editinfinity.edit.prompt_tuning import tune_prompt_embedding
 from editinfinity.edit.run import run_edit
 from editinfinity.edit.settings import EditSettings, parse_checkpointing
-from editinfinity.edit.training import checkpoint_block_count, optimize
+from editinfinity.edit.training import attention_backend, checkpoint_block_count, optimize
 from editinfinity.errors import InvalidCaseError
 from editinfinity.models import schedules
 from editinfinity.models.bundle import load_models, resolve_frozen_dtype
@@ -186,6 +186,33 @@ def test_checkpointing_gives_the_same_loss_and_gradients(checkpoint):
     assert m.checkpoint_blocks == 0
 
 
+def test_checkpointing_under_bf16_autocast_on_a_bf16_base():
+    """The GPU configuration on the CPU: bf16 block weights, bf16 autocast, float32 LoRA; recomputation is exact."""
+    m = make_model().cast_frozen(torch.bfloat16)
+    text, x, gt = make_inputs(batch=2)
+    m.set_regularization(cond_drop_rate=0.5, drop_path_rate=0.3)
+
+    def run(checkpoint: int):
+        with lora_adapter(m, lora_config(EditSettings()), seed=0) as mm:
+            randomize_lora_b(mm)
+            params = lora_parameters(mm)
+            mm.train()
+            mm.set_activation_checkpointing(checkpoint)
+            torch.manual_seed(11)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = mm(text, x, SCHEDULE, generator=torch.Generator().manual_seed(4))
+            loss = mm.bit_loss(logits.float(), gt, SCHEDULE)
+            loss.backward()
+            mm.set_activation_checkpointing(0)
+            mm.eval()
+            return loss.detach(), [p.grad.clone() for p in params]
+
+    plain_loss, plain_grads = run(0)
+    ckpt_loss, ckpt_grads = run(3)
+    assert torch.equal(plain_loss, ckpt_loss)
+    assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(plain_grads, ckpt_grads, strict=True))
+
+
 def test_checkpoint_block_count():
     tokens = schedules.num_tokens(schedules.get_schedule(1.0, "1M"))
     two_b = dict(depth=32, tokens=tokens, width=2048)
@@ -300,7 +327,9 @@ def test_lora_stage_matches_uncached_text_path(tiny_case):
     models, case = tiny_case
     settings = EditSettings(lora_iters=3, cond_drop_rate=0.5)
     rows = torch.randn(settings.style_rows, case.text["source_styled"].channels) * 0.1
+    torch.manual_seed(7)  # LoRA dropout draws from the global RNG
     _, cached = train_lora_adapter(models, case, rows, settings, progress=False)
+    torch.manual_seed(7)
     gen = make_generator(models.device, settings.seed)
     with lora_adapter(models.transformer, lora_config(settings), seed=settings.seed) as model:
         params = lora_parameters(model)
@@ -347,6 +376,21 @@ def test_settings_parse_and_round_trip():
     assert EditSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
     with pytest.raises(InvalidCaseError):
         EditSettings.from_profile("default", checkpointing="lots")
+    assert EditSettings.from_profile("default", attention_backend="cudnn").attention_backend == "cudnn"
+    with pytest.raises(InvalidCaseError, match="attention_backend"):
+        EditSettings.from_profile("default", attention_backend="fast")
+
+
+def test_attention_backend_context_restores_the_kernel_switches():
+    flags = (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.cudnn_sdp_enabled,
+             torch.backends.cuda.mem_efficient_sdp_enabled, torch.backends.cuda.math_sdp_enabled)
+    before = [f() for f in flags]
+    with attention_backend("cudnn", "cpu"):  # the CPU keeps PyTorch's choice
+        assert [f() for f in flags] == before
+    with attention_backend("cudnn", "cuda"):  # preferred first; flash, efficient and math stay usable
+        assert torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled()
+    assert [f() for f in flags] == before
 
 
 def test_cli_speed_flags():

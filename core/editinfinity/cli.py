@@ -150,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_extra_commands(sub) -> None:
     """Commands of optional parts (pipelines, training, benchmarks) register themselves here."""
+    from .bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
+    try:
+        from .train.cli import add_train_parser
+    except ImportError:  # pragma: no cover - the training module is part of the package
+        pass
+    else:
+        add_train_parser(sub)
     try:
         from .kfp_cli import add_pipeline_parser
     except ImportError:  # kfp not installed: the pipeline commands are absent, the rest works

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -367,7 +366,3 @@ def read_piebench(data_dir: str, *, types: str | Iterable[int] | None = None, li
         raise InvalidCaseError(f"{where} is not valid JSON ({exc})") from None
     return parse_mapping(mapping, root, types=types, limit=limit, check_images=check_images, where=where)
 
-
-def is_finite(value: Any) -> bool:
-    """True for a real, finite number (not None, not NaN, not inf)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -12,6 +12,7 @@ import html
 import io
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,7 +156,7 @@ def table_html(table: Sequence[TableRow], computed: Mapping[str, bool], header: 
         body.append(f"<tr{style}><td>{esc(row.label)}</td><td>{row.cases} ({row.scored})</td>{cells}</tr>")
     pictures = "".join(f'<h3>{esc(f"{t} {EDIT_TYPES[t]}")}</h3><img src="{esc(name)}" alt="type {t}">'
                        for t, name in sorted((grids or {}).items()))
-    notes = "".join(f"<li>{esc(line.lstrip('- '))}</li>" for line in header if line.strip())
+    notes = "".join(f"<li>{_code(esc(line.lstrip('- ')))}</li>" for line in header if line.strip())
     return ("<!doctype html><html><head><meta charset='utf-8'><title>PIE-Bench: EditInfinity</title><style>"
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #bbb;padding:4px 10px;text-align:center}img{max-width:100%}</style></head><body>"
@@ -163,6 +164,11 @@ def table_html(table: Sequence[TableRow], computed: Mapping[str, bool], header: 
             f'<tr><th rowspan="2">Edit type</th><th rowspan="2">Cases (scored)</th>{top}</tr><tr>{sub}</tr>'
             + "".join(body) + "</table><p>n/c = not computed (no weights given); — = no scored case.</p>"
             + pictures + "</body></html>\n")
+
+
+def _code(text: str) -> str:
+    """Markdown `code` spans as HTML <code> (in already escaped text)."""
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", text)
 
 
 def type_grid(title: str, pairs: Sequence[tuple[str, Image.Image, Image.Image]], *, thumb: int = 128,

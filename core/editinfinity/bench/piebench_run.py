@@ -83,9 +83,16 @@ class BenchConfig:
                 "settings": self.settings.to_dict()}
 
 
+#: Settings that change speed or memory, not the edits; a resumed run may change them.
+SPEED_ONLY = frozenset({"checkpointing", "low_memory", "compile"})
+
+
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """What differs between two configurations; keys the old record lacks (settings added by a later version)
+    and speed-only settings are not differences."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new)) for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+        return [d for k in sorted(old) if k in new and k not in SPEED_ONLY
+                for d in _differences(old[k], new[k], f"{prefix}{k}.")]
     return [] if old == new else [f"{prefix.rstrip('.')} ({old!r} -> {new!r})"]
 
 
@@ -117,8 +124,8 @@ def to_eval_size(image: Image.Image, size: tuple[int, int] = MASK_SHAPE) -> Imag
     return image.resize((size[1], size[0]), resample=Image.LANCZOS)
 
 
-def edit_one(case: PieBenchCase, case_dir: Path, config: BenchConfig, *, models: Any, edit_fn: EditFn,
-             progress: bool = False) -> dict:
+def edit_one(case: PieBenchCase, case_dir: Path, config: BenchConfig, *, models: Any,
+             edit_fn: EditFn | None = None, progress: bool = False) -> dict:
     """Edit one case into ``case_dir`` (see the module docstring); returns its ``case.json`` record."""
     from ..edit.run import run_edit
 

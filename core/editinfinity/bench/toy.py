@@ -132,16 +132,17 @@ def build_toy_piebench(out_dir: str | Path, *, per_type: int = 2, types: Iterabl
                        seed: int = 0) -> Path:
     """Write a toy PIE-Bench folder (``mapping_file.json`` + ``annotation_images/``) and return its path.
 
-    Ids are 12 digits like PIE-Bench's: the type digit, then zeros, then the index. Entries are ordered by type,
-    then index (so ``--limit`` takes whole types first).
+    Ids are 12 digits like PIE-Bench's: the type digit, then zeros, then the index. Entries are ordered by index,
+    then type, so that ``--limit N`` takes cases of every type.
     """
     root = Path(out_dir)
     types = tuple(types)
     mapping: dict[str, dict[str, Any]] = {}
     for t in types:
-        folder = type_folder(t, per_type)
-        (root / IMAGES_DIR / folder).mkdir(parents=True, exist_ok=True)
-        for i in range(per_type):
+        (root / IMAGES_DIR / type_folder(t, per_type)).mkdir(parents=True, exist_ok=True)
+    for i in range(per_type):
+        for t in types:
+            folder = type_folder(t, per_type)
             case = toy_case(t, i, seed)
             entry_id = f"{t}{i:011d}"
             rel = f"{folder}/{entry_id}.png"

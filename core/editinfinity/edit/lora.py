@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -40,6 +41,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_NAME = "default"
 PEFT_PREFIX = "base_model.model."
 TARGETS = ["fc1", "fc2"]
+
+log = logging.getLogger(__name__)
 
 
 def lora_config(settings: EditSettings) -> LoraConfig:
@@ -86,7 +89,13 @@ def lora_adapter(model: torch.nn.Module, config: LoraConfig, state: dict | None 
     """
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        with _float32_targets(model, sorted(config.target_modules)):
+        try:
+            with _float32_targets(model, sorted(config.target_modules)):
+                inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+        except Exception:  # a peft that reads the base weights while injecting: plain injection instead
+            log.warning("LoRA injection with float32 placeholders failed; injecting on the base dtype", exc_info=True)
+            remove_lora(model)
+            torch.manual_seed(seed)
             inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     try:
         for name, p in model.named_parameters():

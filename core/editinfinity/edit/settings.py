@@ -7,7 +7,8 @@ updates, LoRA effective batch 2. Condition dropout and DropPath are on in both, 
 Speed/memory settings change how the training stages run, not what they compute: ``checkpointing`` (activation
 checkpointing of the transformer blocks: ``"auto"`` sizes it to the GPU memory, see
 :func:`editinfinity.edit.training.checkpoint_block_count`), ``low_memory`` (every block checkpointed, T5 offloaded
-after prepare, cached GPU memory released between stages) and ``compile`` (``torch.compile`` of the training blocks).
+after prepare, cached GPU memory released between stages), ``compile`` (``torch.compile`` of the training blocks)
+and ``attention_backend`` (the SDPA kernel the training stages prefer on CUDA).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from ..errors import InvalidCaseError
 
 CHECKPOINTING_MODES = ("auto", "none", "all")
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 
 def parse_checkpointing(value: str | int) -> str | int:
@@ -75,6 +77,8 @@ class EditSettings:
     checkpointing: str | int = "auto"
     low_memory: bool = False
     compile: bool = False
+    # SDPA kernel preferred by the training stages on CUDA ("auto": PyTorch's choice); others fall back if unusable.
+    attention_backend: str = "auto"
     profile: str = "default"
     extra: dict = field(default_factory=dict)
 
@@ -104,6 +108,9 @@ class EditSettings:
         if self.lora_batch < 1:
             raise InvalidCaseError("lora_batch must be >= 1")
         self.checkpointing = parse_checkpointing(self.checkpointing)
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise InvalidCaseError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                                   f"got {self.attention_backend!r}")
 
     @property
     def effective_checkpointing(self) -> str | int:

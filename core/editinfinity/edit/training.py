@@ -83,6 +83,28 @@ def checkpoint_block_count(setting: str | int, *, depth: int, tokens: int, width
     return max(0, min(depth, math.ceil(need / (per_block - per_checkpointed))))
 
 
+_SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                  "math": "MATH"}
+
+
+def attention_backend(name: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """A context preferring one SDPA kernel on CUDA (``"auto"`` or the CPU: PyTorch's own choice, no change).
+
+    The others stay enabled after it (flash, memory-efficient, math), so shapes it cannot take still run.
+    """
+    if name == "auto" or torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = getattr(SDPBackend, _SDPA_BACKENDS[name])
+    order = [first] + [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+                       if b != first]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # a torch without priorities: only the chosen kernel and the math fallback
+        return sdpa_kernel([first, SDPBackend.MATH] if first != SDPBackend.MATH else [first])
+
+
 def stage_checkpoint_blocks(models: ModelBundle, case: CaseData, settings: EditSettings, batch: int = 1) -> int:
     """:func:`checkpoint_block_count` for a training stage of ``case`` (the effective setting, low memory applied)."""
     t = models.transformer
@@ -97,7 +119,8 @@ def stage_checkpoint_blocks(models: ModelBundle, case: CaseData, settings: EditS
 @contextlib.contextmanager
 def training_mode(transformer: torch.nn.Module, settings: EditSettings, *, checkpoint_blocks: int = 0):
     """Train mode with the settings' condition dropout and DropPath rates, ``checkpoint_blocks`` blocks
-    checkpointed and ``settings.compile`` applied; restores eval mode (and no checkpointing/compile) afterwards."""
+    checkpointed, ``settings.compile`` and ``settings.attention_backend`` applied; restores eval mode (and no
+    checkpointing/compile, the default attention kernels) afterwards."""
     previous = (transformer.cond_drop_rate, transformer.drop_path_rate)
     speed = hasattr(transformer, "set_activation_checkpointing")
     transformer.set_regularization(cond_drop_rate=settings.cond_drop_rate, drop_path_rate=settings.drop_path_rate)
@@ -106,7 +129,8 @@ def training_mode(transformer: torch.nn.Module, settings: EditSettings, *, check
         transformer.set_block_compile(settings.compile)
     transformer.train()
     try:
-        yield
+        with attention_backend(getattr(settings, "attention_backend", "auto"), transformer.device):
+            yield
     finally:
         transformer.eval()
         transformer.set_regularization(cond_drop_rate=previous[0], drop_path_rate=previous[1])

@@ -37,7 +37,7 @@ class ModelBundle:
     precision: str = "auto"
     #: Storage dtype of the transformer's frozen block matmul weights (see ``load_models(dtype=...)``).
     frozen_dtype: torch.dtype = torch.float32
-    _host_text_encoder: dict = field(default_factory=dict, repr=False)
+    _host_text_encoder: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -87,8 +87,10 @@ class ModelBundle:
         enc = self.text_encoder
         if enc is None:
             return
+        if self.device.type == "cpu":
+            return
         for _, t in [*enc.named_parameters(), *enc.named_buffers()]:
-            if t.device != self.device:
+            if t.device.type == "cpu":
                 t.data = t.data.to(self.device, non_blocking=True)
 
     def release_cached_memory(self) -> None:
@@ -98,6 +100,7 @@ class ModelBundle:
 
     def describe(self) -> dict:
         return {"preset": self.preset, "source": self.source, "device": str(self.device),
+                "frozen_dtype": str(self.frozen_dtype).removeprefix("torch."),
                 "transformer_config": dict(self.transformer.config), "vae_config": dict(self.vae.config)}
 
 

@@ -207,6 +207,7 @@ class Budget:
     calibration_steps: int = 20
     margin: float = 0.97
     _t0: float | None = None
+    _mark: tuple[int, float] | None = None  # (step, elapsed) when the total was fixed
 
     def __post_init__(self) -> None:
         if self.steps <= 0 and not self.minutes:
@@ -228,12 +229,19 @@ class Budget:
         elif done_in_run == self.skip_steps + self.calibration_steps and self._t0 is not None:
             synchronize(device)
             rate = self.calibration_steps / max(time.perf_counter() - self._t0, 1e-9)
+            self._mark = (step, elapsed)
             remaining = max(0.0, self.minutes * 60 - elapsed)
             total = step + int(rate * remaining * self.margin)
             if self.steps > 0:
                 total = min(total, self.steps)
             return max(total, step + 1)
         return None
+
+    def rate_since_calibration(self, step: int, elapsed: float, min_seconds: float = 30.0) -> float | None:
+        """Average steps per second since the calibration of this run (None before, or too soon after)."""
+        if self._mark is None or elapsed - self._mark[1] < min_seconds:
+            return None
+        return (step - self._mark[0]) / (elapsed - self._mark[1])
 
     def done(self, step: int, total: int | None, elapsed: float) -> bool:
         if self.steps > 0 and step >= self.steps:
@@ -470,8 +478,19 @@ def run_steps(name: str, run_dir: Path, state: TrainState, budget: Budget, *,
                     bar.total = total
                     log.info("%s: %d steps fit the %.1f min budget", name, state.total_steps, budget.minutes)
             if plog.due():
-                last = plog.report(state.step, state.total_steps, elapsed0 + time.perf_counter() - run_start, lr)
+                now_elapsed = elapsed0 + time.perf_counter() - run_start
+                last = plog.report(state.step, state.total_steps, now_elapsed, lr)
                 state.history.append(last)
+                rate = budget.rate_since_calibration(state.step, now_elapsed)
+                if rate is not None and state.total_steps is not None:
+                    # The speed measured at the start can be optimistic (prefetched data, checkpoints later on):
+                    # shorten the schedule so that it still ends when the time does.
+                    remaining = max(0.0, budget.minutes * 60 - now_elapsed)
+                    fits = state.step + int(rate * remaining * budget.margin)
+                    if fits < state.total_steps:
+                        log.info("%s: slower than measured; schedule shortened to %d steps", name, max(fits, state.step))
+                        state.total_steps = max(fits, state.step + 1)
+                        bar.total = state.total_steps
             if time.perf_counter() - last_ckpt >= checkpoint_minutes * 60:
                 state.elapsed = elapsed0 + time.perf_counter() - run_start
                 save()

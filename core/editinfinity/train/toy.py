@@ -263,15 +263,19 @@ def write_model_card(out: Path, record: dict[str, Any]) -> None:
                      f"object's colour and shape as prompted in {100 * s['objects_ok_rate']:.1f}%, exact match "
                      f"(background, no extra object) in {100 * s['matches_rate']:.1f}%.")
     hw = record.get("hardware", {})
+
+    def num(d: dict, key: str) -> float:
+        return float(d.get(key) or 0)
+
     text = MODEL_CARD.format(
-        vae_model=vcfg.get("model", {}), vae_params=f"{vae.get('parameters', 0) / 1e6:.2f}M",
-        tr_model=tcfg.get("model", {}), tr_params=f"{tr.get('parameters', 0) / 1e6:.2f}M",
+        vae_model=vcfg.get("model", {}), vae_params=f"{num(vae, 'parameters') / 1e6:.2f}M",
+        tr_model=tcfg.get("model", {}), tr_params=f"{num(tr, 'parameters') / 1e6:.2f}M",
         t5_model=tcfg.get("text_encoder", {}), t5_trained=tcfg.get("train_text_encoder"),
-        t5_params=f"{tr.get('text_encoder_parameters', 0) / 1e6:.2f}M",
+        t5_params=f"{num(tr, 'text_encoder_parameters') / 1e6:.2f}M",
         weight_mb=sum(record.get("weights", {}).get("bytes", {}).values()) / 2**20,
         noise_max=vcfg.get("noise_max"), vae_steps=vae.get("steps"), vae_batch=vcfg.get("batch_size"),
-        vae_minutes=vae.get("seconds", 0) / 60, bsc=tcfg.get("noise_strength"), cdr=tcfg.get("cond_drop_rate"),
-        tr_steps=tr.get("steps"), tr_batch=tcfg.get("batch_size"), tr_minutes=tr.get("seconds", 0) / 60,
+        vae_minutes=num(vae, "seconds") / 60, bsc=tcfg.get("noise_strength"), cdr=tcfg.get("cond_drop_rate"),
+        tr_steps=tr.get("steps"), tr_batch=tcfg.get("batch_size"), tr_minutes=num(tr, "seconds") / 60,
         hardware=hw.get("gpu", f"CPU ({hw.get('cpu_count')} cores)"),
         checks="\n".join(lines) or "- (not run)")
     (Path(out) / "MODEL_CARD.md").write_text(text)

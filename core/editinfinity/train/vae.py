@@ -39,15 +39,17 @@ log = logging.getLogger(__name__)
 class VAEConfig:
     """Settings of a VAE training run (defaults: the toy preset's VAE, a few minutes on one GPU)."""
 
-    model: dict = field(default_factory=lambda: {"base_ch": 32, "ch_mult": [1, 2, 4, 4, 4], "num_res_blocks": 2,
+    # base_ch 64: GroupNorm(32) then normalises pairs of channels at full resolution. With one channel per group
+    # (base_ch 32) a flat region's absolute colour is normalised away and the net barely learns the background.
+    model: dict = field(default_factory=lambda: {"base_ch": 64, "ch_mult": [1, 1, 2, 2, 2], "num_res_blocks": 1,
                                                  "codebook_dim": 32, "patch_size": 16})
     image_size: int = 256
     resolution: str | list = "0.06M"  # the schedule the latent is quantised with (the transformer's), or grids
-    batch_size: int = 32
-    lr: float = 6e-4
+    batch_size: int = 16
+    lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 1e-4
-    warmup_steps: int = 100
+    warmup_steps: int = 200
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
     l1_weight: float = 1.0
