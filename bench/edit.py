@@ -8,7 +8,7 @@
 ``--with-load`` first writes the preset's random weights as float32 safetensors (the layout of `editinfinity
 convert`, the size of the official files) and then times loading every model from that directory, as a user with
 converted official weights would. ``--variants`` runs several settings in one process on the same loaded models
-(each ``--repeat`` times; the last run is reported): ``default`` (the flags below), ``low-memory``, ``compile``,
+(each ``--repeat`` times, or ``name:N`` times; the last run is reported): ``default`` (the flags below), ``low-memory``, ``compile``,
 ``no-checkpointing``, ``checkpoint-all``, ``cudnn-attention``, ``flash-attention``. The first variant's numbers are the top-level fields of ``--out``; every
 variant is also under ``variants`` and, after the first, in ``<out>_<variant>.json``.
 """
@@ -86,11 +86,11 @@ def stage_records(out: Path) -> dict:
 
 
 def run_variant(name: str, overrides: dict, args, models, image: Path, case: dict, resolution: str,
-                tmp: Path) -> dict:
+                tmp: Path, repeat: int) -> dict:
     settings = EditSettings(prompt_iters=args.prompt_iters, lora_iters=args.lora_iters, **overrides)
     cuda = args.device.startswith("cuda")
     summary, totals, out = None, [], None
-    for i in range(args.repeat):
+    for i in range(repeat):
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -139,7 +139,12 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/edit.json")
     args = ap.parse_args()
 
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    # "name" or "name:repeat" (e.g. low-memory:1 after a warm default variant)
+    repeats = {}
+    for item in (v.strip() for v in args.variants.split(",") if v.strip()):
+        name, _, count = item.partition(":")
+        repeats[name] = int(count) if count else args.repeat
+    names = list(repeats)
     unknown = [v for v in names if v not in VARIANTS]
     if unknown or not names:
         ap.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
@@ -195,7 +200,7 @@ def main() -> None:
     results: dict = {}
     for name in names:
         overrides = default if name == "default" else VARIANTS[name]
-        r = run_variant(name, overrides, args, models, image, case, resolution, tmp)
+        r = run_variant(name, overrides, args, models, image, case, resolution, tmp, repeats[name])
         r["total_seconds_with_load"] = (r["total_seconds_warm"] + load_seconds) if load_seconds is not None else None
         results[name] = r
         print(f"{name}: warm {r['total_seconds_warm']:.2f} s, with load {r['total_seconds_with_load']}, "

@@ -327,6 +327,15 @@ def main() -> None:
 
     region("vae_decode", vae_decode, "one decode of summed codes (the generate stage runs two)")
 
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"profile_edit_{'h200' if 'H200' in (report['gpu'] or '') else device.type}"
+
+    def write() -> None:
+        (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out_dir / f"{stem}.txt").write_text("\n".join(text_out) + "\n")
+
+    write()  # before the kernel comparison, which tries kernels that may not take these shapes
     cfg = model.config
     attn = attention_backends(case.schedule, cfg.num_heads, cfg.embed_dim // cfg.num_heads, device, args.warmup,
                               args.timed)
@@ -336,11 +345,7 @@ def main() -> None:
         else f"{k}: {v['error']}" for k, v in attn.items()))
     print(text_out[-1], flush=True)
 
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"profile_edit_{'h200' if 'H200' in (report['gpu'] or '') else device.type}"
-    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / f"{stem}.txt").write_text("\n".join(text_out) + "\n")
+    write()
     print("\n".join(text_out))
     print(f"wrote {out_dir / stem}.json and .txt")
 

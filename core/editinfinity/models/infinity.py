@@ -306,7 +306,9 @@ class Infinity(ModelMixin, ConfigMixin):
         """Run the teacher-forced blocks through ``torch.compile`` in train mode with gradients (training stages).
 
         Generation (KV cache, a new shape every scale), eval-mode forwards and attention probes stay eager. The
-        blocks share one compiled graph (same code, parameters are graph inputs); the first update compiles.
+        blocks share their compiled graphs (same code, parameters are graph inputs; a few variants: the first
+        block's input has no gradient, LoRA or not); the first update of a process compiles. Random ops (LoRA
+        dropout) stay eager kernels (``fallback_random``), so their draws equal the eager ones.
         """
         self._compile_blocks = bool(enabled)
         if enabled and self._compiled_block is None:

@@ -57,14 +57,12 @@ def generate_pictures(transformer, vae, tokenizer, text_encoder, prompts: Sequen
                       batch: int = 32) -> list[np.ndarray]:
     """Text-to-image with the plain prompts: ``(H, W, 3)`` uint8 pictures, one per prompt."""
     device = next(transformer.parameters()).device
-    enc_device = next(text_encoder.parameters()).device
     out: list[np.ndarray] = []
     gen = torch.Generator(device=device).manual_seed(int(seed))
     for i in range(0, len(prompts), batch):
         chunk = list(prompts[i:i + batch])
-        with autocast(enc_device, enabled=False):
-            text = encode_prompts(tokenizer, text_encoder, chunk).to(device)
-        with autocast(device):
+        text = encode_prompts(tokenizer, text_encoder, chunk).to(device)  # float32, as the prepare stage
+        with autocast(device):  # as the generate stage: bf16 on GPU
             res = transformer.generate(text, schedule, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, generator=gen)
             img = vae.decode(res.summed_codes)
         out += list(to_uint8(img))

@@ -254,7 +254,7 @@ def train_transformer(config: TransformerConfig, run_dir: str | Path, vae: BSQVA
             with torch.no_grad(), common.autocast(dev):
                 z = vae_model.encoder(img)
             gt_bits, x_in = bitwise_self_correction(z.float(), schedule, noise_layers, config.noise_strength, gen)
-            with torch.set_grad_enabled(config.train_text_encoder), common.autocast(dev):
+            with torch.set_grad_enabled(config.train_text_encoder):  # float32, as the prepare stage runs it
                 text = encode_captions(tokenizer, text_encoder, prompts, dev)
             text = append_rows_per_sample(text, rows)
             with common.autocast(dev):
