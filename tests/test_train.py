@@ -18,16 +18,18 @@ from editinfinity.edit.case import image_to_tensor
 from editinfinity.models.bsq_vae import BSQVAE
 from editinfinity.models.bundle import bundled_tokenizer_dir, load_models
 from editinfinity.models.quantizer import multiscale_quantize
-from editinfinity.models.text import STYLE_SUFFIX, encode_prompts
+from editinfinity.models.text import STYLE_SUFFIX, TextFeatures, encode_prompts
 from editinfinity.train import common
 from editinfinity.train.cli import add_train_parser
 from editinfinity.train.data import SceneStream, render_batch, scene_batch, stream_rng
 from editinfinity.train.evaluate import keep_region
 from editinfinity.train.transformer import (
     TransformerConfig,
-    append_rows_per_sample,
+    append_rows,
     build_text_encoder,
+    build_transformer,
     encode_captions,
+    load_initial_weights,
     text_variants,
     train_transformer,
 )
@@ -40,7 +42,7 @@ TINY_VAE = {"model": {"base_ch": 24, "ch_mult": [1, 1, 1, 1, 1], "num_res_blocks
             "eval_images": 2, "minutes": 0, "warmup_steps": 2}
 TINY_TRANSFORMER = {"model": {"depth": 1, "embed_dim": 64, "num_heads": 2}, "resolution": GRIDS_64, "image_size": 64,
                     "batch_size": 2, "workers": 0, "log_seconds": 0, "checkpoint_minutes": 1000, "sample_images": 0,
-                    "minutes": 0, "warmup_steps": 2, "rows": 3}
+                    "minutes": 0, "warmup_steps": 2, "rows": 3, "replay_size": 8, "replay_refresh": 2}
 
 
 @pytest.fixture(autouse=True)
@@ -159,6 +161,20 @@ def test_vae_resume_continues_exactly_where_the_checkpoint_stopped(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_finished_run_can_be_extended_with_a_new_learning_rate_cycle(tmp_path):
+    cfg = tiny_vae_config(steps=3, warmup_steps=2)
+    train_vae(cfg, tmp_path / "run", device="cpu")
+    first = (tmp_path / "run" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    again = train_vae(cfg, tmp_path / "run", device="cpu", resume=True)  # finished: nothing more to do
+    assert again.steps == 3
+    more = train_vae(tiny_vae_config(steps=2, warmup_steps=2), tmp_path / "run", device="cpu", resume=True,
+                     extend=True)
+    assert more.steps == 5
+    assert [h["step"] for h in more.history] == [1, 2, 3, 4, 5]
+    assert [h["lr"] for h in more.history][3] == pytest.approx(cfg.lr / 2)  # warm-up restarts at step 4
+    assert (tmp_path / "run" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() != first
+
+
 # ------------------------------------------------------------------------------------------------- transformer
 
 
@@ -172,24 +188,30 @@ def test_caption_features_equal_the_inference_encoding_and_rows_append_per_sampl
         ours = encode_captions(tok, t5, prompts, torch.device("cpu"))
     ref = encode_prompts(tok, t5, prompts)
     assert ours.lens == ref.lens and torch.allclose(ours.features, ref.features, atol=1e-6)
-    rows = torch.ones(3, ref.channels)
-    text = append_rows_per_sample(ref, [None, rows])
-    assert text.lens == [ref.lens[0], ref.lens[1] + 3]
-    assert torch.equal(text.split()[1][-3:], rows) and torch.equal(text.split()[0], ref.split()[0])
+    # the batched append equals TextFeatures.append_rows sample by sample, gradients included
+    rows = torch.randn(2, 3, ref.channels, requires_grad=True)
+    feats = ref.features.clone().requires_grad_(True)
+    for chosen in ([False, True], [True, True], [True, False], [False, False]):
+        text = append_rows(TextFeatures(feats, ref.lens), rows, chosen)
+        expected = [TextFeatures(b, [len(b)]).append_rows(rows[i]) if c else TextFeatures(b, [len(b)])
+                    for i, (b, c) in enumerate(zip(TextFeatures(feats, ref.lens).split(), chosen, strict=True))]
+        assert text.lens == [e.lens[0] for e in expected]
+        assert torch.equal(text.features, torch.cat([e.features for e in expected]))
+    text.features.sum().backward()
+    assert feats.grad is not None and torch.equal(feats.grad, torch.ones_like(feats))
 
 
 def test_text_variants_mix_plain_and_styled_prompts_with_zero_or_tiny_rows():
     cfg = tiny_transformer_config(style_prob=0.5, rows_prob=0.5, rows=4)
     captions = [f"a red circle on a {c} background" for c in tw.COLOURS if c != "red"] * 8
-    prompts, rows = text_variants(cfg, 3, captions, 128)
-    again, rows2 = text_variants(cfg, 3, captions, 128)
-    assert prompts == again and all((a is None and b is None) or torch.equal(a, b) for a, b in zip(rows, rows2, strict=True))
+    prompts, rows, chosen = text_variants(cfg, 3, captions, 128)
+    again, rows2, chosen2 = text_variants(cfg, 3, captions, 128)
+    assert prompts == again and chosen == chosen2 and torch.equal(rows, rows2)
     styled = [p.endswith(STYLE_SUFFIX) for p in prompts]
     assert 0 < sum(styled) < len(prompts)
-    with_rows = [r is not None for r in rows]
-    assert any(with_rows) and all(s for s, w in zip(styled, with_rows, strict=True) if w)  # rows only after styled prompts
-    used = [r for r in rows if r is not None]
-    assert all(r.shape == (4, 128) and float(r.abs().max()) < 0.1 for r in used)
+    assert any(chosen) and all(s for s, w in zip(styled, chosen, strict=True) if w)  # rows only after styled prompts
+    used = [r for r, w in zip(rows, chosen, strict=True) if w]
+    assert rows.shape == (len(captions), 4, 128) and all(float(r.abs().max()) < 0.1 for r in used)
     assert any(float(r.abs().max()) == 0 for r in used) and any(float(r.abs().max()) > 0 for r in used)
 
 
@@ -203,8 +225,9 @@ def test_transformer_training_lowers_the_bit_loss(tmp_path, vae_dir):
     assert (tmp_path / "run" / "text_encoder" / "config.json").is_file()
 
 
-def test_transformer_resume_continues_exactly(tmp_path, vae_dir):
-    cfg = tiny_transformer_config(steps=4)
+@pytest.mark.parametrize("replay", [8, 0])
+def test_transformer_resume_continues_exactly(tmp_path, vae_dir, replay):
+    cfg = tiny_transformer_config(steps=4, replay_size=replay)
     train_transformer(cfg, tmp_path / "straight", vae_dir, device="cpu")
     part = train_transformer(cfg, tmp_path / "resumed", vae_dir, device="cpu", stop_at=2)
     assert part.steps == 2 and not (tmp_path / "resumed" / "transformer").exists()
@@ -216,6 +239,25 @@ def test_transformer_resume_continues_exactly(tmp_path, vae_dir):
         a = (tmp_path / "straight" / "checkpoint" / f"{name}.safetensors").read_bytes()
         b = (tmp_path / "resumed" / "checkpoint" / f"{name}.safetensors").read_bytes()
         assert a == b, name
+
+
+def test_initial_weights_are_copied_strictly(tmp_path):
+    tok = _tokenizer()
+    cfg = tiny_transformer_config()
+    trained_t, trained_e = build_transformer(cfg), build_text_encoder(cfg, len(tok))
+    with torch.no_grad():
+        for prm in list(trained_t.parameters()) + list(trained_e.parameters()):
+            prm.add_(0.01)
+    trained_t.save_pretrained(tmp_path / "w" / "transformer")
+    trained_e.save_pretrained(tmp_path / "w" / "text_encoder")
+    fresh_t, fresh_e = build_transformer(cfg), build_text_encoder(cfg, len(tok))
+    load_initial_weights(fresh_t, fresh_e, tmp_path / "w")
+    for a, b in ((fresh_t, trained_t), (fresh_e, trained_e)):
+        ref = b.state_dict()
+        assert all(torch.equal(v, ref[k]) for k, v in a.state_dict().items())
+    wider = tiny_transformer_config(model={"embed_dim": 128})
+    with pytest.raises(common.CheckpointError, match="do not fit"):
+        load_initial_weights(build_transformer(wider), build_text_encoder(wider, len(tok)), tmp_path / "w")
 
 
 # ------------------------------------------------------------------------------------------------- small pieces
@@ -306,6 +348,17 @@ def test_toy_driver_writes_a_loadable_directory_and_the_eval_script_runs_on_it(t
     codes = multiscale_quantize(models.vae.encode_raw(x), [(1, 1, 1), (1, 4, 4), (1, 16, 16)])
     assert models.vae.decode(codes.summed_codes).shape == (1, 3, 256, 256)
 
+    # a second run reuses the VAE and starts the transformer from the first run's weights
+    out2 = tmp_path / "toy2"
+    assert main(_tiny_driver_args(out2) + ["--vae-from", str(out / "vae"), "--init-from", str(out)]) == 0
+    record2 = json.loads((out2 / "training.json").read_text())
+    assert record2["vae"]["from"] == str(out / "vae") and record2["vae"]["steps"] == 2
+    assert record2["transformer"]["config"]["init_from"] == str(out)
+    assert (out2 / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert "--init-from" in (out2 / "MODEL_CARD.md").read_text()
+    assert not (tmp_path / "toy2.work" / "vae").exists()
+
     spec = importlib.util.spec_from_file_location("toy_eval", ROOT / "bench" / "toy_eval.py")
     toy_eval = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(toy_eval)
@@ -317,3 +370,12 @@ def test_toy_driver_writes_a_loadable_directory_and_the_eval_script_runs_on_it(t
     assert set(report["edits"]) == {"auto", "mask", "whole"}
     assert all(report["edits"][m]["cases"] == 2 for m in report["edits"])
     assert report["limited"] and set(report["passed"]) >= {"vae_psnr", "text_to_image", "edit_auto_present"}
+    assert all(not report["edits"][m]["truncated"] for m in report["edits"])
+
+    # out of time: the edit sections stop before their first case and the JSON says so
+    assert toy_eval.main(["--weights", str(out), "--device", "cpu", "--limit", "1", "--max-minutes", "1e-6",
+                          "--out", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["vae"]["images"] == 1 and report["limited"]
+    assert all(e["truncated"] and e["cases"] == 0 for e in report["edits"].values())
+    assert report["passed"]["edit_auto_present"] is False

@@ -30,6 +30,8 @@ def _common_args(p: argparse.ArgumentParser, default_config: Path) -> None:
     p.add_argument("--workers", type=int, help="scene-sampling processes (0: in the training process)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. batch_size=16")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    p.add_argument("--extend", action="store_true",
+                   help="train a finished run for another --minutes/--steps (fresh warm-up and cosine cycle)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--progress", action="store_true", help="tqdm progress bar")
 
@@ -48,7 +50,8 @@ def train_vae_command(args: argparse.Namespace) -> int:
 
     _verbose(args)
     cfg = common.load_config(VAEConfig, args.config, _overrides(args))
-    res = train_vae(cfg, args.out, device=args.device, resume=args.resume, progress=args.progress)
+    res = train_vae(cfg, args.out, device=args.device, resume=args.resume or args.extend, extend=args.extend,
+                    progress=args.progress)
     if res.heldout:
         log.info("held-out PSNR %.2f dB; model in %s", res.heldout["mean_psnr"], res.model_dir)
     return 0 if (res.model_dir / "config.json").is_file() else 1
@@ -61,7 +64,7 @@ def train_transformer_command(args: argparse.Namespace) -> int:
     _verbose(args)
     cfg = common.load_config(TransformerConfig, args.config, _overrides(args))
     res = train_transformer(cfg, args.out, args.vae, tokenizer_dir=args.tokenizer, device=args.device,
-                            resume=args.resume, progress=args.progress)
+                            resume=args.resume or args.extend, extend=args.extend, progress=args.progress)
     return 0 if (res.transformer_dir / "config.json").is_file() else 1
 
 

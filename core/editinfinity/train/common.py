@@ -87,7 +87,10 @@ def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: 
     out = cls(**data)
     validate = getattr(out, "validate", None)
     if callable(validate):
-        validate()
+        try:
+            validate()
+        except ValueError as exc:
+            raise InvalidCaseError(f"{source}: {exc}") from exc
     return out
 
 
@@ -203,6 +206,8 @@ class Budget:
 
     steps: int = 0
     minutes: float = 0.0
+    start_step: int = 0  # the budget counts from here (a run extended with more steps/minutes)
+    start_elapsed: float = 0.0
     skip_steps: int = 5
     calibration_steps: int = 20
     margin: float = 0.97
@@ -215,11 +220,16 @@ class Budget:
 
     @property
     def timed(self) -> bool:
+        """Whether a time limit applies."""
         return bool(self.minutes) and self.minutes > 0
 
     def initial_total(self) -> int | None:
-        """The schedule's length before any measurement: ``steps`` when set, else unknown."""
-        return self.steps if self.steps > 0 else None
+        """The schedule's end before any measurement: ``steps`` after the start when set, else unknown."""
+        return self.start_step + self.steps if self.steps > 0 else None
+
+    def remaining_seconds(self, elapsed: float) -> float:
+        """Seconds of the time limit left at training time ``elapsed`` (over every run of this training)."""
+        return max(0.0, self.minutes * 60 - (elapsed - self.start_elapsed))
 
     def observe(self, step: int, done_in_run: int, elapsed: float, device: torch.device) -> int | None:
         """Call after every step of a timed run until it returns the total; ``None`` while measuring."""
@@ -230,10 +240,9 @@ class Budget:
             synchronize(device)
             rate = self.calibration_steps / max(time.perf_counter() - self._t0, 1e-9)
             self._mark = (step, elapsed)
-            remaining = max(0.0, self.minutes * 60 - elapsed)
-            total = step + int(rate * remaining * self.margin)
+            total = step + int(rate * self.remaining_seconds(elapsed) * self.margin)
             if self.steps > 0:
-                total = min(total, self.steps)
+                total = min(total, self.start_step + self.steps)
             return max(total, step + 1)
         return None
 
@@ -244,11 +253,18 @@ class Budget:
         return (step - self._mark[0]) / (elapsed - self._mark[1])
 
     def done(self, step: int, total: int | None, elapsed: float) -> bool:
-        if self.steps > 0 and step >= self.steps:
+        """Whether training stops before ``step``: step count, schedule end or time limit reached."""
+        if self.steps > 0 and step - self.start_step >= self.steps:
             return True
         if total is not None and step >= total:
             return True
-        return self.timed and elapsed >= self.minutes * 60
+        return self.timed and self.remaining_seconds(elapsed) <= 0
+
+
+def budget_text(config: Any) -> str:
+    """``"3 min / 500 steps"`` from a config's ``minutes`` and ``steps``."""
+    parts = [f"{config.minutes:g} min"] if config.minutes else []
+    return " / ".join(parts + ([f"{config.steps} steps"] if config.steps > 0 else [])) or "no budget"
 
 
 def synchronize(device: torch.device) -> None:
@@ -271,6 +287,14 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
     finished: bool = False
     calibrated: bool = False  # the total of a timed run has been fixed from the measured speed
+    segment_step: int = 0  # where the current budget (and learning-rate cycle) started
+    segment_elapsed: float = 0.0
+
+    def extend(self) -> None:
+        """Start a new budget after a finished one: training continues from here with a fresh warm-up and
+        cosine cycle (``--extend``)."""
+        self.finished, self.calibrated, self.total_steps = False, False, None
+        self.segment_step, self.segment_elapsed = self.step, self.elapsed
 
 
 def _tensor_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -298,6 +322,8 @@ def save_checkpoint(run_dir: Path, modules: Mapping[str, torch.nn.Module], optim
         "elapsed": float(state.elapsed),
         "finished": bool(state.finished),
         "calibrated": bool(state.calibrated),
+        "segment_step": int(state.segment_step),
+        "segment_elapsed": float(state.segment_elapsed),
         "generators": {k: g.get_state() for k, g in generators.items()},
         "torch_rng": torch.get_rng_state(),
     }
@@ -351,7 +377,9 @@ def load_checkpoint(ckpt: Path, modules: Mapping[str, torch.nn.Module], optimize
     return TrainState(step=int(payload["step"]), total_steps=None if total < 0 else total,
                       elapsed=float(payload["elapsed"]), history=list(meta.get("history", [])),
                       finished=bool(payload.get("finished", False)),
-                      calibrated=bool(payload.get("calibrated", False)))
+                      calibrated=bool(payload.get("calibrated", False)),
+                      segment_step=int(payload.get("segment_step", 0)),
+                      segment_elapsed=float(payload.get("segment_elapsed", 0.0)))
 
 
 def adamw(param_groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], weight_decay: float,
@@ -405,6 +433,7 @@ class ProgressLog:
         self.samples = 0
 
     def add(self, values: Mapping[str, torch.Tensor | float], samples: int) -> None:
+        """Accumulate one step's values (``samples`` pictures)."""
         for k, v in values.items():
             v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
             self.sums[k] = self.sums[k] + v if k in self.sums else v
@@ -412,6 +441,7 @@ class ProgressLog:
         self.samples += samples
 
     def due(self) -> bool:
+        """Whether the next report is due."""
         return time.perf_counter() - self.last_time >= self.every
 
     def report(self, step: int, total: int | None, elapsed: float, lr: float) -> dict[str, float]:
@@ -446,8 +476,17 @@ def run_steps(name: str, run_dir: Path, state: TrainState, budget: Budget, *,
               progress: bool = False, stop_at: int | None = None) -> dict[str, float]:
     """The loop shared by every trainer: learning rate, one ``step_fn(step)`` per update, progress reports,
     periodic checkpoints (``save``), and the stop rules of ``budget``. Sets ``state.finished`` when the budget is
-    spent (not when ``stop_at`` interrupts); saves a checkpoint on the way out. Returns the last report."""
+    spent (not when ``stop_at`` interrupts); saves a checkpoint on the way out. Returns the last report.
+
+    ``lr_fn(step, total)`` gets both counted from the start of the current budget (``state.segment_step``).
+    """
     plog = ProgressLog(name, run_dir, log_seconds)
+    budget.start_step, budget.start_elapsed = state.segment_step, state.segment_elapsed
+    seg = state.segment_step
+
+    def rate_at(step: int, total: int | None) -> float:
+        return lr_fn(step - seg, None if total is None else total - seg)
+
     run_start = time.perf_counter()
     elapsed0, first = state.elapsed, state.step
     last_ckpt = time.perf_counter()
@@ -455,7 +494,7 @@ def run_steps(name: str, run_dir: Path, state: TrainState, budget: Budget, *,
     if state.total_steps is None:
         state.total_steps = budget.initial_total()
     bar = tqdm(total=state.total_steps, initial=state.step, desc=name, disable=not progress, mininterval=5)
-    lr = lr_fn(state.step, state.total_steps)
+    lr = rate_at(state.step, state.total_steps)
     try:
         while True:
             state.elapsed = elapsed0 + time.perf_counter() - run_start
@@ -464,7 +503,7 @@ def run_steps(name: str, run_dir: Path, state: TrainState, budget: Budget, *,
                 break
             if stop_at is not None and state.step >= stop_at:
                 break
-            lr = lr_fn(state.step, state.total_steps)
+            lr = rate_at(state.step, state.total_steps)
             set_lr(optimizer, lr)
             values = step_fn(state.step)
             state.step += 1
@@ -485,8 +524,7 @@ def run_steps(name: str, run_dir: Path, state: TrainState, budget: Budget, *,
                 if rate is not None and state.total_steps is not None:
                     # The speed measured at the start can be optimistic (prefetched data, checkpoints later on):
                     # shorten the schedule so that it still ends when the time does.
-                    remaining = max(0.0, budget.minutes * 60 - now_elapsed)
-                    fits = state.step + int(rate * remaining * budget.margin)
+                    fits = state.step + int(rate * budget.remaining_seconds(now_elapsed) * budget.margin)
                     if fits < state.total_steps:
                         log.info("%s: slower than measured; schedule shortened to %d steps", name, max(fits, state.step))
                         state.total_steps = max(fits, state.step + 1)

@@ -90,6 +90,7 @@ class SceneStream:
         return scenes
 
     def close(self) -> None:
+        """Stop the worker processes (pending batches are dropped)."""
         if self._pool is not None:
             for _, fut in self._pending:
                 fut.cancel()

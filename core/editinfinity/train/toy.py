@@ -8,7 +8,8 @@ float16 T5), ``tokenizer/`` (the bundled toy-world tokenizer), ``model_index.jso
 (configs, steps, losses, seconds, hardware, checks) and ``MODEL_CARD.md``. Files appear as soon as they exist:
 the VAE right after its phase, the transformer at every checkpoint, so an interrupted run still leaves a loadable
 directory. Training state (optimizer, checkpoints, logs) lives in ``--work`` (default ``OUT.work``); ``--resume``
-continues from it, and ``--phase vae`` / ``--phase transformer`` run one phase per call.
+continues from it, ``--phase vae`` / ``--phase transformer`` run one phase per call, and ``--extend`` trains a
+finished phase for another budget (e.g. when the VAE's held-out PSNR is short of the target).
 """
 
 from __future__ import annotations
@@ -59,9 +60,17 @@ def add_toy_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--transformer-set", action="append", metavar="KEY=VALUE",
                    help="override a transformer setting, e.g. model.depth=4 (repeatable)")
     p.add_argument("--workers", type=int, help="scene-sampling processes per phase (default from the configs)")
+    p.add_argument("--vae-from", metavar="DIR",
+                   help="use this trained VAE (save_pretrained layout, e.g. presets/toy/vae) instead of training one")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="start the transformer and T5 from this weights directory (e.g. the bundled presets/toy) "
+                        "instead of a random initialisation")
     p.add_argument("--check-images", type=int, default=200,
                    help="held-out pictures for the final VAE PSNR check of the exported weights (0: skip)")
     p.add_argument("--resume", action="store_true", help="continue the runs found in --work")
+    p.add_argument("--extend", action="store_true",
+                   help="with --resume: train finished phases for another budget (--vae-minutes / "
+                        "--transformer-minutes more), with a fresh warm-up and cosine cycle")
     p.add_argument("--overwrite", action="store_true", help="delete OUT and --work first")
     p.add_argument("--progress", action="store_true", help="tqdm bars (default: log lines only)")
     return p
@@ -85,6 +94,8 @@ def load_configs(args: argparse.Namespace) -> tuple[VAEConfig, TransformerConfig
             over["steps"] = steps
         if args.workers is not None:
             over["workers"] = args.workers
+    if args.init_from:
+        tr_over["init_from"] = str(args.init_from)
     vae_cfg = common.load_config(VAEConfig, _config_path(args.vae_config, VAE_CONFIG), vae_over)
     tr_cfg = common.load_config(TransformerConfig, _config_path(args.transformer_config, TRANSFORMER_CONFIG), tr_over)
     if vae_cfg.image_size != tr_cfg.image_size:
@@ -168,6 +179,7 @@ class Record:
                           "command": " ".join(sys.argv)})
 
     def update(self, **kw: Any) -> None:
+        """Add or replace top-level entries and rewrite the file."""
         self.data.update(kw)
         self.path.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
 
@@ -180,6 +192,30 @@ def _phase_record(result, run_dir: Path, cfg) -> dict[str, Any]:
         rec["steps_per_s"] = round(sum(h.get("steps_per_s", 0) for h in hist) / len(hist), 3)
         rec["loss_curve"] = [{k: h[k] for k in ("step", "elapsed", "loss") if k in h} for h in hist]
     rec["log"] = str(run_dir / "log.jsonl")
+    return rec
+
+
+def use_existing_vae(vae_dir: Path, out: Path, device: torch.device, vae_cfg: VAEConfig,
+                     check_images: int) -> dict[str, Any]:
+    """``--vae-from``: export a trained VAE into ``out/vae`` and measure it, instead of training one."""
+    from ..models.bsq_vae import BSQVAE
+    from .data import heldout_scenes
+
+    if not (vae_dir / "config.json").is_file():
+        raise InvalidCaseError(f"--vae-from {vae_dir}: no VAE there (expected config.json and safetensors weights)")
+    vae = BSQVAE.from_pretrained(str(vae_dir))
+    if vae_dir.resolve() != (out / "vae").resolve():
+        export_diffusers_fp16(vae, out / "vae")
+    rec: dict[str, Any] = {"config": {"model": {k: v for k, v in vae.config.items() if not k.startswith("_")}},
+                           "parameters": sum(p.numel() for p in vae.parameters())}
+    earlier = vae_dir.parent / "training.json"  # the record of the run that trained it, when it sits beside
+    if earlier.is_file():
+        rec.update(json.loads(earlier.read_text()).get("vae", {}))
+    rec["from"] = str(vae_dir)
+    if check_images > 0:
+        scenes = heldout_scenes(check_images, vae_cfg.image_size, vae_cfg.image_size)
+        rec["heldout"] = heldout_psnr(vae.to(device).eval(), scenes, vae_cfg.schedule(), device)
+        log.info("toy: VAE from %s, held-out PSNR %.2f dB", vae_dir, rec["heldout"]["mean_psnr"])
     return rec
 
 
@@ -225,10 +261,10 @@ Weights on disk: {weight_mb:.1f} MB in total.
   the evaluation (`bench/toy_eval.py`) are never drawn in training (see `editinfinity/train/data.py`).
 - VAE: L1 + MSE reconstruction of the decode of the multi-scale quantised latent (0.06M schedule,
   straight-through BSQ), commitment 0.25; pixel noise std ~ U(0, {noise_max}); {vae_steps} steps of batch
-  {vae_batch} in {vae_minutes:.1f} min.
+  {vae_batch} in {vae_minutes:.1f} min.{vae_from}
 - Transformer: teacher forcing with bitwise self-correction (strength {bsc}), scale-reweighted bitwise
   cross-entropy, condition dropout {cdr} (for classifier-free guidance), styled prompts and appended rows part of
-  the time; {tr_steps} steps of batch {tr_batch} in {tr_minutes:.1f} min.
+  the time; {tr_steps} steps of batch {tr_batch} in {tr_minutes:.1f} min.{tr_from}
 - Hardware: {hardware}. bf16 autocast on GPU.
 
 ## Checks at the end of training
@@ -277,6 +313,8 @@ def write_model_card(out: Path, record: dict[str, Any]) -> None:
         vae_minutes=num(vae, "seconds") / 60, bsc=tcfg.get("noise_strength"), cdr=tcfg.get("cond_drop_rate"),
         tr_steps=tr.get("steps"), tr_batch=tcfg.get("batch_size"), tr_minutes=num(tr, "seconds") / 60,
         hardware=hw.get("gpu", f"CPU ({hw.get('cpu_count')} cores)"),
+        vae_from=f" Reused from `{vae['from']}` (`--vae-from`)." if vae.get("from") else "",
+        tr_from=f" Started from the weights in `{tcfg['init_from']}` (`--init-from`)." if tcfg.get("init_from") else "",
         checks="\n".join(lines) or "- (not run)")
     (Path(out) / "MODEL_CARD.md").write_text(text)
 
@@ -296,13 +334,17 @@ def run(args: argparse.Namespace) -> int:
     device = common.resolve_device(args.device)
     work.mkdir(parents=True, exist_ok=True)
     export_shared(out)
-    record = Record(out, resume=args.resume or args.phase == "transformer")
+    record = Record(out, resume=args.resume or args.extend or args.phase == "transformer")
     log.info("toy training on %s: %s", device, json.dumps(common.hardware()))
     t_start = time.perf_counter()
     vae_run, tr_run = work / "vae", work / "transformer"
 
-    if args.phase in ("all", "vae"):
-        res = train_vae(vae_cfg, vae_run, device=device, resume=args.resume, progress=args.progress)
+    if args.vae_from:
+        vae_dir = Path(args.vae_from)
+        record.update(vae=use_existing_vae(vae_dir, out, device, vae_cfg, args.check_images))
+    elif args.phase in ("all", "vae"):
+        res = train_vae(vae_cfg, vae_run, device=device, resume=args.resume or args.extend, extend=args.extend,
+                        progress=args.progress)
         if not (res.model_dir / "config.json").is_file():
             raise RuntimeError(f"the VAE run in {vae_run} did not finish; run again with --resume")
         from ..models.bsq_vae import BSQVAE
@@ -313,9 +355,12 @@ def run(args: argparse.Namespace) -> int:
         rec["parameters"] = json.loads((vae_run / "result.json").read_text()).get("parameters")
         record.update(vae=rec)
         log.info("toy: VAE exported to %s", out / "vae")
+        if args.phase == "vae" and (args.extend or not args.resume) and common.find_checkpoint(tr_run) is not None:
+            log.warning("toy: %s holds a transformer trained against the previous VAE codes; train it again "
+                        "(a new --work directory, or delete %s) before shipping", tr_run, tr_run)
 
     if args.phase in ("all", "transformer"):
-        vae_dir = vae_run / "vae"
+        vae_dir = Path(args.vae_from) if args.vae_from else vae_run / "vae"
         if not (vae_dir / "config.json").is_file():
             raise InvalidCaseError(f"no trained VAE in {vae_dir}; run the VAE phase first (--phase vae)")
 
@@ -324,8 +369,8 @@ def run(args: argparse.Namespace) -> int:
             export_text_encoder(text_encoder, out / "text_encoder")
             log.info("toy: %s transformer and text encoder exported to %s", "final" if final else "checkpoint", out)
 
-        res = train_transformer(tr_cfg, tr_run, vae_dir, device=device, resume=args.resume, progress=args.progress,
-                                on_save=on_save)
+        res = train_transformer(tr_cfg, tr_run, vae_dir, device=device, resume=args.resume or args.extend,
+                                extend=args.extend, progress=args.progress, on_save=on_save)
         if not (res.transformer_dir / "config.json").is_file():
             raise RuntimeError(f"the transformer run in {tr_run} did not finish; run again with --resume")
         rec = _phase_record(res, tr_run, tr_cfg)
@@ -356,6 +401,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The driver's command line."""
     return add_toy_arguments(argparse.ArgumentParser(prog="python -m editinfinity.train.toy", description=__doc__,
                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
 
@@ -367,6 +413,7 @@ def setup_logging(verbose: bool = True) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m editinfinity.train.toy``: returns the exit code."""
     args = build_parser().parse_args(argv)
     setup_logging()
     return run(args)

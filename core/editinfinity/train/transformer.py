@@ -72,8 +72,18 @@ class TransformerConfig:
     rows_zero_prob: float = 0.5  # appended rows are zeros, else gaussian with std 10**U(rows_log10_std)
     rows_log10_std: tuple[float, float] = (-5.0, -2.5)
     image_noise: float = 0.0  # pixel noise std of the training pictures (0-255 units)
+    # Latent replay: a FIFO buffer of `replay_size` encoded pictures, of which `replay_refresh` are replaced by new
+    # ones every step; a batch samples the buffer. Each picture is used ~batch_size/replay_refresh times (with new
+    # bit flips and prompt variants), and the VAE encodes replay_refresh pictures per step instead of batch_size.
+    # replay_size 0: every step renders and encodes a fresh batch.
+    replay_size: int = 16384
+    replay_refresh: int = 32
     steps: int = 0
     minutes: float = 7.0
+    # Start from trained weights (a directory in the load_models layout: transformer/, text_encoder/) instead of
+    # a random initialisation; the model config must match. Only for a new run (a resumed run has its checkpoint).
+    init_from: str | None = None
+    compile_blocks: bool = False  # torch.compile the teacher-forced blocks (the first step then compiles)
     seed: int = 0
     workers: int = 12  # scene sampling: ~1.5 ms per scene, 128 scenes per step
     checkpoint_minutes: float = 1.0
@@ -88,6 +98,9 @@ class TransformerConfig:
             raise ValueError("noise_strength must be in [0, 1]")
         if self.batch_size < 1 or self.rows < 0:
             raise ValueError("batch_size must be positive and rows non-negative")
+        if self.replay_size and (self.replay_refresh < 1 or self.replay_size % self.replay_refresh
+                                 or self.replay_size < self.batch_size):
+            raise ValueError("replay_size must be a multiple of replay_refresh and at least batch_size")
         sched = self.schedule()
         if schedules.pixel_size(sched) != (self.image_size, self.image_size):
             raise ValueError(f"resolution {self.resolution} is {schedules.pixel_size(sched)} px, "
@@ -130,44 +143,72 @@ def build_transformer(config: TransformerConfig) -> Infinity:
         return Infinity(**config.model, cond_drop_rate=config.cond_drop_rate, drop_path_rate=config.drop_path_rate)
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Copy a CPU tensor to ``device`` without waiting for the GPU's queued work (pinned, non-blocking)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def encode_captions(tokenizer, encoder, prompts: list[str], device: torch.device) -> TextFeatures:
-    """T5 rows of ``prompts`` as ``encode_prompts`` computes them (real tokens incl. EOS), keeping gradients."""
+    """T5 rows of ``prompts`` as ``encode_prompts`` computes them (real tokens incl. EOS), keeping gradients.
+
+    The row bookkeeping is done on the CPU, so the step never waits for the GPU here.
+    """
     tokens = tokenize_prompts(tokenizer, prompts, pad_to_max_length=False)
-    ids = tokens["input_ids"].to(device)
-    mask = tokens["attention_mask"].to(device)
-    hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-    return TextFeatures(hidden[mask.bool()], mask.sum(dim=1).tolist())
+    mask = tokens["attention_mask"]
+    lens = mask.sum(dim=1).tolist()
+    real = mask.reshape(-1).nonzero().squeeze(1)  # row-major, as hidden[mask.bool()]
+    hidden = encoder(input_ids=to_device(tokens["input_ids"], device),
+                     attention_mask=to_device(mask, device)).last_hidden_state.float()
+    return TextFeatures(hidden.reshape(-1, hidden.shape[-1]).index_select(0, to_device(real, device)), lens)
 
 
-def append_rows_per_sample(text: TextFeatures, rows: list[torch.Tensor | None]) -> TextFeatures:
-    """Append ``rows[b]`` (``(n_b, C)``, or None for nothing) after sample ``b``'s rows."""
-    parts: list[torch.Tensor] = []
-    lens: list[int] = []
-    for block, extra in zip(text.split(), rows, strict=True):
-        parts.append(block)
-        if extra is not None and extra.shape[0]:
-            parts.append(extra.to(block))
-        lens.append(block.shape[0] + (0 if extra is None else int(extra.shape[0])))
-    return TextFeatures(torch.cat(parts, dim=0), lens)
+def append_rows(text: TextFeatures, rows: torch.Tensor, chosen) -> TextFeatures:
+    """Append ``rows[b]`` (``rows`` is ``(B, n, C)``) after sample ``b``'s rows wherever ``chosen[b]`` is true.
+
+    Same result as :meth:`TextFeatures.append_rows` per sample, in a few device operations (indices built on the
+    CPU); gradients flow to ``text.features`` and ``rows``.
+    """
+    chosen = [bool(c) for c in chosen]
+    if len(chosen) != text.batch_size or rows.shape[0] != text.batch_size:
+        raise ValueError(f"need one row block and one flag per sample ({text.batch_size}), got {rows.shape[0]} "
+                         f"and {len(chosen)}")
+    n = int(rows.shape[1])
+    if n == 0 or not any(chosen):
+        return text
+    lens = torch.tensor(text.lens)
+    flags = torch.tensor(chosen)
+    new_lens = lens + n * flags
+    starts = torch.cumsum(new_lens, 0) - new_lens
+    own = torch.repeat_interleave(starts, lens) + (torch.arange(int(lens.sum())) -
+                                                   torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens))
+    picked = flags.nonzero().squeeze(1)
+    extra = (starts[picked] + lens[picked]).repeat_interleave(n) + torch.arange(n).repeat(len(picked))
+    dev = text.features.device
+    out = text.features.new_zeros(int(new_lens.sum()), text.channels)
+    out = out.index_copy(0, to_device(own, dev), text.features)
+    out = out.index_copy(0, to_device(extra, dev),
+                         rows.to(text.features).index_select(0, to_device(picked, dev)).reshape(-1, text.channels))
+    return TextFeatures(out, new_lens.tolist())
 
 
 def text_variants(config: TransformerConfig, step: int, captions: list[str], channels: int,
-                  device: torch.device | str = "cpu") -> tuple[list[str], list[torch.Tensor | None]]:
-    """Step ``step``'s prompts (plain or styled) and appended rows (on ``device``), a pure function of the seed
-    and step."""
+                  device: torch.device | str = "cpu") -> tuple[list[str], torch.Tensor, list[bool]]:
+    """Step ``step``'s prompts (plain or styled), the rows to append ``(B, rows, channels)`` on ``device`` and
+    which samples get them; a pure function of the seed and the step."""
     rng = stream_rng(config.seed, TEXT_STREAM, step)
     B = len(captions)
     styled = rng.random(B) < config.style_prob
-    with_rows = styled & (rng.random(B) < config.rows_prob)
+    with_rows = styled & (rng.random(B) < config.rows_prob) & (config.rows > 0)
     zero = rng.random(B) < config.rows_zero_prob
     lo, hi = config.rows_log10_std
     std = np.where(zero, 0.0, 10.0 ** rng.uniform(lo, hi, B)).astype(np.float32)
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    noise = torch.randn(B, config.rows, channels, generator=gen) * torch.from_numpy(std).view(B, 1, 1)
-    noise = noise.to(device)  # one transfer for the whole batch
+    rows = torch.randn(B, config.rows, channels, generator=gen) * torch.from_numpy(std).view(B, 1, 1)
     prompts = [c + STYLE_SUFFIX if s else c for c, s in zip(captions, styled, strict=True)]
-    rows = [noise[b] if with_rows[b] and config.rows > 0 else None for b in range(B)]
-    return prompts, rows
+    return prompts, to_device(rows, device), [bool(w) for w in with_rows]
 
 
 def bit_accuracy(logits: torch.Tensor, gt_bits: torch.Tensor, coarse_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,6 +216,68 @@ def bit_accuracy(logits: torch.Tensor, gt_bits: torch.Tensor, coarse_tokens: int
     B, L, V = logits.shape
     right = (logits.detach().view(B, L, V // 2, 2).argmax(-1) == gt_bits.long()).float()
     return right.mean(), right[:, :coarse_tokens].mean()
+
+
+class LatentReplay:
+    """FIFO buffer of (scene, VAE latent) pairs: training batches sample it, and every step replaces its oldest
+    ``refresh`` pictures with new ones.
+
+    Scene batch ``b`` of the stream (``refresh`` pictures) lives in slot ``b mod (size / refresh)``; before step
+    ``t`` the buffer holds batches ``t .. t + size/refresh - 1``. Its content is therefore a function of the
+    step alone, and a resumed run rebuilds exactly the buffer it left.
+    """
+
+    def __init__(self, size: int, refresh: int, stream: SceneStream, encode: Callable[[list], torch.Tensor],
+                 start_step: int):
+        if size % refresh:
+            raise ValueError("replay size must be a multiple of the refresh count")
+        self.size, self.refresh, self.slots = size, refresh, size // refresh
+        self.stream, self.encode = stream, encode
+        self.scenes: list = [None] * size
+        self.z: torch.Tensor | None = None
+        self.next_batch = start_step
+        for _ in range(self.slots):
+            self._add()
+
+    def _add(self) -> None:
+        b = self.next_batch
+        scenes = self.stream.get(b)
+        z = self.encode(scenes)
+        if self.z is None:
+            self.z = z.new_empty((self.size, *z.shape[1:]))
+        lo = (b % self.slots) * self.refresh
+        self.z[lo:lo + self.refresh] = z
+        self.scenes[lo:lo + self.refresh] = scenes
+        self.next_batch += 1
+
+    def sample(self, batch: int, generator: torch.Generator) -> tuple[list, torch.Tensor]:
+        """``batch`` random (scene, latent) pairs (with replacement; indices from the CPU ``generator``, so no
+        device sync), then the refresh for the next step."""
+        idx = torch.randint(self.size, (batch,), generator=generator)
+        z = self.z.index_select(0, to_device(idx, self.z.device))
+        scenes = [self.scenes[i] for i in idx.tolist()]
+        self._add()
+        return scenes, z
+
+
+def load_initial_weights(transformer: Infinity, text_encoder, directory: Path) -> None:
+    """Copy the weights of ``directory/transformer`` and ``directory/text_encoder`` into the built models (strict:
+    the configs must match)."""
+    from transformers import T5EncoderModel
+
+    for name in ("transformer", "text_encoder"):
+        if not (directory / name / "config.json").is_file():
+            raise CheckpointError(f"init_from {directory} has no {name}/; give a weights directory written by "
+                                  "`python -m editinfinity.train.toy` (or the bundled presets/toy)")
+    pairs = ((transformer, Infinity.from_pretrained(str(directory / "transformer"))),
+             (text_encoder, T5EncoderModel.from_pretrained(str(directory / "text_encoder"))))
+    for model, trained in pairs:
+        try:
+            model.load_state_dict({k: v.float() for k, v in trained.state_dict().items()}, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"init_from {directory}: the weights do not fit the configured model ({exc}); "
+                                  "use the model config those weights were trained with") from exc
+    log.info("transformer: initialised from %s", directory)
 
 
 def load_frozen_vae(vae: BSQVAE | str | Path, device: torch.device) -> BSQVAE:
@@ -186,14 +289,16 @@ def load_frozen_vae(vae: BSQVAE | str | Path, device: torch.device) -> BSQVAE:
 
 def train_transformer(config: TransformerConfig, run_dir: str | Path, vae: BSQVAE | str | Path, *,
                       tokenizer_dir: str | Path | None = None, device: str | torch.device | None = None,
-                      resume: bool = False, progress: bool = False, stop_at: int | None = None,
+                      resume: bool = False, extend: bool = False, progress: bool = False,
+                      stop_at: int | None = None,
                       on_save: Callable[[Infinity, Any, bool], None] | None = None) -> TransformerTrainResult:
     """Train (or resume) the transformer and T5 in ``run_dir`` against the frozen ``vae``.
 
     Writes ``checkpoint/`` every ``checkpoint_minutes``, ``log.jsonl``, and when the budget is spent
     ``transformer/`` and ``text_encoder/`` (``save_pretrained``, float32), ``tokenizer/`` and ``result.json``.
     ``on_save(transformer, text_encoder, final)`` runs after every checkpoint (e.g. to export weights as they
-    improve). ``stop_at`` ends this call after that step without finishing the run.
+    improve). ``stop_at`` ends this call after that step without finishing the run; ``extend`` (with ``resume``)
+    continues a finished run for another budget with a fresh warm-up and cosine cycle.
     """
     from transformers import AutoTokenizer
 
@@ -212,8 +317,14 @@ def train_transformer(config: TransformerConfig, run_dir: str | Path, vae: BSQVA
     if vae_model.config.codebook_dim != config.model["codebook_dim"]:
         raise ValueError(f"the VAE codes {vae_model.config.codebook_dim} bits but the transformer expects "
                          f"{config.model['codebook_dim']}")
-    transformer = build_transformer(config).to(dev).train()
-    text_encoder = build_text_encoder(config, len(tokenizer)).to(dev)
+    transformer = build_transformer(config)
+    text_encoder = build_text_encoder(config, len(tokenizer))
+    if config.init_from and common.find_checkpoint(run_dir) is None:
+        load_initial_weights(transformer, text_encoder, Path(config.init_from))
+    transformer.to(dev).train()
+    text_encoder.to(dev)
+    if config.compile_blocks:
+        transformer.set_block_compile(True)
     text_encoder.train(config.train_text_encoder).requires_grad_(config.train_text_encoder)
     groups = common.decay_groups(list(transformer.named_parameters()), NO_DECAY)
     if config.train_text_encoder:
@@ -221,6 +332,8 @@ def train_transformer(config: TransformerConfig, run_dir: str | Path, vae: BSQVA
     opt = common.adamw(groups, config.lr, config.betas, config.weight_decay, dev)
     params = [p for g in groups for p in g["params"]]
     gen = torch.Generator(device=dev).manual_seed(config.seed)
+    replay_gen = torch.Generator().manual_seed(config.seed + 1)
+    generators = {"train": gen, "replay": replay_gen}
     modules = {"transformer": transformer, "text_encoder": text_encoder}
     state = common.TrainState()
     ckpt = common.find_checkpoint(run_dir)
@@ -228,8 +341,11 @@ def train_transformer(config: TransformerConfig, run_dir: str | Path, vae: BSQVA
         raise CheckpointError(f"{run_dir} already holds a training checkpoint; pass --resume to continue it "
                               "or choose another output directory")
     if ckpt is not None:
-        state = common.load_checkpoint(ckpt, modules, opt, {"train": gen})
+        state = common.load_checkpoint(ckpt, modules, opt, generators)
         log.info("transformer: resumed %s at step %d (%.0f s trained)", ckpt, state.step, state.elapsed)
+        if extend and state.finished:
+            state.extend()
+            log.info("transformer: extending the finished run by %s", common.budget_text(config))
     n_params = sum(p.numel() for p in transformer.parameters())
     n_text = sum(p.numel() for p in text_encoder.parameters())
     noise_layers = len(schedule) if config.noise_layers <= 0 else config.noise_layers
@@ -239,24 +355,38 @@ def train_transformer(config: TransformerConfig, run_dir: str | Path, vae: BSQVA
              schedules.num_tokens(schedule), dev)
 
     def save(final: bool = False) -> None:
-        common.save_checkpoint(run_dir, modules, opt, state, {"train": gen}, cfg_dict)
+        common.save_checkpoint(run_dir, modules, opt, state, generators, cfg_dict)
         if on_save is not None:
             on_save(transformer, text_encoder, final)
 
-    with SceneStream(config.seed, TRANSFORMER_STREAM, config.batch_size, start=state.step,
-                     width=config.image_size, height=config.image_size, workers=config.workers) as stream:
+    @torch.no_grad()
+    def encode(scenes: list) -> torch.Tensor:
+        # float32 encoder, exactly as the prepare stage codes a picture (bits are signs)
+        return vae_model.encode_raw(render_batch(scenes, dev, noise=config.image_noise, generator=gen))
+
+    replay_on = config.replay_size > 0
+    per_step = config.replay_refresh if replay_on else config.batch_size
+    with SceneStream(config.seed, TRANSFORMER_STREAM, per_step, start=state.step, width=config.image_size,
+                     height=config.image_size, workers=config.workers) as stream:
+        replay = None
+        if replay_on:
+            t0 = time.perf_counter()
+            replay = LatentReplay(config.replay_size, config.replay_refresh, stream, encode, state.step)
+            log.info("transformer: latent replay of %d pictures filled in %.1f s", config.replay_size,
+                     time.perf_counter() - t0)
 
         def step_fn(step: int) -> dict[str, torch.Tensor]:
-            scenes = stream.get(step)
-            prompts, rows = text_variants(config, step, [toyworld.caption(s) for s in scenes],
-                                          config.model["text_channels"], dev)
-            img = render_batch(scenes, dev, noise=config.image_noise, generator=gen)
-            with torch.no_grad(), common.autocast(dev):
-                z = vae_model.encoder(img)
-            gt_bits, x_in = bitwise_self_correction(z.float(), schedule, noise_layers, config.noise_strength, gen)
+            if replay is not None:
+                scenes, z = replay.sample(config.batch_size, replay_gen)
+            else:
+                scenes = stream.get(step)
+                z = encode(scenes)
+            prompts, rows, chosen = text_variants(config, step, [toyworld.caption(s) for s in scenes],
+                                                  config.model["text_channels"], dev)
+            gt_bits, x_in = bitwise_self_correction(z, schedule, noise_layers, config.noise_strength, gen)
             with torch.set_grad_enabled(config.train_text_encoder):  # float32, as the prepare stage runs it
                 text = encode_captions(tokenizer, text_encoder, prompts, dev)
-            text = append_rows_per_sample(text, rows)
+            text = append_rows(text, rows, chosen)
             with common.autocast(dev):
                 logits = transformer(text, x_in, schedule, generator=gen)
             logits = logits.float()
