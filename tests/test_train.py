@@ -175,6 +175,24 @@ def test_a_finished_run_can_be_extended_with_a_new_learning_rate_cycle(tmp_path)
     assert (tmp_path / "run" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() != first
 
 
+def test_decoder_only_fine_tuning_keeps_the_encoder_and_so_every_code(tmp_path):
+    start = tmp_path / "start"
+    train_vae(tiny_vae_config(steps=2), start, device="cpu")
+    with pytest.raises(common.InvalidCaseError, match="init_from"):
+        tiny_vae_config(train_encoder=False)
+    cfg = tiny_vae_config(steps=3, init_from=str(start / "vae"), train_encoder=False, lr=1e-2)
+    train_vae(cfg, tmp_path / "decoder", device="cpu")
+    a = BSQVAE.from_pretrained(str(start / "vae"))
+    b = BSQVAE.from_pretrained(str(tmp_path / "decoder" / "vae"))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if k.startswith("encoder."))
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa if k.startswith("decoder."))
+    img = render_batch(scene_batch(0, 1, 7, 3, 64, 64))
+    sched = cfg.schedule()
+    ca, cb = a.encode(img, sched), b.encode(img, sched)
+    assert all(torch.equal(x, y) for x, y in zip(ca.bits, cb.bits, strict=True))
+
+
 # ------------------------------------------------------------------------------------------------- transformer
 
 

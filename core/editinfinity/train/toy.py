@@ -62,6 +62,9 @@ def add_toy_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="scene-sampling processes per phase (default from the configs)")
     p.add_argument("--vae-from", metavar="DIR",
                    help="use this trained VAE (save_pretrained layout, e.g. presets/toy/vae) instead of training one")
+    p.add_argument("--vae-decoder-minutes", type=float, metavar="MIN",
+                   help="with --vae-from: fine-tune that VAE's decoder for MIN minutes, encoder frozen (the bit "
+                        "codes, and so a transformer trained on them, stay valid)")
     p.add_argument("--init-from", metavar="DIR",
                    help="start the transformer and T5 from this weights directory (e.g. the bundled presets/toy) "
                         "instead of a random initialisation")
@@ -96,6 +99,10 @@ def load_configs(args: argparse.Namespace) -> tuple[VAEConfig, TransformerConfig
             over["workers"] = args.workers
     if args.init_from:
         tr_over["init_from"] = str(args.init_from)
+    if args.vae_decoder_minutes is not None:
+        if not args.vae_from:
+            raise InvalidCaseError("--vae-decoder-minutes fine-tunes the decoder of --vae-from DIR; give --vae-from")
+        vae_over.update(init_from=str(args.vae_from), train_encoder=False, minutes=args.vae_decoder_minutes)
     vae_cfg = common.load_config(VAEConfig, _config_path(args.vae_config, VAE_CONFIG), vae_over)
     tr_cfg = common.load_config(TransformerConfig, _config_path(args.transformer_config, TRANSFORMER_CONFIG), tr_over)
     if vae_cfg.image_size != tr_cfg.image_size:
@@ -175,8 +182,10 @@ class Record:
         self.data: dict[str, Any] = {}
         if resume and self.path.is_file():
             self.data = json.loads(self.path.read_text())
+        command = " ".join(sys.argv)
+        earlier = [c for c in self.data.get("commands", [self.data.get("command")]) if c]
         self.data.update({"preset": "toy", "editinfinity": __version__, "hardware": common.hardware(),
-                          "command": " ".join(sys.argv)})
+                          "command": command, "commands": [*earlier, command]})
 
     def update(self, **kw: Any) -> None:
         """Add or replace top-level entries and rewrite the file."""
@@ -290,6 +299,11 @@ def write_model_card(out: Path, record: dict[str, Any]) -> None:
     if "heldout" in vae and vae["heldout"]:
         lines.append(f"- VAE reconstruction PSNR on {vae['heldout']['images']} held-out pictures (training weights): "
                      f"{vae['heldout']['mean_psnr']:.2f} dB mean, {vae['heldout']['min_psnr']:.2f} dB min.")
+    if (vae.get("decoder_finetune") or {}).get("heldout"):
+        d = vae["decoder_finetune"]
+        lines.append(f"- After the decoder-only fine-tuning ({d['steps']} steps, {d['seconds'] / 60:.1f} min, encoder "
+                     f"and codes unchanged): {d['heldout']['mean_psnr']:.2f} dB mean, "
+                     f"{d['heldout']['min_psnr']:.2f} dB min.")
     if "vae_psnr_exported" in checks:
         c = checks["vae_psnr_exported"]
         lines.append(f"- Same, shipped float16 weights: {c['mean_psnr']:.2f} dB mean.")
@@ -314,7 +328,8 @@ def write_model_card(out: Path, record: dict[str, Any]) -> None:
         tr_steps=tr.get("steps"), tr_batch=tcfg.get("batch_size"), tr_minutes=num(tr, "seconds") / 60,
         hardware=hw.get("gpu", f"CPU ({hw.get('cpu_count')} cores)"),
         vae_from=f" Reused from `{vae['from']}` (`--vae-from`)." if vae.get("from") else "",
-        tr_from=f" Started from the weights in `{tcfg['init_from']}` (`--init-from`)." if tcfg.get("init_from") else "",
+        tr_from=(f" Started from the weights in `{tcfg['init_from']}` (`--init-from`), already trained for "
+                 f"{(tr.get('started_from') or {}).get('total_steps', '?')} steps." if tcfg.get("init_from") else ""),
         checks="\n".join(lines) or "- (not run)")
     (Path(out) / "MODEL_CARD.md").write_text(text)
 
@@ -334,15 +349,18 @@ def run(args: argparse.Namespace) -> int:
     device = common.resolve_device(args.device)
     work.mkdir(parents=True, exist_ok=True)
     export_shared(out)
-    record = Record(out, resume=args.resume or args.extend or args.phase == "transformer")
+    decoder_only = args.vae_decoder_minutes is not None
+    record = Record(out, resume=args.resume or args.extend or args.phase == "transformer" or decoder_only)
     log.info("toy training on %s: %s", device, json.dumps(common.hardware()))
     t_start = time.perf_counter()
     vae_run, tr_run = work / "vae", work / "transformer"
 
-    if args.vae_from:
+    if args.vae_from and not decoder_only:
         vae_dir = Path(args.vae_from)
         record.update(vae=use_existing_vae(vae_dir, out, device, vae_cfg, args.check_images))
     elif args.phase in ("all", "vae"):
+        if decoder_only:
+            vae_run = work / "vae-decoder"
         res = train_vae(vae_cfg, vae_run, device=device, resume=args.resume or args.extend, extend=args.extend,
                         progress=args.progress)
         if not (res.model_dir / "config.json").is_file():
@@ -353,14 +371,18 @@ def run(args: argparse.Namespace) -> int:
         rec = _phase_record(res, vae_run, vae_cfg)
         rec["heldout"] = res.heldout
         rec["parameters"] = json.loads((vae_run / "result.json").read_text()).get("parameters")
+        if decoder_only:
+            earlier = record.data.get("vae") or {}
+            rec = {**earlier, "decoder_finetune": rec}
         record.update(vae=rec)
         log.info("toy: VAE exported to %s", out / "vae")
-        if args.phase == "vae" and (args.extend or not args.resume) and common.find_checkpoint(tr_run) is not None:
+        if (args.phase == "vae" and not decoder_only and (args.extend or not args.resume)
+                and common.find_checkpoint(tr_run) is not None):
             log.warning("toy: %s holds a transformer trained against the previous VAE codes; train it again "
                         "(a new --work directory, or delete %s) before shipping", tr_run, tr_run)
 
     if args.phase in ("all", "transformer"):
-        vae_dir = Path(args.vae_from) if args.vae_from else vae_run / "vae"
+        vae_dir = Path(args.vae_from) if args.vae_from and not decoder_only else vae_run / "vae"
         if not (vae_dir / "config.json").is_file():
             raise InvalidCaseError(f"no trained VAE in {vae_dir}; run the VAE phase first (--phase vae)")
 
@@ -379,6 +401,17 @@ def run(args: argparse.Namespace) -> int:
         rec["samples_by_cfg"] = result.get("samples_by_cfg")
         rec["parameters"] = result.get("parameters")
         rec["text_encoder_parameters"] = result.get("text_encoder_parameters")
+        if tr_cfg.init_from:  # what the starting weights had already been trained for
+            start = Path(tr_cfg.init_from) / "training.json"
+            if start.is_file():
+                before = json.loads(start.read_text())
+                prev = before.get("transformer", {})
+                rec["started_from"] = {"steps": prev.get("steps"), "seconds": prev.get("seconds"),
+                                       "total_steps": (prev.get("started_from") or {}).get("total_steps", 0)
+                                       + (prev.get("steps") or 0),
+                                       "total_seconds": (prev.get("started_from") or {}).get("total_seconds", 0)
+                                       + (prev.get("seconds") or 0),
+                                       "commands": before.get("commands", [before.get("command")])}
         record.update(transformer=rec)
 
     sizes = weight_bytes(out)

@@ -63,8 +63,16 @@ class VAEConfig:
     checkpoint_minutes: float = 1.0
     log_seconds: float = 15.0
     eval_images: int = 200
+    # Start from a trained VAE (save_pretrained layout) instead of a random initialisation; ``model`` is then
+    # taken from that VAE's config.
+    init_from: str | None = None
+    # False: fine-tune the decoder only. The encoder is frozen and run in float32 as at inference, so every
+    # picture's bit codes stay exactly those of ``init_from`` and a transformer trained on them stays valid.
+    train_encoder: bool = True
 
     def validate(self) -> None:
+        if not self.train_encoder and not self.init_from:
+            raise ValueError("train_encoder: false (decoder-only fine-tuning) needs init_from: a trained VAE")
         if self.model.get("codebook_dim", 32) <= 0 or self.batch_size < 1:
             raise ValueError("codebook_dim and batch_size must be positive")
         sched = self.schedule()
@@ -90,10 +98,17 @@ class VAETrainResult:
 
 
 def vae_losses(vae: BSQVAE, img: torch.Tensor, schedule, config: VAEConfig) -> dict[str, torch.Tensor]:
-    """The training objective on one batch (``img`` in [-1, 1]); ``"loss"`` is the weighted sum."""
-    with common.autocast(img.device):
-        z = vae.encoder(img)
-    z = z.float()
+    """The training objective on one batch (``img`` in [-1, 1]); ``"loss"`` is the weighted sum.
+
+    With ``config.train_encoder`` false the encoder runs without gradients in float32 (``vae.encode_raw``, as the
+    edit pipeline encodes), so the decoder learns from exactly the codes it will be given."""
+    if config.train_encoder:
+        with common.autocast(img.device):
+            z = vae.encoder(img)
+        z = z.float()
+    else:
+        with torch.no_grad():
+            z = vae.encode_raw(img).float()
     codes = multiscale_quantize(z, schedule)  # float32, straight-through gradients to z
     with common.autocast(img.device):
         recon = vae.decoder(codes.summed_codes)
@@ -138,7 +153,19 @@ def heldout_psnr(vae: BSQVAE, scenes: list[toyworld.Scene], schedule, device: to
 
 
 def build_vae(config: VAEConfig) -> BSQVAE:
-    """A freshly initialised VAE of the config (seeded by ``config.seed``)."""
+    """A freshly initialised VAE of the config (seeded by ``config.seed``), or ``config.init_from``'s weights."""
+    if config.init_from:
+        src = Path(config.init_from)
+        if not (src / "config.json").is_file():
+            raise CheckpointError(f"init_from {src}: no VAE there (expected config.json and safetensors weights "
+                                  "as written by save_pretrained, e.g. presets/toy/vae)")
+        vae = BSQVAE.from_pretrained(str(src)).float()
+        ours = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.model.items()}
+        theirs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vae.config.items() if k in ours}
+        if theirs != ours:
+            log.info("vae: model settings taken from %s: %s", src, theirs)
+            config.model = {**config.model, **theirs}
+        return vae
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return BSQVAE(**{**config.model, "ch_mult": tuple(config.model["ch_mult"])})
@@ -161,8 +188,11 @@ def train_vae(config: VAEConfig, run_dir: str | Path, *, device: str | torch.dev
     schedule = config.schedule()
     cfg_dict = common.config_dict(config)
     vae = build_vae(config).to(dev).train()
-    opt = common.adamw(common.decay_groups(list(vae.named_parameters())), config.lr, config.betas,
-                       config.weight_decay, dev)
+    if not config.train_encoder:
+        vae.encoder.requires_grad_(False)
+        vae.encoder.eval()
+    trained = [(n, p) for n, p in vae.named_parameters() if p.requires_grad]
+    opt = common.adamw(common.decay_groups(trained), config.lr, config.betas, config.weight_decay, dev)
     gen = torch.Generator(device=dev).manual_seed(config.seed)
     state = common.TrainState()
     ckpt = common.find_checkpoint(run_dir)
@@ -192,7 +222,7 @@ def train_vae(config: VAEConfig, run_dir: str | Path, *, device: str | torch.dev
             losses = vae_losses(vae, img, schedule, config)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
-            losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
+            losses["grad_norm"] = torch.nn.utils.clip_grad_norm_([p for _, p in trained], config.grad_clip)
             opt.step()
             return losses
 
