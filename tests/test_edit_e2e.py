@@ -128,6 +128,28 @@ def test_keep_weight_one_reproduces_the_source_codes(models, example):
     assert not torch.equal(res.edited_codes[0][:, ~keep], src[0][:, ~keep])
 
 
+def test_lora_training_does_not_depend_on_the_global_rng(models, example):
+    """LoRA dropout (peft, global RNG) is seeded from the settings: the same adapter whatever ran before."""
+    from editinfinity.edit.lora import train_lora_adapter
+
+    spec = CaseSpec(image=example["image"], prompt=example["prompt"], edit_prompt=example["edit_prompt"],
+                    mode="whole", resolution="0.06M")
+    case = prepare_case(models, spec)
+    rows = torch.zeros(4, case.text["source_styled"].features.shape[-1])
+    settings = EditSettings(lora_iters=2, style_rows=4, lora_dropout=0.5, seed=2)
+    states = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        states.append(train_lora_adapter(models, case, rows, settings, progress=False)[0])
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    train_lora_adapter(models, case, rows, settings, progress=False)
+    assert torch.equal(torch.rand(3), expected)  # and the caller's global RNG is left where it was
+
+
 def test_whole_image_mode_equals_plain_generation(models, example):
     spec = CaseSpec(image=example["image"], prompt=example["prompt"], edit_prompt=example["edit_prompt"],
                     mode="whole", resolution="0.06M")

@@ -164,7 +164,11 @@ def train_lora_adapter(models: ModelBundle, case: CaseData, rows: torch.Tensor, 
     with lora_adapter(models.transformer, lora_config(settings), seed=settings.seed) as model:
         params = lora_parameters(model)
         cache = TextConditionCache(model, lora_text(models, case, rows, settings))
-        with training_mode(model, settings, checkpoint_blocks=n_ckpt):
+        # peft's LoRA dropout draws from the global RNG: seed it from the settings inside a forked RNG, so a run
+        # does not depend on (or disturb) what the process drew before.
+        cuda = [models.device] if models.device.type == "cuda" else []
+        with training_mode(model, settings, checkpoint_blocks=n_ckpt), torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(settings.seed + 1)
             losses = optimize(params, lambda _: lora_loss(models, case, rows, settings, gen, cache),
                               settings.lora_iters, settings, "LoRA", progress)
         state = {k: v.detach().float().cpu().contiguous()

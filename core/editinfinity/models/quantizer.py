@@ -325,7 +325,9 @@ def bitwise_self_correction(
     def flip(k: int, bits: torch.Tensor) -> torch.Tensor | None:
         if k >= noise_layers:
             return None
-        p = int(torch.randint(0, levels + 1, (1,), generator=generator, device=gen_device)) / 100
+        # p stays a tensor on the generator's device (no host sync per scale); float32 k / 100 equals the float32
+        # rounding of the decimal k / 100 for every k in 0..100, so the comparison is the one with a Python float.
+        p = torch.randint(0, levels + 1, (1,), generator=generator, device=gen_device).to(torch.float32) / 100
         # The mask is always drawn so the random stream does not depend on the drawn p.
         mask = torch.rand(bits.shape, generator=generator, device=gen_device) < p
         return bits ^ mask.to(device=bits.device, dtype=torch.uint8)

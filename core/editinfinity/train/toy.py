@@ -204,6 +204,21 @@ def _phase_record(result, run_dir: Path, cfg) -> dict[str, Any]:
     return rec
 
 
+def lineage(weights_dir: Path) -> dict[str, Any] | None:
+    """What the transformer in ``weights_dir`` (an ``--init-from`` source) had been trained for, from the
+    ``training.json`` beside it: its own run plus everything it had been started from."""
+    path = weights_dir / "training.json"
+    if not path.is_file():
+        return None
+    before = json.loads(path.read_text())
+    prev = before.get("transformer", {})
+    earlier = prev.get("started_from") or {}
+    return {"steps": prev.get("steps"), "seconds": prev.get("seconds"),
+            "total_steps": earlier.get("total_steps", 0) + (prev.get("steps") or 0),
+            "total_seconds": round(earlier.get("total_seconds", 0) + (prev.get("seconds") or 0), 1),
+            "commands": before.get("commands", [before.get("command")])}
+
+
 def use_existing_vae(vae_dir: Path, out: Path, device: torch.device, vae_cfg: VAEConfig,
                      check_images: int) -> dict[str, Any]:
     """``--vae-from``: export a trained VAE into ``out/vae`` and measure it, instead of training one."""
@@ -270,7 +285,7 @@ Weights on disk: {weight_mb:.1f} MB in total.
   the evaluation (`bench/toy_eval.py`) are never drawn in training (see `editinfinity/train/data.py`).
 - VAE: L1 + MSE reconstruction of the decode of the multi-scale quantised latent (0.06M schedule,
   straight-through BSQ), commitment 0.25; pixel noise std ~ U(0, {noise_max}); {vae_steps} steps of batch
-  {vae_batch} in {vae_minutes:.1f} min.{vae_from}
+  {vae_batch} in {vae_minutes:.1f} min.{vae_from}{vae_decoder}
 - Transformer: teacher forcing with bitwise self-correction (strength {bsc}), scale-reweighted bitwise
   cross-entropy, condition dropout {cdr} (for classifier-free guidance), styled prompts and appended rows part of
   the time; {tr_steps} steps of batch {tr_batch} in {tr_minutes:.1f} min.{tr_from}
@@ -282,12 +297,54 @@ Weights on disk: {weight_mb:.1f} MB in total.
 
 The full evaluation (held-out text-to-image accuracy, editing in all three modes) is `bench/toy_eval.py`; its
 results are in `bench/results/`.
+"""
 
+LIMITATIONS = """
 ## Limitations
 
 Only the toy world's captions and pictures (256x256, the 0.06M schedule); other prompts tokenise to characters
 and give meaningless pictures. Not a substitute for the official Infinity weights.
 """
+
+
+def _started_from_text(tcfg: dict, tr: dict) -> str:
+    if not tcfg.get("init_from"):
+        return ""
+    sf = tr.get("started_from") or {}
+    if not sf:
+        return f" Started from the weights in `{tcfg['init_from']}` (`--init-from`)."
+    total_steps = sf.get("total_steps", 0) + (tr.get("steps") or 0)
+    total_min = (sf.get("total_seconds", 0) + (tr.get("seconds") or 0)) / 60
+    return (f" Started from the weights in `{tcfg['init_from']}` (`--init-from`), already trained for "
+            f"{sf.get('total_steps')} steps: {total_steps} steps, {total_min:.1f} min in all (commands below).")
+
+
+def _evaluation_lines(ev: dict[str, Any]) -> list[str]:
+    """The ``evaluation`` entry of the record (a ``bench/toy_eval.py`` JSON) as model-card lines."""
+    lines = [f"`{ev.get('command', 'python bench/toy_eval.py')}` on {ev.get('gpu') or ev.get('device')}, seeds never "
+             "used in training (targets from the toy-model issue in brackets):", ""]
+    if ev.get("vae"):
+        v = ev["vae"]
+        lines.append(f"- VAE reconstruction: {v['mean_psnr']:.2f} dB mean PSNR on {v['images']} pictures, "
+                     f"{100 * v['fraction_ge_30db']:.0f}% >= 30 dB [>= 30 dB].")
+    t = ev.get("text_to_image") or {}
+    if t.get("n"):
+        by = t.get("by_objects", {})
+        parts = ", ".join(f"{k} object{'s' if k != '1' else ''}: {100 * b['objects_ok_rate']:.0f}% of {b['n']}"
+                          for k, b in sorted(by.items()))
+        lines.append(f"- Text to image: every object's colour and shape as prompted in "
+                     f"{100 * t['objects_ok_rate']:.1f}% of {t['n']} generations ({parts}; backgrounds "
+                     f"{100 * t['background_ok_rate']:.0f}%) [>= 90%].")
+    for mode, name in (("auto", "automatic mask"), ("mask", "user mask"), ("whole", "whole image")):
+        e = (ev.get("edits") or {}).get(mode) or {}
+        if not e.get("n"):
+            continue
+        target = " [>= 80%, >= 30 dB]" if mode == "auto" else ""
+        lines.append(f"- Editing, {name}, {e['n']} cases: requested attribute present in {100 * e['present_rate']:.1f}%; "
+                     f"PSNR outside the dilated edit region {e['psnr_outside_mean']:.1f} dB mean, "
+                     f"{e['psnr_outside_median']:.1f} dB median, {100 * e['psnr_outside_ge_30_rate']:.0f}% >= 30 dB"
+                     f"{target}; {e['seconds_per_edit']:.1f} s per edit.")
+    return lines
 
 
 def write_model_card(out: Path, record: dict[str, Any]) -> None:
@@ -296,14 +353,15 @@ def write_model_card(out: Path, record: dict[str, Any]) -> None:
     vcfg, tcfg = vae.get("config", {}), tr.get("config", {})
     checks = record.get("checks", {})
     lines = []
-    if "heldout" in vae and vae["heldout"]:
-        lines.append(f"- VAE reconstruction PSNR on {vae['heldout']['images']} held-out pictures (training weights): "
+    dec = vae.get("decoder_finetune") or {}
+    if "heldout" in vae and vae["heldout"] and not dec:
+        lines.append(f"- VAE reconstruction PSNR on {vae['heldout']['images']} held-out pictures (float32 weights): "
                      f"{vae['heldout']['mean_psnr']:.2f} dB mean, {vae['heldout']['min_psnr']:.2f} dB min.")
-    if (vae.get("decoder_finetune") or {}).get("heldout"):
-        d = vae["decoder_finetune"]
-        lines.append(f"- After the decoder-only fine-tuning ({d['steps']} steps, {d['seconds'] / 60:.1f} min, encoder "
-                     f"and codes unchanged): {d['heldout']['mean_psnr']:.2f} dB mean, "
-                     f"{d['heldout']['min_psnr']:.2f} dB min.")
+    if dec.get("heldout"):
+        before = f" (before: {dec['before']['mean_psnr']:.2f} dB)" if dec.get("before") else ""
+        lines.append(f"- VAE reconstruction PSNR on {dec['heldout']['images']} held-out pictures after the decoder-only "
+                     f"fine-tuning: {dec['heldout']['mean_psnr']:.2f} dB mean{before}, "
+                     f"{dec['heldout']['min_psnr']:.2f} dB min.")
     if "vae_psnr_exported" in checks:
         c = checks["vae_psnr_exported"]
         lines.append(f"- Same, shipped float16 weights: {c['mean_psnr']:.2f} dB mean.")
@@ -324,14 +382,32 @@ def write_model_card(out: Path, record: dict[str, Any]) -> None:
         t5_params=f"{num(tr, 'text_encoder_parameters') / 1e6:.2f}M",
         weight_mb=sum(record.get("weights", {}).get("bytes", {}).values()) / 2**20,
         noise_max=vcfg.get("noise_max"), vae_steps=vae.get("steps"), vae_batch=vcfg.get("batch_size"),
-        vae_minutes=num(vae, "seconds") / 60, bsc=tcfg.get("noise_strength"), cdr=tcfg.get("cond_drop_rate"),
+        vae_minutes=num(vae, "seconds") / 60,
+        vae_decoder=(f" Then the decoder alone (encoder frozen, so the bit codes are unchanged) for {dec['steps']} steps "
+                     f"of batch {dec.get('config', {}).get('batch_size')} in {dec['seconds'] / 60:.1f} min."
+                     if dec else ""), bsc=tcfg.get("noise_strength"), cdr=tcfg.get("cond_drop_rate"),
         tr_steps=tr.get("steps"), tr_batch=tcfg.get("batch_size"), tr_minutes=num(tr, "seconds") / 60,
         hardware=hw.get("gpu", f"CPU ({hw.get('cpu_count')} cores)"),
         vae_from=f" Reused from `{vae['from']}` (`--vae-from`)." if vae.get("from") else "",
-        tr_from=(f" Started from the weights in `{tcfg['init_from']}` (`--init-from`), already trained for "
-                 f"{(tr.get('started_from') or {}).get('total_steps', '?')} steps." if tcfg.get("init_from") else ""),
+        tr_from=_started_from_text(tcfg, tr),
         checks="\n".join(lines) or "- (not run)")
+    commands = record.get("commands") or [record.get("command")]
+    started = (tr.get("started_from") or {}).get("commands") or []
+    history = [c for c in dict.fromkeys([*started, *commands]) if c]
+    if history:
+        text += "\n## Commands, in order\n\n" + "\n".join(f"1. `{_short_command(c)}`" for c in history) + "\n"
+    if record.get("evaluation"):
+        text += "\n## Evaluation\n\n" + "\n".join(_evaluation_lines(record["evaluation"])) + "\n"
+    text += LIMITATIONS
     (Path(out) / "MODEL_CARD.md").write_text(text)
+
+
+def _short_command(command: str) -> str:
+    """``.../editinfinity/train/toy.py --out ...`` as the module invocation users type."""
+    head, _, rest = command.partition(" ")
+    if head.endswith("train/toy.py"):
+        return f"python -m editinfinity.train.toy {rest}".strip()
+    return command
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,6 +426,7 @@ def run(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     export_shared(out)
     decoder_only = args.vae_decoder_minutes is not None
+    started_from = lineage(Path(tr_cfg.init_from)) if tr_cfg.init_from else None  # read before OUT is rewritten
     record = Record(out, resume=args.resume or args.extend or args.phase == "transformer" or decoder_only)
     log.info("toy training on %s: %s", device, json.dumps(common.hardware()))
     t_start = time.perf_counter()
@@ -373,6 +450,7 @@ def run(args: argparse.Namespace) -> int:
         rec["parameters"] = json.loads((vae_run / "result.json").read_text()).get("parameters")
         if decoder_only:
             earlier = record.data.get("vae") or {}
+            rec["before"] = earlier.get("heldout")
             rec = {**earlier, "decoder_finetune": rec}
         record.update(vae=rec)
         log.info("toy: VAE exported to %s", out / "vae")
@@ -401,17 +479,8 @@ def run(args: argparse.Namespace) -> int:
         rec["samples_by_cfg"] = result.get("samples_by_cfg")
         rec["parameters"] = result.get("parameters")
         rec["text_encoder_parameters"] = result.get("text_encoder_parameters")
-        if tr_cfg.init_from:  # what the starting weights had already been trained for
-            start = Path(tr_cfg.init_from) / "training.json"
-            if start.is_file():
-                before = json.loads(start.read_text())
-                prev = before.get("transformer", {})
-                rec["started_from"] = {"steps": prev.get("steps"), "seconds": prev.get("seconds"),
-                                       "total_steps": (prev.get("started_from") or {}).get("total_steps", 0)
-                                       + (prev.get("steps") or 0),
-                                       "total_seconds": (prev.get("started_from") or {}).get("total_seconds", 0)
-                                       + (prev.get("seconds") or 0),
-                                       "commands": before.get("commands", [before.get("command")])}
+        if started_from:
+            rec["started_from"] = started_from
         record.update(transformer=rec)
 
     sizes = weight_bytes(out)
