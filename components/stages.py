@@ -62,7 +62,8 @@ def tune_prompt(case: Input[Dataset], iters: int, seed: int, preset: str, weight
     from editinfinity import kfp_cli as rt
     from editinfinity.edit import stages
 
-    stages.tune_prompt(case.path, prompt_embedding.path, iters=iters, seed=seed, models=rt.load_models(preset, weights))
+    stages.tune_prompt(case.path, prompt_embedding.path, iters=iters, seed=seed,
+                       models=rt.load_models(preset, weights, text_encoder=False))
     prompt_embedding.metadata.update(rt.stage_metadata(prompt_embedding.path))
 
 
@@ -84,7 +85,7 @@ def train_lora(case: Input[Dataset], prompt_embedding: Input[Model], iters: int,
     from editinfinity.edit import stages
 
     stages.train_lora(case.path, prompt_embedding.path, lora.path, iters=iters, seed=seed,
-                      models=rt.load_models(preset, weights))
+                      models=rt.load_models(preset, weights, text_encoder=False))
     lora.metadata.update(rt.stage_metadata(lora.path))
 
 
@@ -101,7 +102,7 @@ def attention(case: Input[Dataset], preset: str, weights: str, attention_map: Ou
     from editinfinity import kfp_cli as rt
     from editinfinity.edit import stages
 
-    stages.attention(case.path, attention_map.path, models=rt.load_models(preset, weights))
+    stages.attention(case.path, attention_map.path, models=rt.load_models(preset, weights, text_encoder=False))
     attention_map.metadata.update(rt.stage_metadata(attention_map.path))
 
 
@@ -142,7 +143,7 @@ def generate(case: Input[Dataset], prompt_embedding: Input[Model], lora: Input[M
     from editinfinity.edit import stages
 
     stages.generate(case.path, prompt_embedding.path, lora.path, edited.path, mask_dir=rt.optional_dir(edit_mask),
-                    seed=seed, models=rt.load_models(preset, weights))
+                    seed=seed, models=rt.load_models(preset, weights, text_encoder=False))
     edited.metadata.update(rt.stage_metadata(edited.path))
     # Carry the upstream timings so the summary needs no extra (large) inputs to report them.
     edited.metadata["timings"] = rt.collect_timings(case, prompt_embedding, lora, edit_mask, edited)

@@ -125,6 +125,20 @@ def test_bf16_frozen_base_training_step_keeps_float32_trainables():
     assert rows.grad is not None and rows.grad.dtype == torch.float32 and rows.grad.abs().sum() > 0
 
 
+def test_bundle_without_text_encoder_for_the_stages_after_prepare():
+    full = load_models("tiny", device="cpu")
+    light = load_models("tiny", device="cpu", text_encoder=False)
+    assert light.text_encoder is None and full.text_encoder is not None
+    a, b = full.transformer.state_dict(), light.transformer.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # skipping T5 leaves the other random weights unchanged
+    ex = example_dir()
+    case = json.loads((ex / "case.json").read_text())
+    spec = CaseSpec(image=str(ex / case["image"]), prompt=case["prompt"], edit_prompt=case["edit_prompt"],
+                    mode="whole", resolution="0.06M")
+    with pytest.raises(Exception, match="text_encoder=True"):
+        prepare_case(light, spec)
+
+
 def test_bundle_dtype_resolution_and_float32_precision_switch():
     assert resolve_frozen_dtype(None, torch.device("cpu")) == torch.float32
     assert resolve_frozen_dtype("auto", torch.device("cuda")) == torch.bfloat16

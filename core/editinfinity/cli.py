@@ -251,7 +251,8 @@ def _run(args) -> int:
         from .models.bundle import load_models
 
         case = load_case(args.case_dir)
-        models = load_models(args.preset or case.preset, weights=args.weights, device=args.device)
+        # the prompts' T5 features are in the case: these stages need no text encoder
+        models = load_models(args.preset or case.preset, weights=args.weights, device=args.device, text_encoder=False)
         if args.command == "tune-prompt":
             out = stages.tune_prompt(args.case_dir, args.out, iters=args.iters, seed=args.seed, models=models,
                                      overwrite=args.overwrite, progress=progress)

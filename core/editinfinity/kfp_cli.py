@@ -241,11 +241,12 @@ def resolve_weights(weights: str) -> str | None:
     return weights
 
 
-def load_models(preset: str, weights: str) -> ModelBundle:
-    """Load the model bundle once for this pod (preset "" means the default preset)."""
+def load_models(preset: str, weights: str, *, text_encoder: bool = True) -> ModelBundle:
+    """Load the model bundle once for this pod (preset "" means the default preset); the stages after prepare pass
+    ``text_encoder=False`` (they read the prompts' features from the case artifact)."""
     from .models.bundle import load_models as _load
 
-    return _load(preset or None, weights=resolve_weights(weights))
+    return _load(preset or None, weights=resolve_weights(weights), text_encoder=text_encoder)
 
 
 def edit_settings(*, prompt_iters: int, lora_iters: int, seed: int, threshold: float) -> EditSettings:

@@ -76,7 +76,8 @@ def prepare_case(models: ModelBundle, spec: CaseSpec, settings: EditSettings | N
 
     tok, enc = models.tokenizer, models.text_encoder
     if enc is None:
-        raise StageError("the text encoder was offloaded before prepare; load the models again")
+        raise StageError("prepare needs the T5 text encoder, but these models were loaded without it "
+                         "(load_models(..., text_encoder=True))")
     rows = settings.style_rows
     text = {
         "source_styled": encode_prompts(tok, enc, [style_prompt(spec.prompt)], extra_rows=rows).to("cpu"),

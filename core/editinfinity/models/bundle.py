@@ -117,7 +117,7 @@ def bundled_tokenizer_dir() -> Path:
     return path
 
 
-def _random_bundle(spec: Preset, device: torch.device) -> tuple:
+def _random_bundle(spec: Preset, device: torch.device, with_text_encoder: bool = True) -> tuple:
     from transformers import AutoTokenizer, T5Config, T5EncoderModel
 
     from .bsq_vae import BSQVAE
@@ -131,13 +131,15 @@ def _random_bundle(spec: Preset, device: torch.device) -> tuple:
         vae = BSQVAE(**spec.vae)
         transformer = Infinity(**spec.transformer)
         tokenizer = AutoTokenizer.from_pretrained(bundled_tokenizer_dir(), legacy=True)
-        cfg = T5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-                       layer_norm_epsilon=1e-6, tie_word_embeddings=True, **spec.text_encoder)
-        text_encoder = T5EncoderModel(cfg)
+        text_encoder = None
+        if with_text_encoder:  # built last: skipping it leaves the other models' random weights unchanged
+            cfg = T5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                           layer_norm_epsilon=1e-6, tie_word_embeddings=True, **spec.text_encoder)
+            text_encoder = T5EncoderModel(cfg)
     return vae, transformer, tokenizer, text_encoder
 
 
-def _directory_bundle(directory: Path) -> tuple:
+def _directory_bundle(directory: Path, with_text_encoder: bool = True) -> tuple:
     from transformers import AutoTokenizer, T5EncoderModel
 
     from .bsq_vae import BSQVAE
@@ -151,7 +153,7 @@ def _directory_bundle(directory: Path) -> tuple:
     transformer = Infinity.from_pretrained(directory / "transformer")
     tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer", legacy=True)
     tokenizer.model_max_length = 512
-    text_encoder = T5EncoderModel.from_pretrained(directory / "text_encoder")
+    text_encoder = T5EncoderModel.from_pretrained(directory / "text_encoder") if with_text_encoder else None
     return vae, transformer, tokenizer, text_encoder
 
 
@@ -170,8 +172,12 @@ def resolve_frozen_dtype(dtype: str | torch.dtype | None, device: torch.device) 
 
 
 def load_models(preset: str | None = None, *, weights: str | None = None, device: str | torch.device | None = None,
-                bias_mode: str | None = None, dtype: str | torch.dtype | None = None) -> ModelBundle:
+                bias_mode: str | None = None, dtype: str | torch.dtype | None = None,
+                text_encoder: bool = True) -> ModelBundle:
     """Build or load the models of ``preset`` (``weights`` overrides the preset's weight source).
+
+    ``text_encoder=False`` skips T5 (``bundle.text_encoder`` is None): every stage after prepare reads the prompts'
+    features from the case, so their processes (the pipeline's per-stage pods) need not load it.
 
     ``dtype``: storage of the frozen transformer block weights and of the T5 encoder (module docstring); ``None`` or
     ``"auto"`` = bf16 on CUDA, float32 on the CPU.
@@ -182,7 +188,7 @@ def load_models(preset: str | None = None, *, weights: str | None = None, device
     frozen = resolve_frozen_dtype(dtype, dev)
     source = weights if weights is not None else spec.weights
     if source is None:
-        parts = _random_bundle(spec, dev)
+        parts = _random_bundle(spec, dev, text_encoder)
         source_desc = f"random(seed={spec.seed})"
     else:
         if source.startswith("package:"):
@@ -196,17 +202,20 @@ def load_models(preset: str | None = None, *, weights: str | None = None, device
                                   "infinity_vae_d32reg.pth --text-encoder google/flan-t5-xl --out DIR`")
         else:
             directory = Path(resolve_pretrained(source))
-        parts = _directory_bundle(directory)
+        parts = _directory_bundle(directory, text_encoder)
         source_desc = str(directory)
     vae, transformer, tokenizer, text_encoder = parts
     tokenizer.model_max_length = 512
     if bias_mode is not None:
         transformer.set_bias_mode(bias_mode)
     for m in (vae, transformer, text_encoder):
-        m.eval().requires_grad_(False).to(dev)
+        if m is not None:
+            m.eval().requires_grad_(False).to(dev)
     if frozen != torch.float32:
         transformer.cast_frozen(frozen)
-        text_encoder.to(frozen)
-    log.info("loaded preset %s from %s on %s (frozen weights %s)", name, source_desc, dev, frozen)
+        if text_encoder is not None:
+            text_encoder.to(frozen)
+    log.info("loaded preset %s from %s on %s (frozen weights %s%s)", name, source_desc, dev, frozen,
+             "" if text_encoder is not None else ", no text encoder")
     return ModelBundle(vae=vae, transformer=transformer, tokenizer=tokenizer, text_encoder=text_encoder, device=dev,
                        preset=name, source=source_desc, frozen_dtype=frozen)
