@@ -314,3 +314,27 @@ def test_threshold_rejects_nan_and_bad_threshold():
         threshold_attention(torch.rand(4, 4), 1.5)
     with pytest.raises(ValueError, match="2-D"):
         threshold_attention(torch.rand(4))
+
+
+def test_smoothing_band_scales_with_the_grid_and_equals_the_reference_at_64_cells():
+    from editinfinity.edit.mask import band_for_grid
+
+    assert band_for_grid((64, 64)) == band_for_grid((64, 64), "reference") == {"zero_radius": 1, "ramp_end": 4}
+    assert band_for_grid((16, 16)) == {"zero_radius": 1, "ramp_end": 1}
+    assert band_for_grid((32, 24)) == {"zero_radius": 1, "ramp_end": 2}
+    assert band_for_grid((16, 16), "reference") == {"zero_radius": 1, "ramp_end": 4}
+    with pytest.raises(ValueError, match="band"):
+        band_for_grid((16, 16), "wide")
+    gen = torch.Generator().manual_seed(0)
+    for side in (16, 64):
+        m = torch.zeros(side, side, dtype=torch.bool)
+        r = side // 8
+        m[side // 2 - r: side // 2 + r, side // 3 - r: side // 3 + r] = True
+        m |= torch.rand(side, side, generator=gen) > 0.995
+        scaled = weights_from_edit_mask(m, **band_for_grid((side, side)))
+        ref = weights_from_edit_mask(m)
+        assert torch.equal(scaled == 0, ref == 0)  # the same dilated edit region
+        if side == 64:
+            assert torch.equal(scaled, ref)
+        else:  # a narrower band: more cells keep the source, none keeps less of it
+            assert (scaled >= ref).all() and (scaled == 1).sum() > (ref == 1).sum()

@@ -40,6 +40,9 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-iters", type=int, default=None, help="prompt-tuning optimizer updates (default 10)")
     p.add_argument("--lora-iters", type=int, default=None, help="LoRA optimizer updates (default 50)")
     p.add_argument("--threshold", type=float, default=None, help="attention mask threshold (default 0.5)")
+    p.add_argument("--band", choices=("scaled", "reference"), default=None,
+                   help="smoothing band around the mask: scaled (default; the reference's 1 and 4 cells of a 64-cell "
+                        "grid as fractions of the image) or reference (1 and 4 cells on any grid)")
     p.add_argument("--profile", default="default", choices=("default", "reference"),
                    help="reference reproduces the published code path (q/v biases off, 9 + 49 updates, batch 2)")
 
@@ -57,7 +60,7 @@ def _settings(args):
     from .edit.settings import EditSettings
 
     return EditSettings.from_profile(args.profile, seed=args.seed, prompt_iters=args.prompt_iters,
-                                     lora_iters=args.lora_iters, threshold=args.threshold,
+                                     lora_iters=args.lora_iters, threshold=args.threshold, band=args.band,
                                      checkpointing=getattr(args, "checkpointing", None),
                                      low_memory=True if getattr(args, "low_memory", False) else None)
 
@@ -127,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "mask":
             p.add_argument("--attention-dir", help="directory written by attention (mode auto)")
             p.add_argument("--threshold", type=float, default=0.5)
+            p.add_argument("--band", choices=("scaled", "reference"), default="scaled",
+                           help="smoothing band (see `editinfinity edit --help`)")
         else:
             _add_model_args(p)
         if name in ("tune-prompt", "train-lora", "generate"):
@@ -268,7 +273,7 @@ def _run(args) -> int:
         return 0
     if args.command == "mask":
         print(stages.make_mask(args.case_dir, args.out, attention_dir=args.attention_dir, threshold=args.threshold,
-                               overwrite=args.overwrite))
+                               band=args.band, overwrite=args.overwrite))
         return 0
     raise InvalidCaseError(f"unknown command {args.command!r}")
 

@@ -41,6 +41,8 @@ __all__ = [
     "weights_from_edit_mask",
     "weights_from_pixel_mask",
     "PARTITIONS",
+    "BANDS",
+    "band_for_grid",
 ]
 
 #: Supported ways to cut a pixel mask into cells (see the module docstring).
@@ -276,6 +278,29 @@ def smoothing_weights(
         int((w == 0).sum()), int(((w > 0) & (w < 1)).sum()),
     )
     return w.to(torch.float32)
+
+
+#: Smoothing-band modes: "scaled" keeps the reference's band as a fraction of the image (1 and 4 cells of a 64-cell
+#: side), "reference" keeps it in cells whatever the grid (METHOD.md §7).
+BANDS = ("scaled", "reference")
+#: The grid side the reference's distances (dilation 1, ramp to 4 cells) were made for (1024 px, 16 px per cell).
+REFERENCE_GRID_SIDE = 64
+
+
+def band_for_grid(grid, band: str = "scaled") -> dict[str, int]:
+    """``zero_radius`` / ``ramp_end`` (in cells) of the smoothing band on a ``grid = (h_K, w_K)`` latent grid.
+
+    The reference's band (dilation 1 cell, ramp to 4 cells) was made for its 64x64 grid. ``"scaled"`` keeps the
+    ramp the same fraction of the image side, ``round(4 * max(h_K, w_K) / 64)`` cells (at least the one-cell
+    dilation): identical at 64x64 (1M), 1 cell at 16x16 (0.06M), where a 4-cell ramp would regenerate a quarter of
+    the picture around every edit. ``"reference"``: 1 and 4 cells on any grid.
+    """
+    if band not in BANDS:
+        raise ValueError(f"band must be one of {BANDS}, got {band!r}")
+    if band == "reference":
+        return {"zero_radius": 1, "ramp_end": 4}
+    side = max(int(grid[0]), int(grid[1]))
+    return {"zero_radius": 1, "ramp_end": max(1, round(4 * side / REFERENCE_GRID_SIDE))}
 
 
 def weights_from_edit_mask(edit_mask, **kwargs) -> torch.Tensor:

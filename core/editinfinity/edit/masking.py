@@ -15,7 +15,7 @@ from ..errors import StageError
 from ..report import mask_picture, weights_picture
 from .artifacts import read_stage, stage_output
 from .attention import load_attention
-from .mask import threshold_attention, weights_from_edit_mask, weights_from_pixel_mask
+from .mask import band_for_grid, threshold_attention, weights_from_edit_mask, weights_from_pixel_mask
 from .prepare import CaseData, load_case, require_mode
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -23,18 +23,20 @@ WEIGHTS_FILE = "weights.safetensors"
 CELL_THRESHOLD = 0.2
 
 
-def edit_weights(case: CaseData, attention: torch.Tensor | None, threshold: float = 0.5
+def edit_weights(case: CaseData, attention: torch.Tensor | None, threshold: float = 0.5, band: str = "scaled"
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(edit_mask bool (hK,wK), keep weights W float32 (hK,wK)); W = 1 keeps the source code."""
+    """(edit_mask bool (hK,wK), keep weights W float32 (hK,wK)); W = 1 keeps the source code. ``band``: the
+    smoothing band's width (:func:`~editinfinity.edit.mask.band_for_grid`)."""
     require_mode(case, "auto", "mask", stage="mask")
+    kernel = band_for_grid(case.grid, band)
     if case.spec.mode == "auto":
         if attention is None:
             raise StageError("mode auto needs the attention stage's output (--attention DIR)")
         edit = torch.as_tensor(threshold_attention(attention, threshold))
-        weights = torch.as_tensor(weights_from_edit_mask(edit))
+        weights = torch.as_tensor(weights_from_edit_mask(edit, **kernel))
     else:
         edit = case.user_cells >= CELL_THRESHOLD
-        weights = weights_from_pixel_mask(case.user_pixels, case.grid)
+        weights = weights_from_pixel_mask(case.user_pixels, case.grid, **kernel)
     return edit.bool(), weights.float()
 
 
@@ -47,14 +49,16 @@ def load_weights(mask_dir, run_id: str | None = None) -> tuple[torch.Tensor, tor
     return t["edit_mask"].bool(), t["weights"]
 
 
-def make_mask(case_dir, out_dir, *, attention_dir=None, threshold: float = 0.5, overwrite: bool = False) -> Path:
+def make_mask(case_dir, out_dir, *, attention_dir=None, threshold: float = 0.5, band: str = "scaled",
+              overwrite: bool = False) -> Path:
     """Stage E over files: writes ``weights.safetensors``, ``mask.png`` and ``weights.png``."""
     case = load_case(case_dir)
     amap = load_attention(attention_dir, run_id=case.run_id) if case.spec.mode == "auto" else None
-    edit, weights = edit_weights(case, amap, threshold)
+    edit, weights = edit_weights(case, amap, threshold, band)
     size = (case.image.width, case.image.height)
     with stage_output(out_dir, "mask", run_id=case.run_id, overwrite=overwrite,
-                      settings={"threshold": threshold}) as (tmp, record):
+                      settings={"threshold": threshold, "band": band, **band_for_grid(case.grid, band)}
+                      ) as (tmp, record):
         save_file({"edit_mask": edit.to(torch.uint8).contiguous(), "weights": weights.contiguous()},
                   str(tmp / WEIGHTS_FILE))
         mask_picture(edit.numpy(), size).save(tmp / "mask.png")

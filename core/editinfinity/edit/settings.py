@@ -62,8 +62,10 @@ class EditSettings:
     # Stochastic regularisers active in the published training (Q14).
     cond_drop_rate: float = 0.1
     drop_path_rate: float = 0.1
-    # Stage E: mask threshold between min and max of the attention map.
+    # Stage E: mask threshold between min and max of the attention map; smoothing band "scaled" (the reference's
+    # 1- and 4-cell distances as fractions of a 64-cell side: identical at 1M) or "reference" (cells on any grid).
     threshold: float = 0.5
+    band: str = "scaled"
     # Sampling (stage G and plain generation).
     cfg: float = 4.0
     tau: float = 0.5
@@ -86,7 +88,7 @@ class EditSettings:
     def from_profile(cls, profile: str = "default", **overrides) -> EditSettings:
         """Settings of a named profile with explicit overrides (None values are ignored)."""
         base = {"default": {}, "reference": {"prompt_iters": 9, "lora_iters": 49, "lora_batch": 2,
-                                             "bias_mode": "editinfinity"}}
+                                             "bias_mode": "editinfinity", "band": "reference"}}
         if profile not in base:
             raise InvalidCaseError(f"unknown settings profile {profile!r}; choose default or reference")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -103,6 +105,8 @@ class EditSettings:
             raise InvalidCaseError("--prompt-iters and --lora-iters must be >= 0")
         if not 0.0 <= self.threshold <= 1.0:
             raise InvalidCaseError(f"--threshold must be in [0, 1], got {self.threshold}")
+        if self.band not in ("scaled", "reference"):
+            raise InvalidCaseError(f"--band must be scaled or reference, got {self.band!r}")
         if self.bias_mode not in ("upstream", "editinfinity"):
             raise InvalidCaseError(f"bias_mode must be upstream or editinfinity, got {self.bias_mode!r}")
         if self.lora_batch < 1:
