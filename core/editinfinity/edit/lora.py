@@ -27,6 +27,7 @@ from .prepare import CaseData, load_case
 from .prompt_tuning import load_embedding
 from .settings import EditSettings
 from .training import (
+    learning_rate,
     make_generator,
     on_device,
     optimize,
@@ -170,7 +171,7 @@ def train_lora_adapter(models: ModelBundle, case: CaseData, rows: torch.Tensor, 
         with training_mode(model, settings, checkpoint_blocks=n_ckpt), torch.random.fork_rng(devices=cuda):
             torch.manual_seed(settings.seed + 1)
             losses = optimize(params, lambda _: lora_loss(models, case, rows, settings, gen, cache),
-                              settings.lora_iters, settings, "LoRA", progress)
+                              settings.lora_iters, settings, "LoRA", progress, lr=learning_rate(settings, models))
         state = {k: v.detach().float().cpu().contiguous()
                  for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
     return state, losses
@@ -234,5 +235,6 @@ def train_lora(case_dir, prompt_dir, out_dir, *, iters: int = 50, seed: int = 0,
                       settings=settings.to_dict()) as (tmp, record):
         save_adapter(state, tmp, settings)
         record["losses"] = losses
+        record["lr"] = learning_rate(settings, models)
         record.update(info)
     return Path(out_dir)

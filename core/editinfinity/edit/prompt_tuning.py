@@ -17,6 +17,7 @@ from .artifacts import read_stage, stage_output
 from .prepare import CaseData, load_case
 from .settings import EditSettings
 from .training import (
+    learning_rate,
     make_generator,
     on_device,
     optimize,
@@ -55,14 +56,15 @@ def tune_prompt_embedding(models: ModelBundle, case: CaseData, settings: EditSet
         info["checkpoint_blocks"] = n_ckpt
     with training_mode(models.transformer, settings, checkpoint_blocks=n_ckpt):
         losses = optimize([rows], lambda _: prompt_tuning_loss(models, case, rows, settings, gen),
-                          settings.prompt_iters, settings, "prompt tuning", progress)
+                          settings.prompt_iters, settings, "prompt tuning", progress,
+                          lr=learning_rate(settings, models))
     return rows.detach().cpu(), losses
 
 
-def save_embedding(rows: torch.Tensor, path: Path, settings: EditSettings) -> None:
+def save_embedding(rows: torch.Tensor, path: Path, settings: EditSettings, lr: float | None = None) -> None:
     save_file({"rows": rows.float().contiguous()}, str(path),
               metadata={"style_rows": str(rows.shape[0]), "prompt_iters": str(settings.prompt_iters),
-                        "seed": str(settings.seed), "lr": str(settings.lr)})
+                        "seed": str(settings.seed), "lr": str(lr if lr is not None else settings.lr)})
 
 
 def load_embedding(prompt_dir: str | Path, run_id: str | None = None) -> torch.Tensor:
@@ -86,7 +88,9 @@ def tune_prompt(case_dir, out_dir, *, iters: int = 10, seed: int = 0, models: Mo
     rows, losses = tune_prompt_embedding(models, case, settings, progress, info=info)
     with stage_output(out_dir, "tune_prompt", run_id=case.run_id, overwrite=overwrite,
                       settings=settings.to_dict()) as (tmp, record):
-        save_embedding(rows, tmp / EMBEDDING_FILE, settings)
+        lr = learning_rate(settings, models)
+        save_embedding(rows, tmp / EMBEDDING_FILE, settings, lr)
         record["losses"] = losses
+        record["lr"] = lr
         record.update(info)
     return Path(out_dir)

@@ -156,9 +156,21 @@ def teacher_forcing_inputs(models: ModelBundle, case: CaseData, settings: EditSe
     return bitwise_self_correction(z, case.schedule, layers, settings.noise_strength, generator)
 
 
+def learning_rate(settings: EditSettings, models=None) -> float:
+    """``settings.lr``, or when unset the learning rate of the models' preset (``Preset.edit_lr``)."""
+    if settings.lr is not None:
+        return float(settings.lr)
+    from ..models.presets import PRESETS, Preset
+
+    preset = PRESETS.get(getattr(models, "preset", None) or "")
+    return float(preset.edit_lr if preset is not None else Preset.edit_lr)
+
+
 def optimize(params: Iterable[torch.nn.Parameter], loss_fn: Callable[[int], torch.Tensor], iters: int,
-             settings: EditSettings, desc: str, progress: bool = True) -> list[float]:
+             settings: EditSettings, desc: str, progress: bool = True, lr: float | None = None) -> list[float]:
     """AdamW (decoupled weight decay, constant lr) with global-norm clipping of the trained tensors only.
+
+    ``lr``: the learning rate (default :func:`learning_rate` of ``settings`` alone).
 
     Losses stay on the device and are read once at the end (per-step debug logging reads them every step).
     """
@@ -166,7 +178,7 @@ def optimize(params: Iterable[torch.nn.Parameter], loss_fn: Callable[[int], torc
     if iters == 0:
         return []
     fused = all(p.is_cuda for p in params)
-    opt = torch.optim.AdamW(params, lr=settings.lr, betas=settings.betas, eps=settings.eps,
+    opt = torch.optim.AdamW(params, lr=lr if lr is not None else learning_rate(settings), betas=settings.betas, eps=settings.eps,
                             weight_decay=settings.weight_decay, fused=fused or None)
     debug = log.isEnabledFor(logging.DEBUG)
     losses: list[torch.Tensor] = []
