@@ -52,7 +52,7 @@ class EditSettings:
     kl_weight: float = 2e-7
     # Shared by both training stages: AdamW with decoupled weight decay, constant lr, global-norm clipping.
     # None: the preset's rate (Preset.edit_lr): 4.6875e-5 = 6e-3 * 2 / 256, the reference's tblr * global
-    # batch / 256, for the Infinity family; larger for the small toy model.
+    # batch / 256, for the Infinity family.
     lr: float | None = None
     betas: tuple[float, float] = (0.9, 0.97)
     eps: float = 1e-8
