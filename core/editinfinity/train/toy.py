@@ -398,6 +398,8 @@ def write_model_card(out: Path, record: dict[str, Any]) -> None:
         text += "\n## Commands, in order\n\n" + "\n".join(f"1. `{_short_command(c)}`" for c in history) + "\n"
     if record.get("evaluation"):
         text += "\n## Evaluation\n\n" + "\n".join(_evaluation_lines(record["evaluation"])) + "\n"
+    if record.get("notes"):
+        text += "\n## Notes\n\n" + "\n".join(f"- {n}" for n in record["notes"]) + "\n"
     text += LIMITATIONS
     (Path(out) / "MODEL_CARD.md").write_text(text)
 
