@@ -209,7 +209,7 @@ def run_edit(out_dir, *, image, prompt, edit_prompt, mode, target_word=None, mas
 '''
 
 STUB_BUNDLE = '''
-def load_models(preset=None, *, weights=None, device=None, bias_mode=None):
+def load_models(preset=None, *, weights=None, device=None, bias_mode=None, dtype=None, text_encoder=True):
     return {"preset": preset, "weights": weights}
 '''
 

@@ -36,7 +36,7 @@ sys.meta_path.insert(0, _StubFinder())
 '''
 
 STUB_BUNDLE = '''
-def load_models(preset=None, *, weights=None, device=None, bias_mode=None):
+def load_models(preset=None, *, weights=None, device=None, bias_mode=None, dtype=None, text_encoder=True):
     return {"preset": preset, "weights": weights}
 '''
 

@@ -396,4 +396,13 @@ def test_toy_driver_writes_a_loadable_directory_and_the_eval_script_runs_on_it(t
     report = json.loads(report_path.read_text())
     assert report["vae"]["images"] == 1 and report["limited"]
     assert all(e["truncated"] and e["cases"] == 0 for e in report["edits"].values())
-    assert report["passed"]["edit_auto_present"] is False
+    assert report["passed"]["edit_auto_present"] is None  # not measured, neither passed nor failed
+
+    # sections asked for 0 items are skipped (no division by zero), and say so in "passed"
+    assert toy_eval.main(["--weights", str(out), "--device", "cpu", "--vae-images", "0", "--generations", "0",
+                          "--edits", "0", "--mask-edits", "1", "--whole-edits", "0", "--prompt-iters", "1",
+                          "--lora-iters", "1", "--out", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert "vae" not in report and "text_to_image" not in report and set(report["edits"]) == {"mask"}
+    assert report["passed"] == {"vae_psnr": None, "text_to_image": None, "edit_auto_present": None,
+                                "edit_auto_psnr_outside": None}
