@@ -106,6 +106,19 @@ def test_stage_commands_resume_to_the_same_edit(tmp_path, example):
     assert np.array_equal(a, b)
 
 
+def test_stage_seconds_cover_the_stage_work(tmp_path, models, example):
+    """stage.json's ``seconds`` time the stage's work (not only its file writes): the KFP metrics read them."""
+    from editinfinity.edit import stages
+
+    case = stages.prepare(tmp_path / "case", image=example["image"], prompt=example["prompt"],
+                          edit_prompt=example["edit_prompt"], mode="whole", models=models)
+    t0 = time.perf_counter()
+    stages.tune_prompt(case, tmp_path / "prompt", iters=3, models=models, progress=False)
+    wall = time.perf_counter() - t0
+    seconds = json.loads((tmp_path / "prompt" / "stage.json").read_text())["seconds"]
+    assert 0.5 * wall <= seconds <= wall
+
+
 def test_keep_weight_one_reproduces_the_source_codes(models, example):
     """Where W = 1 at every scale the edited codes equal the source codes; W = 1 everywhere gives the reconstruction."""
     spec = CaseSpec(image=example["image"], prompt=example["prompt"], edit_prompt=example["edit_prompt"],

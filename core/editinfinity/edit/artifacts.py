@@ -44,10 +44,12 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def stage_output(out_dir: str | os.PathLike, stage: str, *, run_id: str, overwrite: bool = False,
-                 settings: dict | None = None) -> Iterator[tuple[Path, dict]]:
+                 settings: dict | None = None, started: float | None = None) -> Iterator[tuple[Path, dict]]:
     """Yield ``(tmp_dir, record)``; on success write ``stage.json`` and move ``tmp_dir`` to ``out_dir``.
 
-    ``record`` is a dict the caller may extend (metrics, losses); ``seconds`` is filled in automatically.
+    ``record`` is a dict the caller may extend (metrics, losses); ``seconds`` is filled in automatically: from
+    ``started`` (a ``time.perf_counter()`` value taken when the stage's work began) to the end of the writes, or
+    the writes alone when it is not given.
     """
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite)
@@ -55,7 +57,7 @@ def stage_output(out_dir: str | os.PathLike, stage: str, *, run_id: str, overwri
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{stage}.", dir=out_dir.parent))
     record = {"format": FORMAT, "stage": stage, "editinfinity_version": __version__, "run_id": run_id,
               "settings": settings or {}, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    start = time.perf_counter()
+    start = started if started is not None else time.perf_counter()
     try:
         yield tmp, record
         record["seconds"] = round(time.perf_counter() - start, 4)

@@ -7,6 +7,7 @@ conditional branch's cross-attention to the target's tokens is averaged over hea
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -49,8 +50,9 @@ def attention(case_dir, out_dir, *, models: ModelBundle | None = None, overwrite
 
     case = load_case(case_dir)
     models = models or load_models(case.preset)
+    started = time.perf_counter()  # after loading: the stage's own work
     amap = attention_map(models, case)
-    with stage_output(out_dir, "attention", run_id=case.run_id, overwrite=overwrite,
+    with stage_output(out_dir, "attention", run_id=case.run_id, overwrite=overwrite, started=started,
                       settings={"target_word": case.spec.target_word, "token_range": list(case.target_range)}
                       ) as (tmp, record):
         save_file({"attention": amap.contiguous()}, str(tmp / ATTENTION_FILE))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -227,11 +228,12 @@ def train_lora(case_dir, prompt_dir, out_dir, *, iters: int = 50, seed: int = 0,
     case = load_case(case_dir)
     rows = load_embedding(prompt_dir, run_id=case.run_id)
     models = models or load_models(case.preset)
+    started = time.perf_counter()  # after loading: the stage's own work
     settings = settings or EditSettings()
     settings.lora_iters, settings.seed = iters, seed
     info: dict = {}
     state, losses = train_lora_adapter(models, case, rows, settings, progress, info=info)
-    with stage_output(out_dir, "train_lora", run_id=case.run_id, overwrite=overwrite,
+    with stage_output(out_dir, "train_lora", run_id=case.run_id, overwrite=overwrite, started=started,
                       settings=settings.to_dict()) as (tmp, record):
         save_adapter(state, tmp, settings)
         record["losses"] = losses

@@ -6,6 +6,7 @@ piecewise-linear kernel directly on the latent grid — no PNG round trip (METHO
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -53,10 +54,11 @@ def make_mask(case_dir, out_dir, *, attention_dir=None, threshold: float = 0.5, 
               overwrite: bool = False) -> Path:
     """Stage E over files: writes ``weights.safetensors``, ``mask.png`` and ``weights.png``."""
     case = load_case(case_dir)
+    started = time.perf_counter()  # after loading: the stage's own work
     amap = load_attention(attention_dir, run_id=case.run_id) if case.spec.mode == "auto" else None
     edit, weights = edit_weights(case, amap, threshold, band)
     size = (case.image.width, case.image.height)
-    with stage_output(out_dir, "mask", run_id=case.run_id, overwrite=overwrite,
+    with stage_output(out_dir, "mask", run_id=case.run_id, overwrite=overwrite, started=started,
                       settings={"threshold": threshold, "band": band, **band_for_grid(case.grid, band)}
                       ) as (tmp, record):
         save_file({"edit_mask": edit.to(torch.uint8).contiguous(), "weights": weights.contiguous()},

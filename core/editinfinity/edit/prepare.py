@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,11 +155,12 @@ def prepare(out_dir, *, image, prompt: str, edit_prompt: str, mode: str = "auto"
     from ..models.bundle import load_models
 
     models = models or load_models(preset)
+    started = time.perf_counter()  # after loading: the stage's own work
     spec = CaseSpec(image=image, prompt=prompt, edit_prompt=edit_prompt, mode=mode, target_word=target_word,
                     mask=mask, mask_polarity=mask_polarity,
                     resolution=resolution or _default_resolution(models), preset=models.preset)
     case = prepare_case(models, spec, settings)
-    with stage_output(out_dir, "prepare", run_id=case.run_id, overwrite=overwrite,
+    with stage_output(out_dir, "prepare", run_id=case.run_id, overwrite=overwrite, started=started,
                       settings={"resolution": spec.resolution, "preset": models.preset}) as (tmp, record):
         save_case(case, tmp)
         record["schedule"] = [list(s) for s in case.schedule]

@@ -6,6 +6,7 @@ parameterises them (METHOD.md §3); everything else is frozen and only the rows 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -82,11 +83,12 @@ def tune_prompt(case_dir, out_dir, *, iters: int = 10, seed: int = 0, models: Mo
 
     case = load_case(case_dir)
     models = models or load_models(case.preset)
+    started = time.perf_counter()  # after loading: the stage's own work
     settings = settings or EditSettings()
     settings.prompt_iters, settings.seed = iters, seed
     info: dict = {}
     rows, losses = tune_prompt_embedding(models, case, settings, progress, info=info)
-    with stage_output(out_dir, "tune_prompt", run_id=case.run_id, overwrite=overwrite,
+    with stage_output(out_dir, "tune_prompt", run_id=case.run_id, overwrite=overwrite, started=started,
                       settings=settings.to_dict()) as (tmp, record):
         lr = learning_rate(settings, models)
         save_embedding(rows, tmp / EMBEDDING_FILE, settings, lr)

@@ -178,7 +178,8 @@ def optimize(params: Iterable[torch.nn.Parameter], loss_fn: Callable[[int], torc
     if iters == 0:
         return []
     fused = all(p.is_cuda for p in params)
-    opt = torch.optim.AdamW(params, lr=lr if lr is not None else learning_rate(settings), betas=settings.betas, eps=settings.eps,
+    lr = lr if lr is not None else learning_rate(settings)
+    opt = torch.optim.AdamW(params, lr=lr, betas=settings.betas, eps=settings.eps,
                             weight_decay=settings.weight_decay, fused=fused or None)
     debug = log.isEnabledFor(logging.DEBUG)
     losses: list[torch.Tensor] = []
