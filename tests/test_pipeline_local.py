@@ -37,7 +37,7 @@ sys.meta_path.insert(0, _StubFinder())
 
 STUB_BUNDLE = '''
 def load_models(preset=None, *, weights=None, device=None, bias_mode=None, dtype=None, text_encoder=True):
-    return {"preset": preset, "weights": weights}
+    return {"preset": preset, "weights": weights, "text_encoder": text_encoder}
 '''
 
 STUB_STAGES = '''
@@ -188,7 +188,8 @@ def test_batch_runs_every_mode_and_collects_one_page(stubbed, tmp_path):
     log = calls(stubbed)
     prepared = {c["prompt"] and c["mode"]: c for c in log if c["stage"] == "prepare"}
     assert set(prepared) == {"auto", "mask", "whole"}
-    assert all(c["image_exists"] and c["models"] == {"preset": "tiny", "weights": None} for c in prepared.values())
+    assert all(c["image_exists"] and c["models"] == {"preset": "tiny", "weights": None, "text_encoder": True}
+               for c in prepared.values())
     assert prepared["auto"]["target_word"] == "circle" and prepared["auto"]["mask"] is None
     assert prepared["mask"]["mask"].endswith("b.png") and prepared["mask"]["target_word"] is None
     assert prepared["whole"]["mask"] is None and prepared["whole"]["resolution"] is None
@@ -199,6 +200,9 @@ def test_batch_runs_every_mode_and_collects_one_page(stubbed, tmp_path):
     assert sorted(c["attention_dir"] for c in by_stage["make_mask"]) == [False, True]  # mask, auto
     assert sorted(c["mask_dir"] for c in by_stage["generate"]) == [False, True, True]  # whole, auto, mask
     assert all(c["iters"] == 2 and c["seed"] == 5 for c in by_stage["tune_prompt"])
+    # the pods after prepare load no T5: the prompts' features travel in the case artifact
+    for stage in ("tune_prompt", "train_lora", "attention", "generate"):
+        assert all(c["models"]["text_encoder"] is False for c in by_stage[stage]), stage
     assert all(c["iters"] == 3 for c in by_stage["train_lora"])
     summaries = sorted(by_stage["summarize"], key=lambda c: (c["mask_dir"], c["attention_dir"]))
     assert [(c["mask_dir"], c["attention_dir"]) for c in summaries] == [(False, False), (True, False), (True, True)]
@@ -230,7 +234,7 @@ def test_fused_run_splits_artifacts_and_skips_what_the_mode_skips(stubbed, tmp_p
     (fused,) = [c for c in log if c["stage"] == "run_edit"]
     assert fused["settings"]["prompt_iters"] == 4 and fused["settings"]["lora_iters"] == 6
     assert fused["settings"]["seed"] == 3 and fused["settings"]["threshold"] == 0.4
-    assert fused["models"] == {"preset": "tiny", "weights": None} and fused["progress"] is False
+    assert fused["models"] == {"preset": "tiny", "weights": None, "text_encoder": True} and fused["progress"] is False
     inner, summary = [c for c in log if c["stage"] == "summarize"]  # run_edit's own, then the KFP summary step
     assert summary["mask_dir"] is True and summary["attention_dir"] is False  # attention skipped in mode mask
     assert summary["timings"]["load_models"] == 1.5  # run_edit's timings reach the KFP summary
