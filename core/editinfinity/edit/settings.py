@@ -107,7 +107,7 @@ class EditSettings:
             raise InvalidCaseError("--prompt-iters and --lora-iters must be >= 0")
         if not 0.0 <= self.threshold <= 1.0:
             raise InvalidCaseError(f"--threshold must be in [0, 1], got {self.threshold}")
-        if self.band not in ("scaled", "reference"):
+        if self.band not in ("scaled", "reference"):  # edit.mask.BANDS, spelled out: settings import no torch
             raise InvalidCaseError(f"--band must be scaled or reference, got {self.band!r}")
         if self.bias_mode not in ("upstream", "editinfinity"):
             raise InvalidCaseError(f"bias_mode must be upstream or editinfinity, got {self.bias_mode!r}")
