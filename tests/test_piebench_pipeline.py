@@ -6,10 +6,8 @@ records, CLI-compatible layout) and one ``kfp.local`` run with ``run_edit`` stub
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # components/ and pipelines/ are top-level folders of the repository
     sys.path.insert(0, str(ROOT))
 
+import kfp_stubs  # noqa: E402  (tests/kfp_stubs.py)
 from components import CPU_COMPONENTS, CPU_IMAGE, GPU_COMPONENTS, GPU_IMAGE  # noqa: E402
 from editinfinity import kfp_cli  # noqa: E402
 from editinfinity.bench import kfp as bk  # noqa: E402
@@ -178,18 +177,6 @@ def test_pod_helpers_resume_and_record_failures(toy, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ kfp.local
 
-SITECUSTOMIZE = '''
-import importlib.abc, importlib.util, os, sys
-_DIR = os.path.dirname(os.path.abspath(__file__))
-_STUBS = {"editinfinity.edit.run": "stub_run.py", "editinfinity.models.bundle": "stub_bundle.py"}
-class _StubFinder(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname, path, target=None):
-        if fullname in _STUBS:
-            return importlib.util.spec_from_file_location(fullname, os.path.join(_DIR, _STUBS[fullname]))
-        return None
-sys.meta_path.insert(0, _StubFinder())
-'''
-
 STUB_RUN = '''
 import json, os
 from pathlib import Path
@@ -208,28 +195,19 @@ def run_edit(out_dir, *, image, prompt, edit_prompt, mode, target_word=None, mas
     return out
 '''
 
-STUB_BUNDLE = '''
-def load_models(preset=None, *, weights=None, device=None, bias_mode=None, dtype=None, text_encoder=True):
-    return {"preset": preset, "weights": weights}
-'''
-
-
 def test_local_run_edits_and_scores(toy, tmp_path, monkeypatch):
-    stub = tmp_path / "stub"
-    stub.mkdir()
-    (stub / "sitecustomize.py").write_text(textwrap.dedent(SITECUSTOMIZE))
-    (stub / "stub_run.py").write_text(STUB_RUN)
-    (stub / "stub_bundle.py").write_text(STUB_BUNDLE)
+    kfp_stubs.install(tmp_path / "stub", monkeypatch, {"editinfinity.edit.run": STUB_RUN,
+                                                       "editinfinity.models.bundle": kfp_stubs.STUB_BUNDLE})
     log = tmp_path / "calls.jsonl"
     log.touch()
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(stub), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     monkeypatch.setenv("PIEBENCH_STUB_LOG", str(log))
     out = tmp_path / "out"
     kfp_cli.run_local("piebench", pipeline_root=tmp_path / "root", data_uri=str(toy), output_uri=str(out),
                       mode="auto", types="1", preset="tiny", prompt_iters=1, lora_iters=2)
     (call,) = [json.loads(line) for line in log.read_text().splitlines()]
     assert call.pop("target_word") and call == {"image": "100000000000", "mode": "auto", "lora_iters": 2,
-                                                "models": {"preset": "tiny", "weights": None}}
+                                                "models": {"preset": "tiny", "weights": None,
+                                                           "text_encoder": True}}
     assert (out / "cases" / "100000000000" / EDITED_FILE).is_file()
     table = (out / "table.md").read_text()
     assert "| 1 change object | 1 (1) | n/c |" in table and "preset `tiny`" in table and "LoRA 2 updates" in table

@@ -11,34 +11,16 @@ The stubs are injected only into the component subprocesses, by a ``sitecustomiz
 """
 
 import json
-import os
 import re
-import textwrap
 from pathlib import Path
 
 import pytest
 
+import kfp_stubs
 from editinfinity import kfp_cli
 from editinfinity.kfp_cli import PipelineRunError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-SITECUSTOMIZE = '''
-import importlib.abc, importlib.util, os, sys
-_DIR = os.path.dirname(os.path.abspath(__file__))
-_STUBS = {"editinfinity.edit.stages": "stub_stages.py", "editinfinity.models.bundle": "stub_bundle.py"}
-class _StubFinder(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname, path, target=None):
-        if fullname in _STUBS:
-            return importlib.util.spec_from_file_location(fullname, os.path.join(_DIR, _STUBS[fullname]))
-        return None
-sys.meta_path.insert(0, _StubFinder())
-'''
-
-STUB_BUNDLE = '''
-def load_models(preset=None, *, weights=None, device=None, bias_mode=None, dtype=None, text_encoder=True):
-    return {"preset": preset, "weights": weights, "text_encoder": text_encoder}
-'''
 
 STUB_STAGES = '''
 """Stand-ins for editinfinity.edit.stages: same signatures, tiny files, every call logged as one JSON line."""
@@ -142,14 +124,10 @@ def run_edit(out_dir, *, image, prompt, edit_prompt, mode="auto", target_word=No
 @pytest.fixture
 def stubbed(tmp_path, monkeypatch) -> Path:
     """Stub stages for the component subprocesses; returns the call log path."""
-    stub = tmp_path / "stub"
-    stub.mkdir()
-    (stub / "sitecustomize.py").write_text(textwrap.dedent(SITECUSTOMIZE))
-    (stub / "stub_bundle.py").write_text(STUB_BUNDLE)
-    (stub / "stub_stages.py").write_text(STUB_STAGES)
+    kfp_stubs.install(tmp_path / "stub", monkeypatch, {"editinfinity.models.bundle": kfp_stubs.STUB_BUNDLE,
+                                                       "editinfinity.edit.stages": STUB_STAGES})
     log = tmp_path / "calls.jsonl"
     log.touch()
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(stub), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     monkeypatch.setenv("EDITINFINITY_STUB_LOG", str(log))
     monkeypatch.setenv("EDITINFINITY_CACHE", str(tmp_path / "cache"))
     return log
