@@ -406,3 +406,34 @@ def test_toy_driver_writes_a_loadable_directory_and_the_eval_script_runs_on_it(t
     assert "vae" not in report and "text_to_image" not in report and set(report["edits"]) == {"mask"}
     assert report["passed"] == {"vae_psnr": None, "text_to_image": None, "edit_auto_present": None,
                                 "edit_auto_psnr_outside": None}
+
+
+def test_lineage_keeps_the_whole_history_of_chained_init_from_runs(tmp_path):
+    from editinfinity.train.toy import lineage
+
+    def record(d: Path, commands, steps, seconds, started_from=None):
+        d.mkdir()
+        tr = {"steps": steps, "seconds": seconds, **({"started_from": started_from} if started_from else {})}
+        (d / "training.json").write_text(json.dumps({"commands": commands, "transformer": tr}))
+        return d
+
+    first = record(tmp_path / "a", ["train a", "decoder a"], 10, 60.0)
+    second = record(tmp_path / "b", ["train b"], 5, 30.0, lineage(first))
+    third = record(tmp_path / "c", ["train c"], 2, 12.0, lineage(second))
+    got = lineage(third)
+    assert got["commands"] == ["train a", "decoder a", "train b", "train c"]
+    assert (got["steps"], got["total_steps"], got["total_seconds"]) == (2, 17, 102.0)
+    assert lineage(tmp_path / "nothing") is None
+
+
+def test_scene_batch_two_shape_share_is_configurable_and_seeded():
+    default = scene_batch(4, 2, 9, 300)
+    assert default == scene_batch(4, 2, 9, 300, two_shape_prob=None)  # None keeps the world's own sampler
+    share = [sum(len(s.shapes) == 2 for s in scene_batch(4, 2, 9, 300, two_shape_prob=p)) / 300
+             for p in (0.0, 0.8, 1.0)]
+    assert share[0] == 0.0 and share[2] == 1.0 and 0.7 < share[1] < 0.9
+    assert scene_batch(4, 2, 9, 50, two_shape_prob=0.8) == scene_batch(4, 2, 9, 50, two_shape_prob=0.8)
+    with pytest.raises(ValueError, match="two_shape_prob"):
+        scene_batch(4, 2, 9, 5, two_shape_prob=1.5)
+    with pytest.raises(ValueError, match="two_shape_prob"):
+        TransformerConfig(two_shape_prob=-0.1).validate()

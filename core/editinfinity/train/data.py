@@ -52,9 +52,10 @@ class SceneStream:
     """
 
     def __init__(self, seed: int, stream: int, batch: int, *, start: int = 0, width: int = 256, height: int = 256,
-                 workers: int = 0, prefetch: int | None = None):
+                 workers: int = 0, prefetch: int | None = None, two_shape_prob: float | None = None):
         self.seed, self.stream, self.batch = int(seed), int(stream), int(batch)
         self.width, self.height = int(width), int(height)
+        self.two_shape_prob = two_shape_prob
         self.next_step = int(start)
         # Never more processes than spare cores: the training process needs one.
         self.workers = min(max(0, int(workers)), max(1, (os.cpu_count() or 2) - 1))
@@ -71,7 +72,8 @@ class SceneStream:
     def _fill(self) -> None:
         while self._pool is not None and len(self._pending) < self.prefetch:
             step = self._submitted
-            fut = self._pool.submit(scene_batch, self.seed, self.stream, step, self.batch, self.width, self.height)
+            fut = self._pool.submit(scene_batch, self.seed, self.stream, step, self.batch, self.width, self.height,
+                                     self.two_shape_prob)
             self._pending.append((step, fut))
             self._submitted += 1
 
@@ -81,7 +83,8 @@ class SceneStream:
             raise ValueError(f"SceneStream expected step {self.next_step}, got {step}")
         self.next_step += 1
         if self._pool is None:
-            return scene_batch(self.seed, self.stream, step, self.batch, self.width, self.height)
+            return scene_batch(self.seed, self.stream, step, self.batch, self.width, self.height,
+                               self.two_shape_prob)
         got, fut = self._pending.popleft()
         scenes = fut.result()  # a worker's exception surfaces here, with its traceback
         if got != step:

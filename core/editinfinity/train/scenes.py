@@ -33,11 +33,20 @@ def stream_rng(seed: int, stream: int, step: int) -> np.random.Generator:
     return np.random.default_rng([TRAIN_TAG, int(seed), int(stream), int(step)])
 
 
-def scene_batch(seed: int, stream: int, step: int, batch: int, width: int = 256, height: int = 256
-                ) -> list[toyworld.Scene]:
-    """Training batch ``step`` of ``stream``: ``batch`` valid scenes (1 or 2 shapes, equally likely)."""
+def scene_batch(seed: int, stream: int, step: int, batch: int, width: int = 256, height: int = 256,
+                two_shape_prob: float | None = None) -> list[toyworld.Scene]:
+    """Training batch ``step`` of ``stream``: ``batch`` valid scenes.
+
+    ``two_shape_prob`` is the share of two-shape scenes; None leaves the choice to ``toyworld.sample_scene`` (1 or
+    2 shapes, equally likely, the world's own distribution and the one evaluation draws from).
+    """
     rng = stream_rng(seed, stream, step)
-    return [toyworld.sample_scene(rng, width, height) for _ in range(batch)]
+    if two_shape_prob is None:
+        return [toyworld.sample_scene(rng, width, height) for _ in range(batch)]
+    if not 0.0 <= two_shape_prob <= 1.0:
+        raise ValueError(f"two_shape_prob must be in [0, 1], got {two_shape_prob}")
+    return [toyworld.sample_scene(rng, width, height, n_shapes=2 if rng.random() < two_shape_prob else 1)
+            for _ in range(batch)]
 
 
 def heldout_scenes(n: int, width: int = 256, height: int = 256, base: int = HELDOUT_SEED_BASE) -> list[toyworld.Scene]:

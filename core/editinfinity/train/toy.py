@@ -213,10 +213,14 @@ def lineage(weights_dir: Path) -> dict[str, Any] | None:
     before = json.loads(path.read_text())
     prev = before.get("transformer", {})
     earlier = prev.get("started_from") or {}
+    # The source's own commands, after those of the weights it was itself started from (chained --init-from runs
+    # keep their whole history; a command already listed is not repeated).
+    own = before.get("commands") or [before.get("command")]
+    commands = [c for c in dict.fromkeys([*(earlier.get("commands") or []), *own]) if c]
     return {"steps": prev.get("steps"), "seconds": prev.get("seconds"),
             "total_steps": earlier.get("total_steps", 0) + (prev.get("steps") or 0),
             "total_seconds": round(earlier.get("total_seconds", 0) + (prev.get("seconds") or 0), 1),
-            "commands": before.get("commands", [before.get("command")])}
+            "commands": commands}
 
 
 def use_existing_vae(vae_dir: Path, out: Path, device: torch.device, vae_cfg: VAEConfig,

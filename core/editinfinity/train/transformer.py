@@ -72,6 +72,9 @@ class TransformerConfig:
     rows_zero_prob: float = 0.5  # appended rows are zeros, else gaussian with std 10**U(rows_log10_std)
     rows_log10_std: tuple[float, float] = (-5.0, -2.5)
     image_noise: float = 0.0  # pixel noise std of the training pictures (0-255 units)
+    # Share of two-shape training scenes; None: the world's own 1-or-2 with equal odds. Raising it spends more of
+    # the training on the harder two-object layouts (evaluation still draws from the world's distribution).
+    two_shape_prob: float | None = None
     # Latent replay: a FIFO buffer of `replay_size` encoded pictures, of which `replay_refresh` are replaced by new
     # ones every step; a batch samples the buffer. Each picture is used ~batch_size/replay_refresh times (with new
     # bit flips and prompt variants), and the VAE encodes replay_refresh pictures per step instead of batch_size.
@@ -96,6 +99,8 @@ class TransformerConfig:
     def validate(self) -> None:
         if not 0 <= self.noise_strength <= 1:
             raise ValueError("noise_strength must be in [0, 1]")
+        if self.two_shape_prob is not None and not 0 <= self.two_shape_prob <= 1:
+            raise ValueError("two_shape_prob must be in [0, 1] (or null for the world's own distribution)")
         if self.batch_size < 1 or self.rows < 0:
             raise ValueError("batch_size must be positive and rows non-negative")
         if self.replay_size and (self.replay_refresh < 1 or self.replay_size % self.replay_refresh
@@ -367,7 +372,8 @@ def train_transformer(config: TransformerConfig, run_dir: str | Path, vae: BSQVA
     replay_on = config.replay_size > 0
     per_step = config.replay_refresh if replay_on else config.batch_size
     with SceneStream(config.seed, TRANSFORMER_STREAM, per_step, start=state.step, width=config.image_size,
-                     height=config.image_size, workers=config.workers) as stream:
+                     height=config.image_size, workers=config.workers,
+                     two_shape_prob=config.two_shape_prob) as stream:
         replay = None
         if replay_on:
             t0 = time.perf_counter()
