@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tau", type=float, default=None, help="temperature (default: EditSettings, 0.5)")
     ap.add_argument("--prompt-iters", type=int, default=None, help="prompt-tuning updates (default 10)")
     ap.add_argument("--lora-iters", type=int, default=None, help="LoRA updates (default 50)")
+    ap.add_argument("--threshold", type=float, default=None, help="attention mask threshold (default 0.5)")
+    ap.add_argument("--core-threshold", type=float, default=None, dest="core",
+                    help="automatic mask hysteresis level (default: EditSettings)")
     ap.add_argument("--batch", type=int, default=32, help="text-to-image batch")
     ap.add_argument("--keep-cases", action="store_true", help="store every case's verdict in the JSON")
     ap.add_argument("--max-minutes", type=float, default=None,
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return min(n, args.limit) if args.limit is not None else n
 
     settings = EditSettings.from_profile("default", cfg=args.cfg, tau=args.tau, prompt_iters=args.prompt_iters,
-                                         lora_iters=args.lora_iters)
+                                         lora_iters=args.lora_iters, threshold=args.threshold, core=args.core)
     t0 = time.perf_counter()
     deadline = t0 + 60 * args.max_minutes if args.max_minutes else None
     out = Path(args.out)

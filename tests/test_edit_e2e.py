@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from safetensors.torch import load_file
 import pytest
 import torch
 from PIL import Image
@@ -104,6 +105,17 @@ def test_stage_commands_resume_to_the_same_edit(tmp_path, example):
     a = np.asarray(Image.open(tmp_path / "gen" / "edited.png"))
     b = np.asarray(Image.open(tmp_path / "one" / "edited.png"))
     assert np.array_equal(a, b)
+
+    # the mask stage's hysteresis: recorded, and it only ever removes cells
+    assert _cli("mask", "--case-dir", case, "--attention-dir", tmp_path / "attention", "--out", tmp_path / "core",
+                "--core-threshold", "0.9") == 0
+    assert json.loads((tmp_path / "core" / "stage.json").read_text())["settings"]["core"] == 0.9
+    plain = load_file(str(tmp_path / "mask" / "weights.safetensors"))["edit_mask"].bool()
+    cored = load_file(str(tmp_path / "core" / "weights.safetensors"))["edit_mask"].bool()
+    assert cored.any() and not (cored & ~plain).any()
+    assert _cli("mask", "--case-dir", case, "--attention-dir", tmp_path / "attention", "--out", tmp_path / "bad",
+                "--core-threshold", "2") == 2
+    assert not (tmp_path / "bad").exists()
 
 
 def test_stage_seconds_cover_the_stage_work(tmp_path, models, example):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from editinfinity.edit.case import load_user_mask, read_mask
 from editinfinity.edit.mask import (
+    grow_within,
     attention_threshold_value,
     cell_fractions_from_pixels,
     city_block_distance,
@@ -338,3 +339,48 @@ def test_smoothing_band_scales_with_the_grid_and_equals_the_reference_at_64_cell
             assert torch.equal(scaled, ref)
         else:  # a narrower band: more cells keep the source, none keeps less of it
             assert (scaled >= ref).all() and (scaled == 1).sum() > (ref == 1).sum()
+
+
+def test_grow_within_follows_8_connectivity_inside_the_allowed_cells():
+    allowed = torch.zeros(6, 6, dtype=torch.bool)
+    allowed[0, 0] = allowed[1, 1] = allowed[2, 2] = True  # a diagonal chain
+    allowed[4:, 4:] = True  # a separate block
+    seeds = torch.zeros(6, 6, dtype=torch.bool)
+    seeds[0, 0] = True
+    got = grow_within(seeds, allowed)
+    assert got.sum() == 3 and got[2, 2] and not got[4:, 4:].any()
+    assert torch.equal(grow_within(allowed, allowed), allowed)
+    assert not grow_within(torch.zeros(6, 6, dtype=torch.bool), allowed).any()
+
+
+def test_core_threshold_drops_weak_regions_and_keeps_the_peak():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        a = torch.from_numpy(rng.random((12, 12)))
+        plain = threshold_attention(a, 0.5)
+        assert torch.equal(threshold_attention(a, 0.5, 0.0), plain)
+        assert torch.equal(threshold_attention(a, 0.5, 0.5), plain)  # core <= threshold: every selected cell
+        for core in (0.7, 0.9, 1.0):
+            got = threshold_attention(a, 0.5, core)
+            assert not (got & ~plain).any()  # never adds a cell
+            peak = divmod(int(a.argmax()), 12)
+            assert got[peak]
+            # every kept region reaches the core level, every dropped one does not
+            cut = a.min() + core * (a.max() - a.min())
+            assert torch.equal(got, grow_within(a >= cut, plain))
+    # a strong blob and a weak stray blob: the stray one goes
+    a = torch.zeros(8, 8)
+    a[1:3, 1:3] = 1.0
+    a[6, 6] = 0.6
+    assert threshold_attention(a, 0.5).sum() == 5
+    kept = threshold_attention(a, 0.5, 0.75)
+    assert kept.sum() == 4 and not kept[6, 6]
+    with pytest.raises(ValueError, match="core"):
+        threshold_attention(a, 0.5, 1.5)
+
+
+def test_core_threshold_setting_is_validated():
+    from editinfinity.edit.settings import EditSettings
+
+    with pytest.raises(InvalidCaseError, match="core-threshold"):
+        EditSettings.from_profile("default", core=-0.1)

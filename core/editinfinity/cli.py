@@ -35,11 +35,23 @@ def _add_case_args(p: argparse.ArgumentParser, *, required: bool = True) -> None
                    help="pixel budget (default: the preset's)")
 
 
+CORE_HELP = ("automatic mask hysteresis: keep only regions above --threshold that reach this level somewhere "
+             "(drops stray weak cells); 0 keeps every cell above the threshold, as the reference")
+
+
+def _settings_default(name: str):
+    from .edit.settings import EditSettings
+
+    return getattr(EditSettings(), name)
+
+
 def _add_settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--prompt-iters", type=int, default=None, help="prompt-tuning optimizer updates (default 10)")
     p.add_argument("--lora-iters", type=int, default=None, help="LoRA optimizer updates (default 50)")
     p.add_argument("--threshold", type=float, default=None, help="attention mask threshold (default 0.5)")
+    p.add_argument("--core-threshold", type=float, default=None, dest="core",
+                   help=CORE_HELP + " (default: %s)" % _settings_default("core"))
     p.add_argument("--band", choices=("scaled", "reference"), default=None,
                    help="smoothing band around the mask: scaled (default; the reference's 1 and 4 cells of a 64-cell "
                         "grid as fractions of the image) or reference (1 and 4 cells on any grid)")
@@ -61,7 +73,7 @@ def _settings(args):
 
     return EditSettings.from_profile(args.profile, seed=args.seed, prompt_iters=args.prompt_iters,
                                      lora_iters=args.lora_iters, threshold=args.threshold, band=args.band,
-                                     checkpointing=getattr(args, "checkpointing", None),
+                                     core=args.core, checkpointing=getattr(args, "checkpointing", None),
                                      low_memory=True if getattr(args, "low_memory", False) else None)
 
 
@@ -130,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "mask":
             p.add_argument("--attention-dir", help="directory written by attention (mode auto)")
             p.add_argument("--threshold", type=float, default=0.5)
+            p.add_argument("--core-threshold", type=float, default=_settings_default("core"), dest="core",
+                           help=CORE_HELP)
             p.add_argument("--band", choices=("scaled", "reference"), default="scaled",
                            help="smoothing band (see `editinfinity edit --help`)")
         else:
@@ -273,7 +287,7 @@ def _run(args) -> int:
         return 0
     if args.command == "mask":
         print(stages.make_mask(args.case_dir, args.out, attention_dir=args.attention_dir, threshold=args.threshold,
-                               band=args.band, overwrite=args.overwrite))
+                               band=args.band, core=args.core, overwrite=args.overwrite))
         return 0
     raise InvalidCaseError(f"unknown command {args.command!r}")
 

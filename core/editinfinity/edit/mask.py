@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "attention_threshold_value",
     "threshold_attention",
+    "grow_within",
     "cell_fractions_from_pixels",
     "coarse_fractions",
     "city_block_distance",
@@ -96,12 +97,16 @@ def attention_threshold_value(attn, threshold: float = 0.5) -> torch.Tensor:
     return lo + float(threshold) * (hi - lo)
 
 
-def threshold_attention(attn, threshold: float = 0.5) -> torch.Tensor:
+def threshold_attention(attn, threshold: float = 0.5, core: float = 0.0) -> torch.Tensor:
     """Edit mask from a cross-attention map: ``attn > min + threshold * (max - min)`` (strict).
 
     Args:
         attn: ``(h_K, w_K)`` map (tensor or array) of the target word.
         threshold: relative cut in ``[0, 1]`` (0.5 in the reference scripts).
+        core: hysteresis level in ``[0, 1]``. A selected region (8-connected cells above ``threshold``) is kept
+            only if it holds a cell at or above ``min + core * (max - min)``: weak regions that never reach the
+            core level (stray cells at picture borders or at other objects' edges) are dropped. ``core=1`` keeps
+            only the region of the map's peak; ``core <= threshold`` keeps every selected cell (the reference).
 
     Returns:
         ``(h_K, w_K)`` bool tensor, ``True`` = edit. A constant map has no structure to cut: the mask is empty and a
@@ -118,12 +123,34 @@ def threshold_attention(attn, threshold: float = 0.5) -> torch.Tensor:
         )
         return torch.zeros(a.shape, dtype=torch.bool)
     mask = a > cut
+    if not 0.0 <= core <= 1.0:
+        raise ValueError(f"core threshold must be in [0, 1], got {core}")
+    if core > threshold:
+        selected = int(mask.sum())
+        mask = grow_within(a >= attention_threshold_value(a, core), mask)
+        logger.info("attention core %.3g: kept %d of %d selected cells (regions reaching the core level)",
+                    core, int(mask.sum()), selected)
     frac = float(mask.double().mean())
     logger.info(
         "attention threshold %.3g -> cut %.6g (map range %.6g..%.6g): %d of %d cells selected (%.1f%%)",
         threshold, float(cut), float(a.min()), float(a.max()), int(mask.sum()), mask.numel(), 100 * frac,
     )
     return mask
+
+
+def grow_within(seeds: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """The cells of ``allowed`` 8-connected (through ``allowed`` cells) to a cell of ``seeds``: ``(h, w)`` bool.
+
+    Flood fill by repeated 3x3 dilation clipped to ``allowed``, until nothing changes (at most one pass per cell of
+    the longest path, a few dozen on real maps)."""
+    allowed = _as_tensor(allowed, "allowed").bool()
+    grown = _as_tensor(seeds, "seeds").bool() & allowed
+    while True:
+        nxt = torch.nn.functional.max_pool2d(grown[None, None].float(), 3, stride=1, padding=1)[0, 0].bool()
+        nxt &= allowed
+        if torch.equal(nxt, grown):
+            return grown
+        grown = nxt
 
 
 # ---------------------------------------------------------------------------------------------------------------

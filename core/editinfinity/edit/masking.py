@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import StageError
+from ..errors import InvalidCaseError, StageError
 from ..report import mask_picture, weights_picture
 from .artifacts import read_stage, stage_output
 from .attention import load_attention
@@ -24,16 +24,17 @@ WEIGHTS_FILE = "weights.safetensors"
 CELL_THRESHOLD = 0.2
 
 
-def edit_weights(case: CaseData, attention: torch.Tensor | None, threshold: float = 0.5, band: str = "scaled"
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def edit_weights(case: CaseData, attention: torch.Tensor | None, threshold: float = 0.5, band: str = "scaled",
+                 core: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(edit_mask bool (hK,wK), keep weights W float32 (hK,wK)); W = 1 keeps the source code. ``band``: the
-    smoothing band's width (:func:`~editinfinity.edit.mask.band_for_grid`)."""
+    smoothing band's width (:func:`~editinfinity.edit.mask.band_for_grid`); ``core``: the automatic mask's
+    hysteresis level (:func:`~editinfinity.edit.mask.threshold_attention`)."""
     require_mode(case, "auto", "mask", stage="mask")
     kernel = band_for_grid(case.grid, band)
     if case.spec.mode == "auto":
         if attention is None:
             raise StageError("mode auto needs the attention stage's output (--attention DIR)")
-        edit = torch.as_tensor(threshold_attention(attention, threshold))
+        edit = torch.as_tensor(threshold_attention(attention, threshold, core))
         weights = torch.as_tensor(weights_from_edit_mask(edit, **kernel))
     else:
         edit = case.user_cells >= CELL_THRESHOLD
@@ -51,15 +52,19 @@ def load_weights(mask_dir, run_id: str | None = None) -> tuple[torch.Tensor, tor
 
 
 def make_mask(case_dir, out_dir, *, attention_dir=None, threshold: float = 0.5, band: str = "scaled",
-              overwrite: bool = False) -> Path:
+              core: float = 0.0, overwrite: bool = False) -> Path:
     """Stage E over files: writes ``weights.safetensors``, ``mask.png`` and ``weights.png``."""
+    for name, value in (("--threshold", threshold), ("--core-threshold", core)):
+        if not 0.0 <= value <= 1.0:
+            raise InvalidCaseError(f"{name} must be in [0, 1] (a level between the map's min and max), got {value}")
     case = load_case(case_dir)
     started = time.perf_counter()  # after loading: the stage's own work
     amap = load_attention(attention_dir, run_id=case.run_id) if case.spec.mode == "auto" else None
-    edit, weights = edit_weights(case, amap, threshold, band)
+    edit, weights = edit_weights(case, amap, threshold, band, core)
     size = (case.image.width, case.image.height)
     with stage_output(out_dir, "mask", run_id=case.run_id, overwrite=overwrite, started=started,
-                      settings={"threshold": threshold, "band": band, **band_for_grid(case.grid, band)}
+                      settings={"threshold": threshold, "core": core, "band": band,
+                                **band_for_grid(case.grid, band)}
                       ) as (tmp, record):
         save_file({"edit_mask": edit.to(torch.uint8).contiguous(), "weights": weights.contiguous()},
                   str(tmp / WEIGHTS_FILE))

@@ -158,7 +158,8 @@ def run_edit(out_dir, *, image, prompt: str, edit_prompt: str, mode: str = "auto
             attention_dir = timed("attention", attention, case_dir, st / "attention", models=models)
         if mode in ("auto", "mask"):
             mask_dir = timed("mask", make_mask, case_dir, st / "mask", attention_dir=attention_dir,
-                             threshold=settings.threshold, band=settings.band)
+                             threshold=settings.threshold, band=settings.band,
+                             core=settings.core)
         generate_dir = timed("generate", generate, case_dir, prompt_dir, lora_dir, st / "generate",
                              mask_dir=mask_dir, seed=settings.seed, models=models, settings=settings)
         timings["total"] = round(sum(v for k, v in timings.items() if k != "load_models"), 4)

@@ -68,6 +68,9 @@ class EditSettings:
     # 1- and 4-cell distances as fractions of a 64-cell side: identical at 1M) or "reference" (cells on any grid).
     threshold: float = 0.5
     band: str = "scaled"
+    # Hysteresis of the automatic mask: keep only selected regions that reach this relative level somewhere (stray
+    # weak cells are dropped); 0 (any value <= threshold) keeps every cell above `threshold`, as the reference does.
+    core: float = 0.0
     # Sampling (stage G and plain generation).
     cfg: float = 4.0
     tau: float = 0.5
@@ -107,6 +110,8 @@ class EditSettings:
             raise InvalidCaseError("--prompt-iters and --lora-iters must be >= 0")
         if not 0.0 <= self.threshold <= 1.0:
             raise InvalidCaseError(f"--threshold must be in [0, 1], got {self.threshold}")
+        if not 0.0 <= self.core <= 1.0:
+            raise InvalidCaseError(f"--core-threshold must be in [0, 1], got {self.core}")
         if self.band not in ("scaled", "reference"):  # edit.mask.BANDS, spelled out: settings import no torch
             raise InvalidCaseError(f"--band must be scaled or reference, got {self.band!r}")
         if self.bias_mode not in ("upstream", "editinfinity"):
