@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from safetensors.torch import load_file
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from editinfinity.cli import main
 from editinfinity.demo import example_dir

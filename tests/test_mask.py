@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 
 from editinfinity.edit.case import load_user_mask, read_mask
 from editinfinity.edit.mask import (
-    grow_within,
     attention_threshold_value,
     cell_fractions_from_pixels,
     city_block_distance,
     coarse_fractions,
+    grow_within,
     smoothing_weights,
     threshold_attention,
     weights_from_edit_mask,

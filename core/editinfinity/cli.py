@@ -51,7 +51,7 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-iters", type=int, default=None, help="LoRA optimizer updates (default 50)")
     p.add_argument("--threshold", type=float, default=None, help="attention mask threshold (default 0.5)")
     p.add_argument("--core-threshold", type=float, default=None, dest="core",
-                   help=CORE_HELP + " (default: %s)" % _settings_default("core"))
+                   help=f"{CORE_HELP} (default: {_settings_default('core')})")
     p.add_argument("--band", choices=("scaled", "reference"), default=None,
                    help="smoothing band around the mask: scaled (default; the reference's 1 and 4 cells of a 64-cell "
                         "grid as fractions of the image) or reference (1 and 4 cells on any grid)")
