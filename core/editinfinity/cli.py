@@ -141,10 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--mask-dir", help="directory written by mask (modes auto and mask)")
         if name == "mask":
             p.add_argument("--attention-dir", help="directory written by attention (mode auto)")
-            p.add_argument("--threshold", type=float, default=0.5)
+            # defaults from EditSettings, so this stage command and `edit` cannot drift apart
+            p.add_argument("--threshold", type=float, default=_settings_default("threshold"))
             p.add_argument("--core-threshold", type=float, default=_settings_default("core"), dest="core",
                            help=CORE_HELP)
-            p.add_argument("--band", choices=("scaled", "reference"), default="scaled",
+            p.add_argument("--band", choices=("scaled", "reference"), default=_settings_default("band"),
                            help="smoothing band (see `editinfinity edit --help`)")
         else:
             _add_model_args(p)
