@@ -55,8 +55,8 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--band", choices=("scaled", "reference"), default=None,
                    help="smoothing band around the mask: scaled (default; the reference's 1 and 4 cells of a 64-cell "
                         "grid as fractions of the image) or reference (1 and 4 cells on any grid)")
-    p.add_argument("--profile", default="default", choices=("default", "reference"),
-                   help="reference reproduces the published code path (q/v biases off, 9 + 49 updates, batch 2)")
+    p.add_argument("--profile", default=None, choices=("default", "reference"),
+                   help="default (the default) or reference: reference reproduces the published code path (q/v biases off, 9 + 49 updates, batch 2)")
 
 
 def _add_speed_args(p: argparse.ArgumentParser) -> None:
@@ -71,7 +71,7 @@ def _add_speed_args(p: argparse.ArgumentParser) -> None:
 def _settings(args):
     from .edit.settings import EditSettings
 
-    return EditSettings.from_profile(args.profile, seed=args.seed, prompt_iters=args.prompt_iters,
+    return EditSettings.from_profile(args.profile or "default", seed=args.seed, prompt_iters=args.prompt_iters,
                                      lora_iters=args.lora_iters, threshold=args.threshold, band=args.band,
                                      core=args.core, checkpointing=getattr(args, "checkpointing", None),
                                      low_memory=True if getattr(args, "low_memory", False) else None)
@@ -108,6 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_case_args(p)
     p.add_argument("--case", help="case file (YAML/JSON) or a directory in the reference layout")
     p.add_argument("--out", required=True, help="output directory (or gs:// / s3:// URI)")
+    p.add_argument("--overwrite", action="store_true")
+    _add_model_args(p)
+    _add_settings_args(p)
+    _add_speed_args(p)
+
+    p.add_argument("--learned", metavar="DIR",
+                   help="learned state of the image (folder or URI written by `editinfinity learn`): only the edit "
+                        "runs; --image and --prompt come from it")
+    p.add_argument("--learned-cache", metavar="DIR",
+                   help="folder of learned states keyed by content (image pixels, prompt, resolution, weights, "
+                        "learning settings): the image is learned there once and reused by later edits")
+
+    p = sub.add_parser("learn", help="learn an image once (prompt tuning + LoRA) for any number of `edit --learned`")
+    p.add_argument("--image", required=True, help="source image (path or gs:// / s3:// URI)")
+    p.add_argument("--prompt", required=True, help="prompt describing the source image")
+    p.add_argument("--resolution", default=None, choices=("0.06M", "0.25M", "0.60M", "1M"),
+                   help="pixel budget (default: the preset's)")
+    p.add_argument("--out", required=True, help="learned folder to write (or gs:// / s3:// URI)")
     p.add_argument("--overwrite", action="store_true")
     _add_model_args(p)
     _add_settings_args(p)
@@ -237,12 +255,17 @@ def _run(args) -> int:
     from .edit import stages
 
     progress = not args.quiet
+    if args.command == "edit" and args.learned:
+        return _edit_learned(args, progress)
+    if args.command == "learn":
+        return _learn(args, progress)
     if args.command == "edit":
         kw = _local_inputs(_case_kwargs(args))
         kw["mask_polarity"] = kw.get("mask_polarity") or "white-edit"
         with _output_dir(args.out, args.overwrite) as out_dir:
             out = stages.run_edit(out_dir, **kw, preset=args.preset, weights=args.weights, device=args.device,
-                                  settings=_settings(args), overwrite=args.overwrite, progress=progress)
+                                  settings=_settings(args), overwrite=args.overwrite, progress=progress,
+                                  learned_cache=args.learned_cache)
         where = args.out.rstrip("/") if out != Path(args.out) else str(out)
         print(f"edited image: {where}/edited.png\nreport: {where}/report.html")
         return 0
@@ -291,6 +314,59 @@ def _run(args) -> int:
                                band=args.band, core=args.core, overwrite=args.overwrite))
         return 0
     raise InvalidCaseError(f"unknown command {args.command!r}")
+
+
+def _learn(args, progress: bool) -> int:
+    from .edit.learned import learn, save_learned
+    from .models.bundle import load_models
+
+    settings = _settings(args)
+    image = _local_inputs({"image": args.image})["image"]
+    with _output_dir(args.out, args.overwrite) as out_dir:
+        from .edit.artifacts import check_output_dir
+
+        check_output_dir(Path(out_dir), args.overwrite)  # before loading the models
+        models = load_models(args.preset, weights=args.weights, device=args.device, bias_mode=settings.bias_mode)
+        state = learn(models, image, args.prompt, resolution=args.resolution, settings=settings, progress=progress)
+        state.image = args.image
+        save_learned(state, out_dir, overwrite=args.overwrite)
+    print(f"learned state {state.key}: {args.out}")
+    return 0
+
+
+def _edit_learned(args, progress: bool) -> int:
+    from .edit import stages
+    from .edit.learned import edit_settings, image_digest, load_learned
+
+    state = load_learned(args.learned)
+    ident = state.identity
+    if args.case or args.learned_cache:
+        raise InvalidCaseError("--learned takes the image and prompt from the learned state: remove "
+                               f"{'--case' if args.case else '--learned-cache'}")
+    if args.edit_prompt is None:
+        raise InvalidCaseError("missing --edit-prompt")
+    if args.prompt is not None and args.prompt != ident["prompt"]:
+        raise InvalidCaseError(f"--prompt {args.prompt!r} differs from the learned prompt {ident['prompt']!r}; "
+                               "leave --prompt out or learn the image with this prompt")
+    if args.image is not None and image_digest(_local_inputs({"image": args.image})["image"]) != ident["image_digest"]:
+        raise InvalidCaseError(f"--image {args.image} is not the learned image; leave --image out or learn it")
+    if args.resolution is not None and args.resolution != ident["resolution"]:
+        raise InvalidCaseError(f"--resolution {args.resolution} differs from the learned {ident['resolution']}")
+    if args.profile is not None and args.profile != state.settings.profile:
+        raise InvalidCaseError(f"--profile {args.profile} differs from the learned profile {state.settings.profile}")
+    settings = edit_settings(state, {"seed": args.seed, "prompt_iters": args.prompt_iters,
+                                     "lora_iters": args.lora_iters, "threshold": args.threshold, "band": args.band,
+                                     "core": args.core, "checkpointing": args.checkpointing,
+                                     "low_memory": True if args.low_memory else None})
+    kw = _local_inputs({"mask": args.mask})
+    with _output_dir(args.out, args.overwrite) as out_dir:
+        out = stages.run_edit(out_dir, edit_prompt=args.edit_prompt, mode=_mode(args), target_word=args.target_word,
+                              mask=kw["mask"], mask_polarity=args.mask_polarity, preset=args.preset or ident["preset"],
+                              weights=args.weights, device=args.device, settings=settings, overwrite=args.overwrite,
+                              progress=progress, learned=state)
+    where = args.out.rstrip("/") if out != Path(args.out) else str(out)
+    print(f"edited image: {where}/edited.png\nreport: {where}/report.html")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,8 @@ pipe = EditInfinityPipeline.from_preset("toy")                            # bund
 out = pipe.edit(image, "a red circle on a gray background", "a green circle on a gray background",
                 target_word="circle")
 out.image.save("edited.png")
+learned = pipe.learn(image, "a red circle on a gray background")   # once per image
+out = pipe.edit(edit_prompt="a blue circle on a gray background", target_word="circle", learned=learned)
 ```
 It runs the same in-memory stage functions as the CLI and the KFP components.
 """
@@ -22,11 +24,21 @@ from PIL import Image
 from .edit.attention import attention_map
 from .edit.case import CaseSpec
 from .edit.generate import generate_edit
+from .edit.learned import (
+    LearnedState,
+    check_compatible,
+    edit_case,
+    edit_settings,
+    edit_spec,
+    learn,
+    load_learned,
+)
 from .edit.lora import train_lora_adapter
 from .edit.masking import edit_weights
 from .edit.prepare import CaseData, prepare_case
 from .edit.prompt_tuning import tune_prompt_embedding
 from .edit.settings import EditSettings
+from .errors import InvalidCaseError
 from .models.bsq_vae import BSQVAE  # noqa: F401  (imported so from_pretrained can resolve the component classes)
 from .models.bundle import ModelBundle, load_models
 from .models.infinity import Infinity  # noqa: F401
@@ -77,29 +89,55 @@ class EditInfinityPipeline(DiffusionPipeline):
                            text_encoder=self.text_encoder, device=self.transformer.device, preset=self.preset,
                            source="pipeline")
 
-    def edit(self, image: Image.Image | str, prompt: str, edit_prompt: str, *, target_word: str | None = None,
-             mask: str | None = None, mask_polarity: str = "white-edit", resolution: str | None = None,
-             settings: EditSettings | None = None, progress: bool = True, **overrides) -> EditOutput:
-        """Edit ``image``: automatic mask (``target_word``), user mask (``mask``) or whole image (neither)."""
+    def learn(self, image: Image.Image | str, prompt: str, *, resolution: str | None = None,
+              settings: EditSettings | None = None, progress: bool = True, **overrides) -> LearnedState:
+        """Learn ``image`` once (prompt tuning + LoRA) for any number of ``edit(learned=...)`` calls; save it with
+        :func:`editinfinity.edit.learned.save_learned`, read it back with ``load_learned``."""
+        settings = settings or EditSettings.from_profile("default", **overrides)
+        return learn(self.bundle(), image, prompt, resolution=resolution, settings=settings, progress=progress)
+
+    def edit(self, image: Image.Image | str | None = None, prompt: str | None = None, edit_prompt: str | None = None,
+             *, target_word: str | None = None, mask: str | None = None, mask_polarity: str = "white-edit",
+             resolution: str | None = None, settings: EditSettings | None = None, progress: bool = True,
+             learned: LearnedState | str | None = None, **overrides) -> EditOutput:
+        """Edit ``image``: automatic mask (``target_word``), user mask (``mask``) or whole image (neither).
+
+        ``learned`` (from :meth:`learn`, or a learned folder) replaces ``image`` and ``prompt`` and skips the
+        training: the same pixels as the one-shot edit with the same settings. ``overrides`` then change only
+        edit settings (mask, sampling, seed of the sampling).
+        """
         from .models.presets import PRESETS
 
-        settings = settings or EditSettings.from_profile("default", **overrides)
         mode = "auto" if target_word else "mask" if mask is not None else "whole"
-        default_res = PRESETS[self.preset].resolution if self.preset in PRESETS else "1M"
-        spec = CaseSpec(image=image, prompt=prompt, edit_prompt=edit_prompt, mode=mode, target_word=target_word,
-                        mask=mask, mask_polarity=mask_polarity, resolution=resolution or default_res,
-                        preset=self.preset)
         models = self.bundle()
         seconds, losses = {}, {}
         t = time.perf_counter()
-        case = prepare_case(models, spec, settings)
-        seconds["prepare"] = time.perf_counter() - t
-        t = time.perf_counter()
-        rows, losses["prompt_tuning"] = tune_prompt_embedding(models, case, settings, progress)
-        seconds["tune_prompt"] = time.perf_counter() - t
-        t = time.perf_counter()
-        lora_state, losses["lora"] = train_lora_adapter(models, case, rows, settings, progress)
-        seconds["train_lora"] = time.perf_counter() - t
+        if learned is not None:
+            if image is not None or prompt is not None:
+                raise InvalidCaseError("edit(learned=...) takes the image and the prompt from the learned state; "
+                                       "pass only edit_prompt")
+            state = load_learned(learned) if not isinstance(learned, LearnedState) else learned
+            settings = settings or edit_settings(state, overrides)
+            check_compatible(state, models, settings)
+            spec = edit_spec(state, edit_prompt=edit_prompt, mode=mode, target_word=target_word, mask=mask,
+                             mask_polarity=mask_polarity, preset=self.preset)
+            case = edit_case(models, state, spec, settings)
+            rows, lora_state, losses = state.rows, state.adapter, dict(state.losses)
+            seconds["prepare"] = time.perf_counter() - t
+        else:
+            settings = settings or EditSettings.from_profile("default", **overrides)
+            default_res = PRESETS[self.preset].resolution if self.preset in PRESETS else "1M"
+            spec = CaseSpec(image=image, prompt=prompt, edit_prompt=edit_prompt, mode=mode, target_word=target_word,
+                            mask=mask, mask_polarity=mask_polarity, resolution=resolution or default_res,
+                            preset=self.preset)
+            case = prepare_case(models, spec, settings)
+            seconds["prepare"] = time.perf_counter() - t
+            t = time.perf_counter()
+            rows, losses["prompt_tuning"] = tune_prompt_embedding(models, case, settings, progress)
+            seconds["tune_prompt"] = time.perf_counter() - t
+            t = time.perf_counter()
+            lora_state, losses["lora"] = train_lora_adapter(models, case, rows, settings, progress)
+            seconds["train_lora"] = time.perf_counter() - t
         amap = edit_mask = weights = None
         t = time.perf_counter()
         if mode == "auto":

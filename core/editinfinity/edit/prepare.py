@@ -63,40 +63,81 @@ def _run_id(spec: CaseSpec, image: Image.Image, preset: str, resolution: str) ->
     return h.hexdigest()[:16]
 
 
-@torch.no_grad()
-def prepare_case(models: ModelBundle, spec: CaseSpec, settings: EditSettings | None = None) -> CaseData:
-    """Encode one case: preprocess the image, quantise it exactly, encode the prompts, map the target word."""
-    settings = settings or EditSettings()
-    spec.validate()
-    original = load_image(spec.image) if not isinstance(spec.image, Image.Image) else spec.image.convert("RGB")
-    schedule = choose_schedule(original, spec.resolution)
-    pixels, image = preprocess_image(original, schedule)
-    grid = schedules.last_grid(schedule)
-    z = models.vae.encode_raw(pixels.to(models.device)).float()
-    codes = multiscale_quantize(z, schedule)
+@dataclass
+class SourceData:
+    """The source half of a case (what learning needs): the image's exact codes and the source prompt's features.
 
-    tok, enc = models.tokenizer, models.text_encoder
-    if enc is None:
+    It depends on the image, the source prompt, the pixel budget and the models only, so learned state built from
+    it serves any number of edit prompts (``editinfinity.edit.learned``).
+    """
+
+    schedule: list
+    image: Image.Image  # the preprocessed pixels (template size)
+    original_size: tuple[int, int]  # the input image's PIL size (W, H), to align user masks
+    raw_features: torch.Tensor
+    bits: list[torch.Tensor]
+    text: dict[str, TextFeatures]  # "source_styled", "source_plain"
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return schedules.last_grid(self.schedule)
+
+
+def _text_encoder(models: ModelBundle):
+    if models.text_encoder is None:
         raise StageError("prepare needs the T5 text encoder, but these models were loaded without it "
                          "(load_models(..., text_encoder=True))")
-    rows = settings.style_rows
+    return models.text_encoder
+
+
+@torch.no_grad()
+def encode_source(models: ModelBundle, image, prompt: str, resolution: str,
+                  settings: EditSettings | None = None) -> SourceData:
+    """Preprocess and quantise the image exactly, and encode the source prompt (styled and plain)."""
+    settings = settings or EditSettings()
+    original = load_image(image) if not isinstance(image, Image.Image) else image.convert("RGB")
+    schedule = choose_schedule(original, resolution)
+    pixels, pre = preprocess_image(original, schedule)
+    z = models.vae.encode_raw(pixels.to(models.device)).float()
+    codes = multiscale_quantize(z, schedule)
+    tok, enc = models.tokenizer, _text_encoder(models)
     text = {
-        "source_styled": encode_prompts(tok, enc, [style_prompt(spec.prompt)], extra_rows=rows).to("cpu"),
-        "edit_styled": encode_prompts(tok, enc, [style_prompt(spec.edit_prompt)], extra_rows=rows).to("cpu"),
-        "source_plain": encode_prompts(tok, enc, [spec.prompt]).to("cpu"),
+        "source_styled": encode_prompts(tok, enc, [style_prompt(prompt)], extra_rows=settings.style_rows).to("cpu"),
+        "source_plain": encode_prompts(tok, enc, [prompt]).to("cpu"),
     }
+    return SourceData(schedule=schedule, image=pre, original_size=original.size, raw_features=z.cpu(),
+                      bits=[b.cpu() for b in codes.bits], text=text)
+
+
+@torch.no_grad()
+def case_from_source(models: ModelBundle, source: SourceData, spec: CaseSpec,
+                     settings: EditSettings | None = None) -> CaseData:
+    """Complete ``source`` into the case of ``spec``: the edit prompt's features, the target word's tokens (mode
+    auto) or the user mask on the grid (mode mask)."""
+    settings = settings or EditSettings()
+    tok, enc = models.tokenizer, _text_encoder(models)
+    text = {**source.text, "edit_styled": encode_prompts(tok, enc, [style_prompt(spec.edit_prompt)],
+                                                         extra_rows=settings.style_rows).to("cpu")}
+    image = source.image
     target_range = None
     if spec.mode == "auto":
         target_range = target_token_range(tok, spec.prompt, spec.target_word)
     user_cells = user_pixels = None
     if spec.mode == "mask":
-        user_pixels, user_cells = load_user_mask(spec.mask, (image.height, image.width), grid,
-                                                 polarity=spec.mask_polarity, original_size=original.size)
+        user_pixels, user_cells = load_user_mask(spec.mask, (image.height, image.width), source.grid,
+                                                 polarity=spec.mask_polarity, original_size=source.original_size)
         user_pixels, user_cells = torch.as_tensor(user_pixels), torch.as_tensor(user_cells, dtype=torch.float64)
-    return CaseData(spec=spec, schedule=schedule, image=image, raw_features=z.cpu(),
-                    bits=[b.cpu() for b in codes.bits], text=text, target_range=target_range,
+    return CaseData(spec=spec, schedule=source.schedule, image=image, raw_features=source.raw_features,
+                    bits=list(source.bits), text=text, target_range=target_range,
                     user_cells=user_cells, user_pixels=user_pixels,
                     run_id=_run_id(spec, image, models.preset, spec.resolution), preset=models.preset)
+
+
+def prepare_case(models: ModelBundle, spec: CaseSpec, settings: EditSettings | None = None) -> CaseData:
+    """Encode one case: preprocess the image, quantise it exactly, encode the prompts, map the target word."""
+    spec.validate()
+    source = encode_source(models, spec.image, spec.prompt, spec.resolution, settings)
+    return case_from_source(models, source, spec, settings)
 
 
 def save_case(case: CaseData, directory: Path) -> None:

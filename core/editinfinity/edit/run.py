@@ -32,6 +32,7 @@ from .artifacts import check_output_dir, read_stage, write_json
 from .attention import attention
 from .case import CaseSpec
 from .generate import generate
+from .learned import LearnedState, cached_learn, check_compatible, edit_spec, write_edit_stages
 from .lora import train_lora
 from .masking import load_weights, make_mask
 from .prepare import _default_resolution, load_case, prepare
@@ -103,22 +104,44 @@ def summarize(out_dir, *, case_dir, generate_dir, mask_dir=None, attention_dir=N
     return out_dir
 
 
-def run_edit(out_dir, *, image, prompt: str, edit_prompt: str, mode: str = "auto", target_word: str | None = None,
-             mask: str | None = None, mask_polarity: str = "white-edit", resolution: str | None = None,
-             preset: str | None = None, weights: str | None = None, device: str | None = None,
-             models: ModelBundle | None = None, settings: EditSettings | None = None, overwrite: bool = False,
-             progress: bool = True) -> Path:
-    """Run every stage of one edit in this process and write the outputs to ``out_dir`` atomically."""
+def run_edit(out_dir, *, image=None, prompt: str | None = None, edit_prompt: str, mode: str = "auto",
+             target_word: str | None = None, mask: str | None = None, mask_polarity: str = "white-edit",
+             resolution: str | None = None, preset: str | None = None, weights: str | None = None,
+             device: str | None = None, models: ModelBundle | None = None, settings: EditSettings | None = None,
+             overwrite: bool = False, progress: bool = True, learned: LearnedState | None = None,
+             learned_cache: str | os.PathLike | None = None) -> Path:
+    """Run every stage of one edit in this process and write the outputs to ``out_dir`` atomically.
+
+    ``learned``: learned state of the image (``editinfinity.edit.learned``); prompt tuning and LoRA are then not
+    run, and ``image``/``prompt``/``resolution`` come from it. ``learned_cache``: a folder of learned states keyed
+    by content; the image is learned there on a miss and reused on a hit. Either gives the one-shot edit's pixels.
+    """
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite)
-    settings = settings or EditSettings()
+    settings = settings or (learned.settings if learned is not None else EditSettings())
     # Validate the case before paying for model loading.
-    CaseSpec(image=image, prompt=prompt, edit_prompt=edit_prompt, mode=mode, target_word=target_word, mask=mask,
-             mask_polarity=mask_polarity, resolution=resolution or "1M").validate()
+    if learned is None:
+        CaseSpec(image=image, prompt=prompt, edit_prompt=edit_prompt, mode=mode, target_word=target_word, mask=mask,
+                 mask_polarity=mask_polarity, resolution=resolution or "1M").validate()
+    else:
+        spec = edit_spec(learned, edit_prompt=edit_prompt, mode=mode, target_word=target_word, mask=mask,
+                         mask_polarity=mask_polarity)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     models = models or load_models(preset, weights=weights, device=device, bias_mode=settings.bias_mode)
     timings["load_models"] = round(time.perf_counter() - t0, 4)
+    extra: dict = {}
+    if learned is None and learned_cache is not None:
+        t0 = time.perf_counter()
+        learned, hit = cached_learn(learned_cache, models, image, prompt, resolution=resolution, settings=settings,
+                                    progress=progress)
+        timings["learn"] = round(time.perf_counter() - t0, 4)
+        extra["learned_cache_hit"] = hit
+        spec = edit_spec(learned, edit_prompt=edit_prompt, mode=mode, target_word=target_word, mask=mask,
+                         mask_polarity=mask_polarity)
+    if learned is not None:
+        check_compatible(learned, models, settings)
+        extra["learned"] = learned.key
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.run.", dir=out_dir.parent))
     try:
@@ -146,13 +169,18 @@ def run_edit(out_dir, *, image, prompt: str, edit_prompt: str, mode: str = "auto
                 models.offload_text_encoder()
             return result
 
-        case_dir = timed("prepare", prepare_stage, st / "case", image=image, prompt=prompt, edit_prompt=edit_prompt,
-                         mode=mode, target_word=target_word, mask=mask, mask_polarity=mask_polarity,
-                         resolution=resolution or _default_resolution(models), models=models, settings=settings)
-        prompt_dir = timed("tune_prompt", tune_prompt, case_dir, st / "prompt", iters=settings.prompt_iters,
-                           seed=settings.seed, models=models, settings=settings, progress=progress)
-        lora_dir = timed("train_lora", train_lora, case_dir, prompt_dir, st / "lora", iters=settings.lora_iters,
-                         seed=settings.seed, models=models, settings=settings, progress=progress)
+        if learned is not None:
+            st.mkdir()
+            case_dir, prompt_dir, lora_dir = timed("prepare", write_edit_stages, models, learned, spec, st, settings)
+        else:
+            case_dir = timed("prepare", prepare_stage, st / "case", image=image, prompt=prompt,
+                             edit_prompt=edit_prompt, mode=mode, target_word=target_word, mask=mask,
+                             mask_polarity=mask_polarity, resolution=resolution or _default_resolution(models),
+                             models=models, settings=settings)
+            prompt_dir = timed("tune_prompt", tune_prompt, case_dir, st / "prompt", iters=settings.prompt_iters,
+                               seed=settings.seed, models=models, settings=settings, progress=progress)
+            lora_dir = timed("train_lora", train_lora, case_dir, prompt_dir, st / "lora", iters=settings.lora_iters,
+                             seed=settings.seed, models=models, settings=settings, progress=progress)
         attention_dir = mask_dir = None
         if mode == "auto":
             attention_dir = timed("attention", attention, case_dir, st / "attention", models=models)
@@ -167,7 +195,7 @@ def run_edit(out_dir, *, image, prompt: str, edit_prompt: str, mode: str = "auto
             timings["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         models_info = {"preset": models.preset, "source": models.source, "device": str(models.device),
                        "frozen_dtype": str(models.frozen_dtype).removeprefix("torch.")}
-        extra = {"models": models_info}
+        extra["models"] = models_info
         if cuda:
             # Running maximum of allocated GPU memory after each stage: the stage where it rises set the peak.
             extra["peak_gpu_memory_gb_after_stage"] = memory
