@@ -104,3 +104,15 @@ def test_markdown_summary():
     thumb = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", md).group(1)
     assert Image.open(io.BytesIO(base64.b64decode(thumb))).size == (64, 32)
     assert "_none_" in report.markdown_summary()
+
+
+def test_to_pil_rounds_to_the_nearest_byte_and_clamps():
+    """(x + 1) * 127.5 rounded to the nearest byte, not truncated as the published code does, and clamped."""
+    from editinfinity.edit.generate import to_pil
+
+    byte_values = torch.tensor([0.4, 0.6, 100.49, 100.51, 127.5 - 0.2, 254.6, 300.0, -40.0])
+    img = (byte_values / 127.5 - 1).reshape(1, 1, 1, -1).expand(1, 3, 2, -1)
+    out = np.asarray(to_pil(img))
+    assert out.shape == (2, 8, 3) and out.dtype == np.uint8
+    assert out[0, :, 0].tolist() == [0, 1, 100, 101, 127, 255, 255, 0]
+    assert (out == out[:1, :, :1]).all()  # every channel and row alike
