@@ -191,6 +191,9 @@ def _add_extra_commands(sub) -> None:
     from .bench.cli import add_bench_parser
 
     add_bench_parser(sub)
+    from .batch.cli import add_batch_parser
+
+    add_batch_parser(sub)
     try:
         from .train.cli import add_train_parser
     except ImportError:  # pragma: no cover - the training module is part of the package

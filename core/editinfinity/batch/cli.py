@@ -1,0 +1,146 @@
+"""``editinfinity batch plan|work|summary|run``: the batch steps as commands (the KFP components call the same
+functions); ``editinfinity batch work --part I/N`` is what a multi-GPU pod starts once per GPU."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def read_cases(cases_uri: str, output_uri: str) -> list[dict]:
+    """Read a JSONL cases file by path or URI (one case per line; see the batch pipeline's docs)."""
+    from ..kfp_cli import read_manifest
+
+    return read_manifest(cases_uri, output_uri)
+
+
+def _parts(text: str) -> tuple[int, int]:
+    i, sep, n = text.partition("/")
+    if not sep or not i.isdigit() or not n.isdigit() or not 0 <= int(i) < int(n):
+        raise argparse.ArgumentTypeError(f"--part must look like I/N with 0 <= I < N, got {text!r}")
+    return int(i), int(n)
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    from ..cli import _add_model_args, _add_settings_args, _add_speed_args
+
+    p.add_argument("--cases", required=True, help="JSONL cases file (path or gs:// / s3:// URI)")
+    p.add_argument("--output-uri", required=True, help="results root: <output-uri>/<id>/ per case, index.html")
+    p.add_argument("--shards", type=int, default=1, help="number of shards (one worker pod each)")
+    p.add_argument("--resolution", default="", help="pixel budget (default: the preset's)")
+    p.add_argument("--mask-polarity", default="white-edit", choices=("white-edit", "black-edit"))
+    _add_model_args(p)
+    _add_settings_args(p)
+    _add_speed_args(p)
+
+
+def add_batch_parser(sub) -> None:
+    p = sub.add_parser("batch", help="many edits: plan (validate, group, shard), work (GPU), summary; or run all")
+    cmds = p.add_subparsers(dest="batch_command", required=True)
+
+    c = cmds.add_parser("plan", help="validate the cases on the CPU, group them by image, split into shards")
+    _plan_args(c)
+    c.add_argument("--out", required=True, help="plan file to write (JSON)")
+    c.set_defaults(handler=_cmd_plan)
+
+    c = cmds.add_parser("work", help="run one shard of a plan (one process, or one per --devices entry)")
+    c.add_argument("--plan", required=True)
+    c.add_argument("--shard", type=int, default=0)
+    c.add_argument("--part", type=_parts, default=(0, 1), help="I/N: this process's part of the shard")
+    c.add_argument("--device", default=None, help="cpu, cuda, cuda:1")
+    c.add_argument("--devices", default=None,
+                   help="one worker process per entry, e.g. cuda:0,cuda:1 (a device may repeat)")
+    c.add_argument("--learned-cache", default=None, help="learned-state cache folder (shared by re-runs)")
+    c.set_defaults(handler=_cmd_work)
+
+    c = cmds.add_parser("summary", help="publish the summary page (index.html) over every case's outcome")
+    c.add_argument("--plan", required=True)
+    c.set_defaults(handler=_cmd_summary)
+
+    c = cmds.add_parser("run", help="plan, every shard and the summary, here")
+    _plan_args(c)
+    c.add_argument("--devices", default=None, help="worker processes of each shard, e.g. cuda:0,cuda:1")
+    c.add_argument("--learned-cache", default=None)
+    c.add_argument("--plan-out", default=None, help="where to keep the plan (default: a temporary file)")
+    c.set_defaults(handler=_cmd_run)
+
+
+def _settings(args):
+    from ..cli import _settings as settings_from_args
+
+    return settings_from_args(args)
+
+
+def _make_plan(args):
+    from .plan import make_plan
+
+    return make_plan(read_cases(args.cases, args.output_uri), output_uri=args.output_uri, shards=args.shards,
+                     preset=args.preset or "", weights=args.weights or "", resolution=args.resolution,
+                     mask_polarity=args.mask_polarity, settings=_settings(args))
+
+
+def _cmd_plan(args) -> int:
+    from .plan import write_plan
+
+    plan = _make_plan(args)
+    write_plan(plan, args.out)
+    print(json.dumps({"plan": args.out, "valid": len(plan.cases), "invalid": len(plan.invalid),
+                      "groups": len(plan.groups), "shards": len(plan.shards)}))
+    return 0
+
+
+def _work(plan_path, plan, shard: int, args) -> list[dict]:
+    from .worker import run_processes, run_shard
+
+    if args.devices:
+        return run_processes(plan_path, shard, args.devices.split(","), learned_cache=args.learned_cache)
+    return run_shard(plan, shard, device=getattr(args, "device", None), part=getattr(args, "part", (0, 1)),
+                     learned_cache=args.learned_cache, progress=not args.quiet)
+
+
+def _counts(statuses: list[dict]) -> dict:
+    return {s: sum(x.get("status") == s for x in statuses) for s in ("done", "failed")}
+
+
+def _cmd_work(args) -> int:
+    from .plan import read_plan
+
+    plan = read_plan(args.plan)
+    if not 0 <= args.shard < max(len(plan.shards), 1):
+        raise SystemExit(f"error: shard {args.shard} does not exist: the plan has {len(plan.shards)} shards")
+    statuses = _work(args.plan, plan, args.shard, args) if plan.shards else []
+    print(json.dumps({"shard": args.shard, **_counts(statuses)}))
+    return 0
+
+
+def _cmd_summary(args) -> int:
+    from .outcomes import publish_summary, summarize_batch
+    from .plan import read_plan
+
+    plan = read_plan(args.plan)
+    summary = summarize_batch(plan)
+    page = publish_summary(plan, summary)
+    print(json.dumps({"summary": page, **summary.counts}))
+    return 0
+
+
+def _cmd_run(args) -> int:
+    import tempfile
+
+    from .outcomes import publish_summary, summarize_batch
+    from .plan import write_plan
+
+    plan = _make_plan(args)
+    with tempfile.TemporaryDirectory(prefix="editinfinity-batch-") as tmp:
+        plan_path = write_plan(plan, args.plan_out or Path(tmp) / "plan.json")
+        for shard in range(len(plan.shards)):
+            _work(plan_path, plan, shard, args)
+    summary = summarize_batch(plan)
+    page = publish_summary(plan, summary)
+    print(json.dumps({"summary": page, **summary.counts}))
+    return 0
+

@@ -1,0 +1,243 @@
+"""The GPU worker: load the models once, then run a shard's cases, learning each image once.
+
+For each group of a shard (cases sharing an image and a source prompt) the worker skips the cases already published
+under ``<output_uri>/<id>/`` (so a re-run resumes), learns the image once (prompt tuning + LoRA, optionally through a
+learned-state cache folder), and runs each remaining edit from the learned state with ``run_edit`` — the same pixels
+as a one-shot ``editinfinity edit`` of the case. Every case ends with a status record in
+``<output_uri>/_status/<id>.json`` (done or failed, with the error); a bad case never stops the worker. Results are
+published as each case finishes.
+
+A pod with several GPUs runs one worker process per GPU (:func:`run_processes`): the shard is split again into one
+part per process, each process loads its own models on its own device and publishes on its own; nothing is shared
+between them but the output store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from ..errors import EditInfinityError
+from .plan import BatchPlan, read_plan, split
+
+log = logging.getLogger(__name__)
+
+STATUS_DIR = "_status"
+
+
+def case_uri(plan: BatchPlan, case: dict) -> str:
+    return case.get("output_uri") or f"{plan.output_uri.rstrip('/')}/{case['id']}"
+
+
+def status_uri(output_uri: str, case_id: str) -> str:
+    return f"{output_uri.rstrip('/')}/{STATUS_DIR}/{case_id}.json"
+
+
+def is_done(plan: BatchPlan, case: dict) -> bool:
+    """A case is done when its folder was published completely (the manifest is written last)."""
+    from .. import storage
+
+    return storage.exists(f"{case_uri(plan, case).rstrip('/')}/{storage.MANIFEST_NAME}")
+
+
+def write_status(plan: BatchPlan, status: dict) -> None:
+    from .. import storage
+
+    storage.write_bytes(status_uri(plan.output_uri, status["id"]),
+                        (json.dumps(status, indent=1, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_status(output_uri: str, case_id: str) -> dict | None:
+    from .. import storage
+
+    uri = status_uri(output_uri, case_id)
+    if not storage.exists(uri):
+        return None
+    try:
+        return json.loads(storage.read_bytes(uri).decode())
+    except (json.JSONDecodeError, EditInfinityError):
+        return None
+
+
+def _error_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or exc.__class__.__name__
+    return text if isinstance(exc, EditInfinityError) else f"{exc.__class__.__name__}: {text}"
+
+
+def _spec(case: dict) -> dict:
+    return {k: case.get(k, "") for k in ("mode", "prompt", "edit_prompt", "target_word")}
+
+
+class Worker:
+    """Models loaded once for a plan's settings; :meth:`run` processes groups of cases."""
+
+    def __init__(self, plan: BatchPlan, *, device: str | None = None, models=None, learned_cache=None,
+                 name: str = "worker", progress: bool = False):
+        from ..edit.settings import EditSettings
+
+        self.plan, self.name, self.progress = plan, name, progress
+        self.settings = EditSettings.from_dict(plan.settings)
+        self.learned_cache = learned_cache
+        t = time.perf_counter()
+        if models is None:
+            from ..models.bundle import load_models
+
+            weights = resolve_weights(plan.weights)
+            models = load_models(plan.preset or None, weights=weights, device=device,
+                                 bias_mode=self.settings.bias_mode)
+        self.models = models
+        self.load_seconds = time.perf_counter() - t
+
+    def run(self, groups: list[dict]) -> list[dict]:
+        """Process ``groups``; returns one status per case (also written under ``_status/``)."""
+        statuses = []
+        for group in groups:
+            statuses += self.run_group(group)
+        return statuses
+
+    def run_group(self, group: dict) -> list[dict]:
+        plan = self.plan
+        todo, statuses = [], []
+        for case in group["cases"]:
+            if is_done(plan, case):
+                previous = read_status(plan.output_uri, case["id"]) or {}
+                statuses.append({**previous, "id": case["id"], "status": "done", "resumed": True,
+                                 "output_uri": case_uri(plan, case)})
+            else:
+                todo.append(case)
+        if not todo:
+            return statuses
+        t = time.perf_counter()
+        try:
+            state = self.learn(group)
+        except Exception as exc:  # the whole group fails, the worker goes on
+            log.error("learning %s failed: %s", group["image"], _error_line(exc))
+            log.debug("%s", traceback.format_exc())
+            self._free()
+            for case in todo:
+                status = {"id": case["id"], "status": "failed", "error": f"learn: {_error_line(exc)}",
+                          "spec": _spec(case), "worker": self.name}
+                write_status(plan, status)
+                statuses.append(status)
+            return statuses
+        learn_seconds = time.perf_counter() - t
+        for i, case in enumerate(todo):
+            statuses.append(self.run_case(case, state, learn_seconds if i == 0 else 0.0))
+        return statuses
+
+    def learn(self, group: dict):
+        from .. import storage
+        from ..edit.learned import cached_learn, learn
+
+        image = str(storage.cached_path(group["image"]))
+        kw = {"resolution": self.plan.resolution or None, "settings": self.settings, "progress": self.progress}
+        if self.learned_cache:
+            state, _ = cached_learn(self.learned_cache, self.models, image, group["prompt"], **kw)
+        else:
+            state = learn(self.models, image, group["prompt"], **kw)
+        state.image = group["image"]
+        return state
+
+    def run_case(self, case: dict, state, learn_seconds: float = 0.0) -> dict:
+        """One edit from learned state, published to the case's URI; never raises for a bad case."""
+        from .. import storage
+        from ..edit.run import run_edit
+
+        plan = self.plan
+        uri = case_uri(plan, case)
+        t = time.perf_counter()
+        status = {"id": case["id"], "spec": _spec(case), "worker": self.name, "learned": state.key,
+                  "learn_seconds": round(learn_seconds, 4)}
+        try:
+            mask = str(storage.cached_path(case["mask"])) if case.get("mask") else None
+            with tempfile.TemporaryDirectory(prefix="editinfinity-case-") as tmp:
+                out = Path(tmp) / "out"
+                run_edit(out, edit_prompt=case["edit_prompt"], mode=case["mode"],
+                         target_word=case.get("target_word") or None, mask=mask, mask_polarity=plan.mask_polarity,
+                         models=self.models, settings=self.settings, progress=self.progress, learned=state)
+                summary = json.loads((out / "summary.json").read_text())
+                storage.publish_dir(out, uri)
+            status.update(status="done", output_uri=uri, metrics=summary.get("metrics", {}),
+                          seconds={**summary.get("seconds", {}), "case": round(time.perf_counter() - t, 4)})
+        except Exception as exc:  # one bad case never stops the worker
+            log.error("case %s failed: %s", case["id"], _error_line(exc))
+            log.debug("%s", traceback.format_exc())
+            self._free()
+            status.update(status="failed", error=_error_line(exc))
+        write_status(plan, status)
+        log.info("case %s %s (%.1f s)", case["id"], status["status"], time.perf_counter() - t)
+        return status
+
+    def _free(self) -> None:
+        """After a failure (an out-of-memory error among them), give cached GPU memory back before going on."""
+        import torch
+
+        if self.models.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def resolve_weights(weights: str) -> str | None:
+    """A local weights location: "" -> None (the preset's own); a gs:// / s3:// URI is fetched once into the
+    storage cache (the model-cache volume in a pod); a directory or hub id is passed through."""
+    if not weights:
+        return None
+    if weights.startswith("file://"):
+        return weights[len("file://"):]
+    if "://" in weights:
+        from .. import storage
+
+        return str(storage.cached_path(weights))
+    return weights
+
+
+def run_shard(plan: BatchPlan, shard: int, *, device: str | None = None, part: tuple[int, int] = (0, 1),
+              learned_cache=None, progress: bool = False) -> list[dict]:
+    """Run part ``part[0]`` of ``part[1]`` of ``shard`` in this process."""
+    groups = plan.shard_groups(shard)
+    index, parts = part
+    if parts > 1:
+        pieces = split(groups, parts)
+        groups = [groups[g] for g in pieces[index]] if index < len(pieces) else []
+    if not groups:
+        return []
+    worker = Worker(plan, device=device, learned_cache=learned_cache, name=f"shard{shard}.{index}",
+                    progress=progress)
+    return worker.run(groups)
+
+
+def run_processes(plan_path, shard: int, devices: list[str], *, learned_cache=None, log_dir=None) -> list[dict]:
+    """One worker process per entry of ``devices`` (``cuda:0,cuda:1``; a device may repeat), each over its part of
+    ``shard``; waits for all and returns every case's status (read back from ``_status/``; a process that died
+    leaves its cases without one: they are reported ``failed`` with the process's exit code)."""
+    plan = read_plan(plan_path)
+    procs = []
+    for i, dev in enumerate(devices):
+        cmd = [sys.executable, "-m", "editinfinity.cli", "-q", "batch", "work", "--plan", str(plan_path), "--shard",
+               str(shard), "--part", f"{i}/{len(devices)}", "--device", dev]
+        if learned_cache:
+            cmd += ["--learned-cache", str(learned_cache)]
+        out = open(Path(log_dir) / f"worker-{shard}-{i}.log", "w") if log_dir else None  # noqa: SIM115
+        procs.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1"}), out))
+    codes = []
+    for p, out in procs:
+        codes.append(p.wait())
+        if out:
+            out.close()
+    statuses = []
+    for case in (c for g in plan.shard_groups(shard) for c in g["cases"]):
+        status = read_status(plan.output_uri, case["id"])
+        if status is None or (status.get("status") != "done" and is_done(plan, case)):
+            status = ({"id": case["id"], "status": "done", "output_uri": case_uri(plan, case)}
+                      if is_done(plan, case) else
+                      {"id": case["id"], "status": "failed", "spec": _spec(case),
+                       "error": f"worker process exited with {codes} before this case"})
+        statuses.append(status)
+    return statuses
