@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 export EDITINFINITY_PARITY_DIR ?= $(abspath ../shared/parity)
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install install-base test lint demo compile images bench clean
+.PHONY: install install-base test test-gpu mutation lint demo compile images bench clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,22 @@ install: $(VENV)/.test
 
 test: install
 	$(PY) -m pytest -q
+
+# The CUDA-marked tests (the edit under bf16 autocast, bf16 vs float32 agreement, ...) on a CUDA machine, with the
+# python that has torch there (no venv: a GPU machine brings its own CUDA torch); the output is kept in GPU_OUT.
+GPU_PYTHON ?= python3
+GPU_OUT ?= bench/results/test_gpu.txt
+test-gpu:
+	@$(GPU_PYTHON) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu needs a CUDA machine (torch.cuda.is_available() is False)')"
+	@mkdir -p $(dir $(GPU_OUT))
+	@{ $(GPU_PYTHON) -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"; \
+	  PYTHONPATH=core:. $(GPU_PYTHON) -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_gpu.py tests/test_infinity.py; \
+	} > $(GPU_OUT).tmp 2>&1; rc=$$?; mv $(GPU_OUT).tmp $(GPU_OUT); cat $(GPU_OUT); \
+	if grep -q " SKIPPED" $(GPU_OUT); then echo "make test-gpu: a CUDA test was skipped"; exit 1; fi; exit $$rc
+
+# Plant known training and blending bugs one at a time in a temp copy and report which the tests catch (minutes).
+mutation: install
+	$(PY) tests/mutation.py
 
 lint: install
 	$(VENV)/bin/ruff check core tests bench components pipelines

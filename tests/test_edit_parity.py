@@ -3,7 +3,7 @@
 Inputs, settings and tolerances all come from the fixture set (manifest.json, README tables via tests/parity.py).
 The edits run our stage code (`lora_adapter`, `blend_hook`, the model's `generate`) on the fixture's weights,
 LoRA tensors, styled edit text and keep weights. Bits are compared exactly scale by scale; a mismatch is accepted
-only at a bit the fixture lists as a near tie, after which later scales are compared by mismatch fraction.
+only at a bit the fixture lists as a near tie, after which each later scale is compared by its mismatch fraction.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ from parity import Fixture
 from test_infinity_parity import build_model, lens_from_cu
 
 pytestmark = pytest.mark.parity
+
+# Our policy (the fixture README asks for "mismatch fraction" after a near-tie flip without a number): at most this
+# share of each later scale's bits may differ, so a whole scale going wrong cannot hide behind the others.
+MISMATCH_AFTER_TIE = 0.05
 
 
 def _entry(manifest, name):
@@ -141,6 +145,8 @@ def test_edit_bits(model, manifest, parity_dir, edit_fx, codes_fx, name):
         if f"{name}/logits_first7scales" in edit_fx:
             n = edit_fx[f"{name}/logits_first7scales"].shape[1]
             edit_fx.check(f"{name}/logits_first7scales", torch.cat(out.logits, dim=1)[:, :n])
-    else:  # after a near-tie flip later scales diverge, but only locally (our policy: under 5 % of bits)
-        ours = torch.cat([b.reshape(-1) for b in out.bits])
-        assert (ours != expected).float().mean().item() < 0.05
+    else:  # after a near-tie flip later scales diverge, but only locally: each later scale on its own
+        for k in range(first_bad + 1, len(out.bits)):
+            ref = expected[offsets[k] * d:offsets[k + 1] * d]
+            share = (out.bits[k].reshape(-1) != ref).float().mean().item()
+            assert share < MISMATCH_AFTER_TIE, f"{name}: scale {k} differs at {share:.1%} of its bits after a tie flip"

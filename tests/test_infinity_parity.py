@@ -121,6 +121,54 @@ def test_block_outputs_logits_and_loss(model, io, train_outputs):
     io.check("train/loss", loss)
 
 
+class _BF16CrossAttention:
+    """``torch.nn.functional`` for models/layers.py, with the attention of CrossAttention and PoolAttention (the
+    text pool) run on bfloat16 q, k, v while ``active`` and its output back in float32: the rounding the reference's
+    cross attention applies as written (fixture README, deviation 2)."""
+
+    def __init__(self):
+        self.active = False
+
+    def __getattr__(self, name):
+        return getattr(torch.nn.functional, name)
+
+    def scaled_dot_product_attention(self, q, k, v, *args, **kwargs):
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        if not self.active:
+            return sdpa(q, k, v, *args, **kwargs)
+        return sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16(), *args, **kwargs).float()
+
+
+def test_bf16_cross_attention_variant(model, io, train_text, train_outputs, monkeypatch):
+    """``variant_bf16_cross_attention/logits``: the reference as written (bf16 cross attention) agrees with our
+    float32 forward within that tensor's README tolerance, and rounding our cross attention the same way moves our
+    logits towards it (RMS), so the variant's difference is the one the rounding makes."""
+    from editinfinity.models import layers
+
+    key = "variant_bf16_cross_attention/logits"
+    ours32 = train_outputs[0]
+    io.check(key, ours32)
+    proxy = _BF16CrossAttention()
+    monkeypatch.setattr(layers, "F", proxy)
+    for cls in (layers.CrossAttention, layers.PoolAttention):
+        def forward(self, *args, _original=cls.forward, **kwargs):
+            proxy.active = True
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                proxy.active = False
+        monkeypatch.setattr(cls, "forward", forward)
+    with torch.no_grad():
+        rounded = model(train_text, io["train/x_BLC_wo_prefix"], io["scale_schedule"])
+    io.check(key, rounded)
+
+    def rms(t):
+        return t.double().pow(2).mean().sqrt().item()
+
+    assert rms(rounded - io[key]) < rms(ours32 - io[key])
+    assert not torch.equal(rounded, ours32)
+
+
 def test_non_square_schedule(model, manifest, parity_dir):
     fx = Fixture(IO_RATIO, parity_dir)
     lens = manifest["settings"]["text"]["infinity_io_006M_ratio0_75_text_lens"]
@@ -219,11 +267,15 @@ def test_attention_map_1M(model, manifest, parity_dir):
     text = TextFeatures(text_io["src/plain/kv_compact"], lens_from_cu(text_io["src/plain/cu_seqlens_k"]))
     target = manifest["settings"]["strings"]["target_words"][0]
     token_range = manifest["settings"]["token_ranges"]["target_word_in_source"][target]
-    collector = AttentionMapCollector(tuple(token_range), schedule)
+    collector = AttentionMapCollector(tuple(token_range), schedule, keep_maps=True)
     with torch.no_grad():
         model(text, inputs_from_bits(bits, schedule), schedule, attention_probe=collector)
     facts = next(f for f in manifest["files"] if f["file"] == "edit_io_1M.safetensors")["attention"]
     assert collector.count == facts["n_calls"]
+    # Every (scale, layer) map before upsampling, in the fixture's call order: scale by scale, layers in order.
+    per_call = sorted(collector.maps, key=lambda entry: (entry[1], entry[0]))
+    assert len(per_call) == collector.count
+    edit.check("attention/per_call_maps_flat", torch.cat([m.flatten() for _, _, m in per_call]))
     edit.check("attention/final_attention_map", collector.result())
 
 

@@ -17,6 +17,7 @@ from editinfinity.edit.mask import (
     city_block_distance,
     coarse_fractions,
     grow_within,
+    selected_cells,
     smoothing_weights,
     threshold_attention,
     weights_from_edit_mask,
@@ -33,7 +34,8 @@ def _file_entry(manifest: dict, name: str) -> dict:
 
 
 def _coord(fractions: torch.Tensor, threshold: float) -> torch.Tensor:
-    return (fractions >= threshold).to(torch.uint8)
+    """The library's cell selection as the fixture's uint8 coord grid."""
+    return selected_cells(fractions, threshold).to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ __all__ = [
     "cell_fractions_from_pixels",
     "coarse_fractions",
     "city_block_distance",
+    "selected_cells",
     "smoothing_weights",
     "weights_from_edit_mask",
     "weights_from_pixel_mask",
@@ -259,6 +260,12 @@ def city_block_distance(selected) -> torch.Tensor:
     return d.clamp_max(inf).to(torch.int64)
 
 
+def selected_cells(fraction, threshold: float = 0.2) -> torch.Tensor:
+    """Cells (or coarse blocks) counted as edited: edit fraction ``>= threshold`` (bool grid, the reference's
+    ``coord64`` / ``coord4`` selection). :func:`smoothing_weights` selects with it."""
+    return _as_tensor(fraction, "fraction") >= threshold
+
+
 def smoothing_weights(
     cell_fraction,
     coarse_fraction,
@@ -287,12 +294,12 @@ def smoothing_weights(
         raise ValueError(
             f"need 0 <= `zero_radius` <= `ramp_end`, got zero_radius={zero_radius!r}, ramp_end={ramp_end!r}"
         )
-    selected = fine >= cell_threshold
+    selected = selected_cells(fine, cell_threshold)
     n_sel = int(selected.sum())
     if n_sel == 0:
         logger.info("no cell reaches edit fraction %.3g: W = 1 everywhere (source kept)", cell_threshold)
         return torch.ones(fine.shape, dtype=torch.float32)
-    n_coarse = int((coarse >= coarse_threshold).sum())
+    n_coarse = int(selected_cells(coarse, coarse_threshold).sum())
     large = n_coarse >= large_edit_blocks
     d = city_block_distance(selected).to(torch.float64)
     if large:

@@ -16,9 +16,12 @@ class AttentionMapCollector:
     Pass as ``attention_probe`` to a teacher-forced forward. Per block and scale: ``softmax(q k^T / sqrt(hd))``
     over sample 0's text rows, mean over the columns ``[start, end)``, mean over heads, reshaped to (h_k, w_k)
     and resized bilinearly (align_corners=False) to (hK, wK). :meth:`result` is the mean of all those maps.
+
+    ``keep_maps``: also keep every (layer, scale) map before resizing in :attr:`maps`, as
+    ``(layer_index, scale_index, (h_k, w_k) map)`` in call order (to localise a difference in the mean map).
     """
 
-    def __init__(self, token_range: tuple[int, int], schedule):
+    def __init__(self, token_range: tuple[int, int], schedule, keep_maps: bool = False):
         self.start, self.end = (int(v) for v in token_range)
         if not 0 <= self.start < self.end:
             raise ValueError(f"`token_range` must be (start, end) with 0 <= start < end, got {tuple(token_range)}")
@@ -26,6 +29,7 @@ class AttentionMapCollector:
         self.grid = schedules.last_grid(self.schedule)
         self._sum: torch.Tensor | None = None
         self._count = 0
+        self.maps: list[tuple[int, int, torch.Tensor]] | None = [] if keep_maps else None
 
     @torch.no_grad()
     def __call__(self, layer_index: int, q_LHc: torch.Tensor, k_THc: torch.Tensor) -> None:
@@ -37,10 +41,12 @@ class AttentionMapCollector:
         q, k = q_LHc.float().transpose(0, 1), k_THc.float().transpose(0, 1)  # (H, L, hd), (H, T, hd)
         scale = 1.0 / math.sqrt(q.shape[-1])
         end = 0
-        for _, h, w in self.schedule:
+        for si, (_, h, w) in enumerate(self.schedule):
             start, end = end, end + h * w
             attn = torch.softmax(torch.matmul(q[:, start:end], k.transpose(-2, -1)) * scale, dim=-1)  # (H, n, T)
             m = attn[:, :, self.start:self.end].mean(dim=-1).mean(dim=0).view(1, 1, h, w)
+            if self.maps is not None:
+                self.maps.append((int(layer_index), si, m[0, 0].clone()))
             m = F.interpolate(m, size=self.grid, mode="bilinear", align_corners=False)[0, 0]
             self._sum = m if self._sum is None else self._sum + m
             self._count += 1
