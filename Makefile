@@ -26,7 +26,9 @@ test: install
 	$(PY) -m pytest -q
 
 # The CUDA-marked tests (the edit under bf16 autocast, bf16 vs float32 agreement, ...) on a CUDA machine, with the
-# python that has torch there (no venv: a GPU machine brings its own CUDA torch); the output is kept in GPU_OUT.
+# python that has torch there (no venv: a GPU machine brings its own CUDA torch; it needs the project's other
+# dependencies, e.g. `pip install --no-deps diffusers`); the output is kept in GPU_OUT (bench/results/test_gpu_h200.txt:
+# `make test-gpu GPU_OUT=bench/results/test_gpu_h200.txt` on one H200, torch 2.11).
 GPU_PYTHON ?= python3
 GPU_OUT ?= bench/results/test_gpu.txt
 test-gpu:
