@@ -2,6 +2,9 @@
 
     python bench/toy_eval.py --weights build/toy --device cuda --out bench/results/toy_eval_h200.json
     python bench/toy_eval.py --limit 2 --prompt-iters 2 --lora-iters 2 --out /tmp/toy_eval.json   # smoke run
+    # mask cleanup variants (each case learned once, edited with every variant), 4 processes, then merged:
+    python bench/toy_eval.py --variant holes:fill_holes=1 --variant small:min_region=0.008 --shard 0/4 ...
+    python bench/toy_eval.py --merge shard0.json shard1.json shard2.json shard3.json --out toy_eval.json
 
 Targets (the issue): VAE reconstruction PSNR >= 30 dB on 200 held-out pictures; text to image: every object's
 colour and shape as prompted in >= 90% of 200 generations; automatic-mask editing of 100 cases that change one
@@ -13,6 +16,7 @@ whole-image modes are reported on a subset. ``--limit N`` caps every count (quic
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
@@ -28,7 +32,7 @@ from editinfinity.models.bundle import load_models
 from editinfinity.models.schedules import get_schedule
 from editinfinity.pipeline import EditInfinityPipeline
 from editinfinity.train.data import EDIT_SEED_BASE, HELDOUT_SEED_BASE, heldout_scenes
-from editinfinity.train.evaluate import edit_cases, edit_eval, text_to_image_eval
+from editinfinity.train.evaluate import edit_cases, edit_eval, summarise_edits, text_to_image_eval
 from editinfinity.train.vae import heldout_psnr
 
 TARGETS = {"vae_psnr_db": 30.0, "text_to_image_objects_ok": 0.90, "edit_auto_present": 0.80,
@@ -54,6 +58,57 @@ def passed(report: dict) -> dict[str, bool | None]:
     }
 
 
+def parse_variant(text: str, settings: EditSettings) -> tuple[str, EditSettings, dict]:
+    """``NAME:key=value,key=value`` -> (name, settings with those edit settings changed, the changes)."""
+    name, _, body = text.partition(":")
+    types = {f.name: type(getattr(settings, f.name)) for f in dataclasses.fields(settings)}
+    changes: dict = {}
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition("=")
+        if key not in types:
+            raise SystemExit(f"--variant {text}: unknown setting {key!r}")
+        kind = types[key]
+        changes[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    if not name or not changes:
+        raise SystemExit(f"--variant {text}: expected NAME:key=value[,key=value...]")
+    out = dataclasses.replace(settings, **changes)
+    out.validate()
+    return name, out, changes
+
+
+def merge(paths: list[str]) -> dict:
+    """One report from shard reports (run with --keep-cases): cases pooled, summaries recomputed."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    report = {k: v for k, v in parts[0].items() if k not in ("edits", "passed", "limited")}
+    report["merged_from"] = [p.get("command") for p in parts]
+    for key in ("vae", "text_to_image"):
+        found = [p[key] for p in parts if key in p]
+        if found:
+            report[key] = found[0]
+    report["seconds"] = {"by_shard": [p.get("seconds") for p in parts]}
+    report["edits"] = {}
+    sections: dict[tuple, list] = {}
+    for p in parts:
+        for mode, sec in p.get("edits", {}).items():
+            for name, summ in (sec.items() if mode.endswith("_variants") else [(None, sec)]):
+                if "results" not in summ:
+                    raise SystemExit(f"--merge needs reports written with --keep-cases ({mode} has no results)")
+                sections.setdefault((mode, name), []).append(summ)
+    for (mode, name), summs in sections.items():
+        results = sorted((r for s in summs for r in s["results"]), key=lambda r: r.get("case", 0))
+        merged = summarise_edits(results, summs[0]["mode"], sum(s["requested"] for s in summs),
+                                 any(s["truncated"] for s in summs))
+        if "settings" in summs[0]:
+            merged["settings"] = summs[0]["settings"]
+        if name is None:
+            report["edits"][mode] = merged
+        else:
+            report["edits"].setdefault(mode, {})[name] = merged
+    report["passed"] = passed(report)
+    report["limited"] = any(s.get("truncated", False) for s in report["edits"].values())
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", help="weights directory (default: the toy preset's bundled weights)")
@@ -72,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", type=float, default=None, help="attention mask threshold (default 0.5)")
     ap.add_argument("--core-threshold", type=float, default=None, dest="core",
                     help="automatic mask hysteresis level (default: EditSettings)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                    help="also edit the automatic-mask cases with these edit settings (repeatable; each case is "
+                         "learned once): e.g. holes:fill_holes=1; reported under edits.auto_variants")
+    ap.add_argument("--shard", default="0/1", metavar="I/N", help="edit only the cases i with i %% N == I")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge shard reports (--keep-cases) into --out")
     ap.add_argument("--batch", type=int, default=32, help="text-to-image batch")
     ap.add_argument("--keep-cases", action="store_true", help="store every case's verdict in the JSON")
     ap.add_argument("--max-minutes", type=float, default=None,
@@ -85,10 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     def cap(n: int) -> int:
         return min(n, args.limit) if args.limit is not None else n
 
-    settings = EditSettings.from_profile("default", cfg=args.cfg, tau=args.tau, prompt_iters=args.prompt_iters,
-                                         lora_iters=args.lora_iters, threshold=args.threshold, core=args.core)
-    t0 = time.perf_counter()
-    deadline = t0 + 60 * args.max_minutes if args.max_minutes else None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -97,6 +153,20 @@ def main(argv: list[str] | None = None) -> int:
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(json.dumps(report, indent=1) + "\n")
         tmp.replace(out)
+
+    if args.merge:
+        write(merge(args.merge))
+        logging.info("merged %d reports into %s", len(args.merge), out)
+        return 0
+    shard, shards = (int(v) for v in args.shard.split("/"))
+
+    settings = EditSettings.from_profile("default", cfg=args.cfg, tau=args.tau, prompt_iters=args.prompt_iters,
+                                         lora_iters=args.lora_iters, threshold=args.threshold, core=args.core)
+    parsed = [parse_variant(v, settings) for v in args.variant]
+    variants = {name: vs for name, vs, _ in parsed}
+    changes = {name: ch for name, _, ch in parsed}
+    t0 = time.perf_counter()
+    deadline = t0 + 60 * args.max_minutes if args.max_minutes else None
 
     models = load_models("toy", weights=args.weights, device=args.device)
     load_s = time.perf_counter() - t0
@@ -134,16 +204,25 @@ def main(argv: list[str] | None = None) -> int:
         if n <= 0:
             continue
         t = time.perf_counter()
-        res = edit_eval(pipe, n, mode, settings, cases=cases[:n], deadline=deadline)
+        mine = [c for i, c in enumerate(cases[:n]) if i % shards == shard]
+        if mode == "auto" and variants:
+            res_all = edit_eval(pipe, len(mine), mode, settings, cases=mine, deadline=deadline,
+                                variants={"default": settings, **variants})
+            res = res_all.pop("default")
+            report["edits"]["auto_variants"] = {k: {"settings": changes[k], **_strip(v, args.keep_cases)}
+                                                for k, v in res_all.items()}
+        else:
+            res = edit_eval(pipe, len(mine), mode, settings, cases=mine, deadline=deadline)
         report["edits"][mode] = _strip(res, args.keep_cases)
         report["seconds"][f"edit_{mode}"] = round(time.perf_counter() - t, 2)
         write(report)
         if res["cases"]:
-            logging.info("edit %s: present %.1f%%, PSNR outside %.2f dB (%d cases)", mode,
-                         100 * res["present_rate"], res["psnr_outside_mean"], res["cases"])
+            logging.info("edit %s: present %.1f%%, PSNR outside %.2f dB, mask IoU %s (%d cases)", mode,
+                         100 * res["present_rate"], res["psnr_outside_mean"], res.get("mask_iou_mean"), res["cases"])
 
     report["passed"] = passed(report)
-    report["limited"] = args.limit is not None or any(e.get("truncated") for e in report["edits"].values())
+    report["limited"] = args.limit is not None or shards > 1 or any(e.get("truncated")
+                                                                     for e in report["edits"].values())
     report["seconds"]["total"] = round(time.perf_counter() - t0, 2)
     write(report)
     logging.info("wrote %s: %s", out, json.dumps(report["passed"]))

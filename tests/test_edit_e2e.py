@@ -116,6 +116,15 @@ def test_stage_commands_resume_to_the_same_edit(tmp_path, example):
     assert _cli("mask", "--case-dir", case, "--attention-dir", tmp_path / "attention", "--out", tmp_path / "bad",
                 "--core-threshold", "2") == 2
     assert not (tmp_path / "bad").exists()
+    # the cleanup: recorded; filling holes never removes a cell; a bad size is refused with no output
+    assert _cli("mask", "--case-dir", case, "--attention-dir", tmp_path / "attention", "--out", tmp_path / "filled",
+                "--fill-holes") == 0
+    assert json.loads((tmp_path / "filled" / "stage.json").read_text())["settings"]["fill_holes"] is True
+    filled = load_file(str(tmp_path / "filled" / "weights.safetensors"))["edit_mask"].bool()
+    assert not (plain & ~filled).any()
+    assert _cli("mask", "--case-dir", case, "--attention-dir", tmp_path / "attention", "--out", tmp_path / "bad",
+                "--min-region", "1.5") == 2
+    assert not (tmp_path / "bad").exists()
 
 
 def test_stage_seconds_cover_the_stage_work(tmp_path, models, example):

@@ -20,6 +20,8 @@ def _value(text: str):
     text = text.strip()
     if text == "all":
         return None
+    if text in ("on", "off"):
+        return text == "on"
     if "," in text:
         return tuple(_value(part) for part in text.split(","))
     for kind in (int, float):

@@ -278,6 +278,34 @@ def test_initial_weights_are_copied_strictly(tmp_path):
         load_initial_weights(build_transformer(wider), build_text_encoder(wider, len(tok)), tmp_path / "w")
 
 
+def test_a_deeper_transformer_starts_as_the_trained_one(tmp_path):
+    """Growing the depth at --init-from keeps what the model computes: the trained blocks in order, new blocks that
+    pass their input through (zeroed residual outputs) until training moves them."""
+    tok = _tokenizer()
+    cfg = tiny_transformer_config(model={"depth": 3})
+    trained_t, trained_e = build_transformer(cfg), build_text_encoder(cfg, len(tok))
+    with torch.no_grad():
+        for prm in trained_t.parameters():
+            prm.add_(0.01 * torch.randn_like(prm))
+    trained_t.save_pretrained(tmp_path / "w" / "transformer")
+    trained_e.save_pretrained(tmp_path / "w" / "text_encoder")
+    deep_cfg = tiny_transformer_config(model={"depth": 5})
+    deep_t, deep_e = build_transformer(deep_cfg), build_text_encoder(deep_cfg, len(tok))
+    load_initial_weights(deep_t, deep_e, tmp_path / "w")
+    old, new = trained_t.state_dict(), deep_t.state_dict()
+    for i, j in enumerate((0, 2, 4)):  # spread evenly, first and last in place
+        assert all(torch.equal(new[f"blocks.{j}.{k[9:]}"], v) for k, v in old.items() if k.startswith(f"blocks.{i}."))
+    for j in (1, 3):
+        assert not deep_t.blocks[j].ffn.fc2.weight.any() and not deep_t.blocks[j].sa.proj.weight.any()
+        assert deep_t.blocks[j].ffn.fc1.weight.any()  # the rest is trainable from its own initialisation
+    text = encode_captions(tok, trained_e.eval(), ["a red circle on a gray background"], torch.device("cpu"))
+    outs = [m.eval().generate(text, cfg.schedule(), cfg=2.0, generator=torch.Generator().manual_seed(0)).summed_codes
+            for m in (trained_t, deep_t)]
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(common.CheckpointError, match="cannot grow"):
+        load_initial_weights(build_transformer(tiny_transformer_config(model={"depth": 2})), deep_e, tmp_path / "w")
+
+
 # ------------------------------------------------------------------------------------------------- small pieces
 
 
@@ -389,6 +417,22 @@ def test_toy_driver_writes_a_loadable_directory_and_the_eval_script_runs_on_it(t
     assert all(report["edits"][m]["cases"] == 2 for m in report["edits"])
     assert report["limited"] and set(report["passed"]) >= {"vae_psnr", "text_to_image", "edit_auto_present"}
     assert all(not report["edits"][m]["truncated"] for m in report["edits"])
+
+    # mask variants learned once per case, in two shards, merged: the pooled cases and recomputed summaries
+    shards = []
+    for i in (0, 1):
+        shards.append(tmp_path / f"shard{i}.json")
+        assert toy_eval.main(["--weights", str(out), "--device", "cpu", "--vae-images", "0", "--generations", "0",
+                              "--edits", "3", "--mask-edits", "0", "--whole-edits", "0", "--prompt-iters", "1",
+                              "--lora-iters", "1", "--variant", "holes:fill_holes=1,min_region=0.01",
+                              "--shard", f"{i}/2", "--keep-cases", "--out", str(shards[i])]) == 0
+    assert [json.loads(p.read_text())["edits"]["auto"]["cases"] for p in shards] == [2, 1]
+    assert toy_eval.main(["--merge", *map(str, shards), "--out", str(report_path)]) == 0
+    merged = json.loads(report_path.read_text())
+    auto, holes = merged["edits"]["auto"], merged["edits"]["auto_variants"]["holes"]
+    assert [r["case"] for r in auto["results"]] == [0, 1, 2] == [r["case"] for r in holes["results"]]
+    assert holes["settings"] == {"fill_holes": True, "min_region": 0.01} and "mask_iou_mean" in holes
+    assert auto["present_rate"] == np.mean([r["present"] for r in auto["results"]]) and not merged["limited"]
 
     # out of time: the edit sections stop before their first case and the JSON says so
     assert toy_eval.main(["--weights", str(out), "--device", "cpu", "--limit", "1", "--max-minutes", "1e-6",

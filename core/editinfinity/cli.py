@@ -37,6 +37,9 @@ def _add_case_args(p: argparse.ArgumentParser, *, required: bool = True) -> None
 
 CORE_HELP = ("automatic mask hysteresis: keep only regions above --threshold that reach this level somewhere "
              "(drops stray weak cells); 0 keeps every cell above the threshold, as the reference")
+FILL_HOLES_HELP = "automatic mask cleanup: fill holes inside the selected regions"
+MIN_REGION_HELP = ("automatic mask cleanup: drop regions smaller than this fraction of the latent grid's cells (the "
+                   "largest region stays); 0 keeps every region")
 
 
 def _settings_default(name: str):
@@ -52,6 +55,10 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=None, help="attention mask threshold (default 0.5)")
     p.add_argument("--core-threshold", type=float, default=None, dest="core",
                    help=f"{CORE_HELP} (default: {_settings_default('core')})")
+    p.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"{FILL_HOLES_HELP} (default: {_settings_default('fill_holes')})")
+    p.add_argument("--min-region", type=float, default=None,
+                   help=f"{MIN_REGION_HELP} (default: {_settings_default('min_region')})")
     p.add_argument("--band", choices=("scaled", "reference"), default=None,
                    help="smoothing band around the mask: scaled (default; the reference's 1 and 4 cells of a 64-cell "
                         "grid as fractions of the image) or reference (1 and 4 cells on any grid)")
@@ -73,7 +80,8 @@ def _settings(args):
 
     return EditSettings.from_profile(args.profile or "default", seed=args.seed, prompt_iters=args.prompt_iters,
                                      lora_iters=args.lora_iters, threshold=args.threshold, band=args.band,
-                                     core=args.core, checkpointing=getattr(args, "checkpointing", None),
+                                     core=args.core, fill_holes=args.fill_holes, min_region=args.min_region,
+                                     checkpointing=getattr(args, "checkpointing", None),
                                      low_memory=True if getattr(args, "low_memory", False) else None)
 
 
@@ -163,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--threshold", type=float, default=_settings_default("threshold"))
             p.add_argument("--core-threshold", type=float, default=_settings_default("core"), dest="core",
                            help=CORE_HELP)
+            p.add_argument("--fill-holes", action=argparse.BooleanOptionalAction,
+                           default=_settings_default("fill_holes"), help=FILL_HOLES_HELP)
+            p.add_argument("--min-region", type=float, default=_settings_default("min_region"), help=MIN_REGION_HELP)
             p.add_argument("--band", choices=("scaled", "reference"), default=_settings_default("band"),
                            help="smoothing band (see `editinfinity edit --help`)")
         else:
@@ -314,7 +325,8 @@ def _run(args) -> int:
         return 0
     if args.command == "mask":
         print(stages.make_mask(args.case_dir, args.out, attention_dir=args.attention_dir, threshold=args.threshold,
-                               band=args.band, core=args.core, overwrite=args.overwrite))
+                               band=args.band, core=args.core, fill_holes=args.fill_holes,
+                               min_region=args.min_region, overwrite=args.overwrite))
         return 0
     raise InvalidCaseError(f"unknown command {args.command!r}")
 
@@ -359,7 +371,8 @@ def _edit_learned(args, progress: bool) -> int:
         raise InvalidCaseError(f"--profile {args.profile} differs from the learned profile {state.settings.profile}")
     settings = edit_settings(state, {"seed": args.seed, "prompt_iters": args.prompt_iters,
                                      "lora_iters": args.lora_iters, "threshold": args.threshold, "band": args.band,
-                                     "core": args.core, "checkpointing": args.checkpointing,
+                                     "core": args.core, "fill_holes": args.fill_holes,
+                                     "min_region": args.min_region, "checkpointing": args.checkpointing,
                                      "low_memory": True if args.low_memory else None})
     kw = _local_inputs({"mask": args.mask})
     with _output_dir(args.out, args.overwrite) as out_dir:

@@ -143,7 +143,8 @@ class EditInfinityPipeline(DiffusionPipeline):
         if mode == "auto":
             amap = attention_map(models, case)
         if mode != "whole":
-            edit_mask, weights = edit_weights(case, amap, settings.threshold, settings.band, settings.core)
+            edit_mask, weights = edit_weights(case, amap, settings.threshold, settings.band, settings.core,
+                                              fill_holes=settings.fill_holes, min_region=settings.min_region)
         seconds["attention_and_mask"] = time.perf_counter() - t
         t = time.perf_counter()
         result = generate_edit(models, case, rows, lora_state, weights, settings)

@@ -54,7 +54,7 @@ SOURCE_TEXT = ("source_styled", "source_plain")
 
 #: Settings that change only what happens after learning (mask, sampling) or how fast and in how much memory the
 #: training runs, not what it computes; every other setting is part of the learned state's identity.
-EDIT_ONLY_SETTINGS = frozenset({"threshold", "band", "core", "cfg", "tau", "top_k", "top_p", "checkpointing",
+EDIT_ONLY_SETTINGS = frozenset({"threshold", "band", "core", "fill_holes", "min_region", "cfg", "tau", "top_k", "top_p", "checkpointing",
                                 "low_memory", "compile", "attention_backend", "profile"})
 
 

@@ -35,6 +35,11 @@ __all__ = [
     "attention_threshold_value",
     "threshold_attention",
     "grow_within",
+    "connected_components",
+    "fill_holes",
+    "remove_small_regions",
+    "min_region_cells",
+    "clean_mask",
     "cell_fractions_from_pixels",
     "coarse_fractions",
     "city_block_distance",
@@ -139,19 +144,117 @@ def threshold_attention(attn, threshold: float = 0.5, core: float = 0.0) -> torc
     return mask
 
 
-def grow_within(seeds: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """The cells of ``allowed`` 8-connected (through ``allowed`` cells) to a cell of ``seeds``: ``(h, w)`` bool.
+def _neighbour_max(x: torch.Tensor, connectivity: int) -> torch.Tensor:
+    """Max of every cell and its 8 (3x3 window) or 4 (plus-shaped) neighbours; ``x`` is a float ``(h, w)`` grid."""
+    if connectivity == 8:
+        return torch.nn.functional.max_pool2d(x[None, None], 3, stride=1, padding=1)[0, 0]
+    if connectivity != 4:
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
+    rows = torch.nn.functional.max_pool2d(x[None, None], (3, 1), stride=1, padding=(1, 0))[0, 0]
+    cols = torch.nn.functional.max_pool2d(x[None, None], (1, 3), stride=1, padding=(0, 1))[0, 0]
+    return torch.maximum(rows, cols)
+
+
+def grow_within(seeds: torch.Tensor, allowed: torch.Tensor, connectivity: int = 8) -> torch.Tensor:
+    """The cells of ``allowed`` connected (through ``allowed`` cells; 8- or 4-connectivity) to a cell of ``seeds``:
+    ``(h, w)`` bool.
 
     Flood fill by repeated 3x3 dilation clipped to ``allowed``, until nothing changes (at most one pass per cell of
     the longest path, a few dozen on real maps)."""
     allowed = _as_tensor(allowed, "allowed").bool()
     grown = _as_tensor(seeds, "seeds").bool() & allowed
     while True:
-        nxt = torch.nn.functional.max_pool2d(grown[None, None].float(), 3, stride=1, padding=1)[0, 0].bool()
-        nxt &= allowed
+        nxt = _neighbour_max(grown.float(), connectivity).bool() & allowed
         if torch.equal(nxt, grown):
             return grown
         grown = nxt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# automatic mask cleanup: holes and small regions (measured on the toy model, bench/toy_eval.py --mask-variants)
+
+
+def connected_components(mask, connectivity: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label the connected regions of a bool ``(h, w)`` mask without a per-cell loop.
+
+    Every selected cell starts with its own label (flat index + 1); each pass gives every cell the largest label among
+    itself and its selected neighbours, until nothing changes, so each region ends with the label of its last cell.
+
+    Returns:
+        ``labels`` int64 ``(h, w)`` (0 outside the mask, regions numbered ``1..n`` in order of their first cell) and
+        ``sizes`` int64 ``(n,)``, the cell count of region ``i + 1``.
+    """
+    m = _as_tensor(mask, "mask").bool()
+    h, w = m.shape
+    # float64 holds every flat index of any grid exactly
+    lab = torch.where(m, torch.arange(1, h * w + 1, dtype=torch.float64).reshape(h, w), 0.0)
+    while True:
+        nxt = torch.where(m, _neighbour_max(lab, connectivity), 0.0)
+        if torch.equal(nxt, lab):
+            break
+        lab = nxt
+    raw = lab.to(torch.int64).flatten()
+    roots, inverse = torch.unique(raw, return_inverse=True)  # sorted: 0 (background) first when present
+    if roots.numel() and roots[0] == 0:
+        inverse = inverse - 1  # background -> -1, regions 0..n-1
+    n = int((roots > 0).sum())
+    # renumber by first cell in reading order
+    first = torch.full((n,), h * w, dtype=torch.int64)
+    sel = inverse >= 0
+    first.scatter_reduce_(0, inverse[sel], torch.arange(h * w)[sel], reduce="amin")
+    order = torch.empty(n, dtype=torch.int64)
+    order[torch.argsort(first)] = torch.arange(n)
+    labels = torch.zeros(h * w, dtype=torch.int64)
+    labels[sel] = order[inverse[sel]] + 1
+    sizes = torch.bincount(labels[sel] - 1, minlength=n) if n else torch.zeros(0, dtype=torch.int64)
+    return labels.reshape(h, w), sizes
+
+
+def fill_holes(mask) -> torch.Tensor:
+    """``mask`` with every hole filled: unselected cells that cannot reach the grid's border through unselected
+    cells (4-connectivity, the complement of the mask's 8-connected regions) become selected."""
+    m = _as_tensor(mask, "mask").bool()
+    border = torch.zeros_like(m)
+    border[0, :] = border[-1, :] = True
+    border[:, 0] = border[:, -1] = True
+    outside = grow_within(border & ~m, ~m, connectivity=4)
+    return m | ~outside
+
+
+def min_region_cells(grid, min_region: float) -> int:
+    """Smallest region (in cells) the cleanup keeps on a ``grid = (h_K, w_K)`` grid: ``min_region`` is a fraction of
+    the grid's cells, so the same setting removes the same share of the picture at every resolution."""
+    n_h, n_w = _grid(grid)
+    if not 0.0 <= float(min_region) < 1.0:
+        raise ValueError(f"min_region must be a fraction of the grid in [0, 1), got {min_region!r}")
+    return max(0, round(float(min_region) * n_h * n_w))
+
+
+def remove_small_regions(mask, min_cells: int) -> torch.Tensor:
+    """``mask`` without its 8-connected regions of fewer than ``min_cells`` cells. The largest region always stays
+    (an automatic mask never becomes empty because of the cleanup)."""
+    m = _as_tensor(mask, "mask").bool()
+    if min_cells <= 1 or not m.any():
+        return m.clone()
+    labels, sizes = connected_components(m)
+    keep = sizes >= min_cells
+    keep[int(torch.argmax(sizes))] = True  # the first of the largest
+    return torch.cat([torch.zeros(1, dtype=torch.bool), keep])[labels]
+
+
+def clean_mask(mask, *, holes: bool = False, min_region: float = 0.0) -> torch.Tensor:
+    """Automatic-mask cleanup: small regions removed (``min_region``, a fraction of the grid, see
+    :func:`min_region_cells`), then holes filled (``holes``). Both off leaves the mask as it is (the reference)."""
+    m = _as_tensor(mask, "mask").bool()
+    before = int(m.sum())
+    cells = min_region_cells(m.shape, min_region)
+    out = remove_small_regions(m, cells) if cells > 1 else m.clone()
+    if holes:
+        out = fill_holes(out)
+    if holes or cells > 1:
+        logger.info("mask cleanup (holes %s, regions >= %d cells): %d -> %d cells", holes, cells, before,
+                    int(out.sum()))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,13 @@ from ..errors import InvalidCaseError, StageError
 from ..report import mask_picture, weights_picture
 from .artifacts import read_stage, stage_output
 from .attention import load_attention
-from .mask import band_for_grid, threshold_attention, weights_from_edit_mask, weights_from_pixel_mask
+from .mask import (
+    band_for_grid,
+    clean_mask,
+    threshold_attention,
+    weights_from_edit_mask,
+    weights_from_pixel_mask,
+)
 from .prepare import CaseData, load_case, require_mode
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -25,16 +31,18 @@ CELL_THRESHOLD = 0.2
 
 
 def edit_weights(case: CaseData, attention: torch.Tensor | None, threshold: float = 0.5, band: str = "scaled",
-                 core: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                 core: float = 0.0, *, fill_holes: bool = False,
+                 min_region: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(edit_mask bool (hK,wK), keep weights W float32 (hK,wK)); W = 1 keeps the source code. ``band``: the
     smoothing band's width (:func:`~editinfinity.edit.mask.band_for_grid`); ``core``: the automatic mask's
-    hysteresis level (:func:`~editinfinity.edit.mask.threshold_attention`)."""
+    hysteresis level (:func:`~editinfinity.edit.mask.threshold_attention`); ``fill_holes`` / ``min_region``: its
+    cleanup (:func:`~editinfinity.edit.mask.clean_mask`; user masks are used as given)."""
     require_mode(case, "auto", "mask", stage="mask")
     kernel = band_for_grid(case.grid, band)
     if case.spec.mode == "auto":
         if attention is None:
             raise StageError("mode auto needs the attention stage's output (--attention DIR)")
-        edit = torch.as_tensor(threshold_attention(attention, threshold, core))
+        edit = clean_mask(threshold_attention(attention, threshold, core), holes=fill_holes, min_region=min_region)
         weights = torch.as_tensor(weights_from_edit_mask(edit, **kernel))
     else:
         edit = case.user_cells >= CELL_THRESHOLD
@@ -52,18 +60,22 @@ def load_weights(mask_dir, run_id: str | None = None) -> tuple[torch.Tensor, tor
 
 
 def make_mask(case_dir, out_dir, *, attention_dir=None, threshold: float = 0.5, band: str = "scaled",
-              core: float = 0.0, overwrite: bool = False) -> Path:
+              core: float = 0.0, fill_holes: bool = False, min_region: float = 0.0,
+              overwrite: bool = False) -> Path:
     """Stage E over files: writes ``weights.safetensors``, ``mask.png`` and ``weights.png``."""
     for name, value in (("--threshold", threshold), ("--core-threshold", core)):
         if not 0.0 <= value <= 1.0:
             raise InvalidCaseError(f"{name} must be in [0, 1] (a level between the map's min and max), got {value}")
+    if not 0.0 <= min_region < 1.0:
+        raise InvalidCaseError(f"--min-region must be a fraction of the grid in [0, 1), got {min_region}")
     case = load_case(case_dir)
     started = time.perf_counter()  # after loading: the stage's own work
     amap = load_attention(attention_dir, run_id=case.run_id) if case.spec.mode == "auto" else None
-    edit, weights = edit_weights(case, amap, threshold, band, core)
+    edit, weights = edit_weights(case, amap, threshold, band, core, fill_holes=fill_holes, min_region=min_region)
     size = (case.image.width, case.image.height)
     with stage_output(out_dir, "mask", run_id=case.run_id, overwrite=overwrite, started=started,
                       settings={"threshold": threshold, "core": core, "band": band,
+                                "fill_holes": fill_holes, "min_region": min_region,
                                 **band_for_grid(case.grid, band)}
                       ) as (tmp, record):
         save_file({"edit_mask": edit.to(torch.uint8).contiguous(), "weights": weights.contiguous()},

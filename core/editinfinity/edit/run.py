@@ -187,7 +187,8 @@ def run_edit(out_dir, *, image=None, prompt: str | None = None, edit_prompt: str
         if mode in ("auto", "mask"):
             mask_dir = timed("mask", make_mask, case_dir, st / "mask", attention_dir=attention_dir,
                              threshold=settings.threshold, band=settings.band,
-                             core=settings.core)
+                             core=settings.core, fill_holes=settings.fill_holes,
+                             min_region=settings.min_region)
         generate_dir = timed("generate", generate, case_dir, prompt_dir, lora_dir, st / "generate",
                              mask_dir=mask_dir, seed=settings.seed, models=models, settings=settings)
         timings["total"] = round(sum(v for k, v in timings.items() if k != "load_models"), 4)

@@ -71,6 +71,10 @@ class EditSettings:
     # Hysteresis of the automatic mask: keep only selected regions that reach this relative level somewhere (stray
     # weak cells are dropped); 0 (any value <= threshold) keeps every cell above `threshold`, as the reference does.
     core: float = 0.0
+    # Cleanup of the automatic mask (edit.mask.clean_mask): fill its holes; drop 8-connected regions smaller than
+    # this fraction of the grid's cells (the largest region always stays). Off = the reference's raw threshold.
+    fill_holes: bool = False
+    min_region: float = 0.0
     # Sampling (stage G and plain generation).
     cfg: float = 4.0
     tau: float = 0.5
@@ -112,6 +116,8 @@ class EditSettings:
             raise InvalidCaseError(f"--threshold must be in [0, 1], got {self.threshold}")
         if not 0.0 <= self.core <= 1.0:
             raise InvalidCaseError(f"--core-threshold must be in [0, 1], got {self.core}")
+        if not 0.0 <= self.min_region < 1.0:
+            raise InvalidCaseError(f"--min-region must be a fraction of the grid in [0, 1), got {self.min_region}")
         if self.band not in ("scaled", "reference"):  # edit.mask.BANDS, spelled out: settings import no torch
             raise InvalidCaseError(f"--band must be scaled or reference, got {self.band!r}")
         if self.bias_mode not in ("upstream", "editinfinity"):

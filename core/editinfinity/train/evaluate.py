@@ -127,8 +127,10 @@ def keep_region(edit_mask: np.ndarray, cell: int = 16, dilate_cells: int = 1) ->
 
 
 def edit_cases(n: int, base: int = EDIT_SEED_BASE, width: int = 256, height: int = 256) -> list[dict[str, Any]]:
-    """``n`` held-out edit cases (one object's colour or kind changes) from ``toyworld.make_edit_case``."""
-    return [toyworld.make_edit_case(base + i, width, height) for i in range(n)]
+    """``n`` held-out edit cases (one object's colour or kind changes) from ``toyworld.make_edit_case``; ``case``
+    numbers them from ``EDIT_SEED_BASE`` (the seed's offset)."""
+    return [{**toyworld.make_edit_case(base + i, width, height), "case": base + i - EDIT_SEED_BASE}
+            for i in range(n)]
 
 
 def judge_edit(case: dict[str, Any], edited: np.ndarray, reconstruction: np.ndarray | None = None,
@@ -166,20 +168,7 @@ def _cells(mask: np.ndarray, cell: int) -> np.ndarray:
     return torch.nn.functional.max_pool2d(m, cell)[0, 0].bool().numpy()
 
 
-def run_edit_case(pipe, case: dict[str, Any], mode: str, settings, workdir: Path) -> dict[str, Any]:
-    """Edit one case with ``pipe`` (an ``EditInfinityPipeline``) in ``mode`` and judge it."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    kw: dict[str, Any] = {}
-    if mode == "auto":
-        kw["target_word"] = case["target_word"]
-    elif mode == "mask":
-        path = Path(workdir) / "mask.png"
-        Image.fromarray(np.asarray(case["mask"], dtype=np.uint8) * 255).save(path)
-        kw["mask"] = str(path)
-    t0 = time.perf_counter()
-    out = pipe.edit(case["image"], case["prompt"], case["edit_prompt"], settings=settings, progress=False, **kw)
-    seconds = time.perf_counter() - t0
+def _judge_output(case: dict[str, Any], out, mode: str, seconds: float) -> dict[str, Any]:
     edited = np.asarray(out.image.convert("RGB"))
     recon = np.asarray(out.reconstruction.convert("RGB"))
     res = {"mode": mode, "prompt": case["prompt"], "edit_prompt": case["edit_prompt"],
@@ -196,15 +185,57 @@ def run_edit_case(pipe, case: dict[str, Any], mode: str, settings, workdir: Path
     return res
 
 
+def _mode_inputs(case: dict[str, Any], mode: str, workdir: Path) -> dict[str, Any]:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "auto":
+        return {"target_word": case["target_word"]}
+    if mode == "mask":
+        path = Path(workdir) / "mask.png"
+        Image.fromarray(np.asarray(case["mask"], dtype=np.uint8) * 255).save(path)
+        return {"mask": str(path)}
+    return {}
+
+
+def run_edit_case(pipe, case: dict[str, Any], mode: str, settings, workdir: Path) -> dict[str, Any]:
+    """Edit one case with ``pipe`` (an ``EditInfinityPipeline``) in ``mode`` and judge it."""
+    kw = _mode_inputs(case, mode, workdir)
+    t0 = time.perf_counter()
+    out = pipe.edit(case["image"], case["prompt"], case["edit_prompt"], settings=settings, progress=False, **kw)
+    return _judge_output(case, out, mode, time.perf_counter() - t0)
+
+
+def summarise_edits(results: list[dict[str, Any]], mode: str, requested: int, truncated: bool) -> dict[str, Any]:
+    """Rates, PSNR outside the dilated true region and mask IoU over judged cases (``results`` kept in the dict)."""
+    ps = np.array([r["psnr_outside"] for r in results])
+    summary = {"mode": mode, "cases": len(results), "requested": requested, "truncated": truncated,
+               **_rates(results, ("present", "attribute_only", "matches")),
+               "psnr_outside_mean": float(np.mean(ps)) if results else None,
+               "psnr_outside_median": float(np.median(ps)) if results else None,
+               "psnr_outside_ge_30_rate": float(np.mean(ps >= 30)) if results else None,
+               "seconds_per_edit": float(np.mean([r["seconds"] for r in results])) if results else None}
+    ious = np.array([r["mask_iou"] for r in results if "mask_iou" in r])
+    if ious.size:
+        summary.update(mask_iou_mean=float(ious.mean()), mask_iou_median=float(np.median(ious)),
+                       mask_iou_ge_075_rate=float(np.mean(ious >= 0.75)))
+    summary["results"] = results
+    return summary
+
+
 def edit_eval(pipe, n: int, mode: str, settings, *, base: int = EDIT_SEED_BASE,
-              cases: Sequence[dict[str, Any]] | None = None, deadline: float | None = None) -> dict[str, Any]:
+              cases: Sequence[dict[str, Any]] | None = None, deadline: float | None = None,
+              variants: dict[str, Any] | None = None) -> dict[str, Any] | dict[str, dict[str, Any]]:
     """Edit ``n`` held-out cases in ``mode`` and summarise: rates, mean PSNR outside the dilated mask.
 
     ``deadline`` (a ``time.perf_counter()`` value) stops before the next case once passed; the summary then says
-    ``truncated`` and covers the cases done.
+    ``truncated`` and covers the cases done. ``variants`` (``{name: EditSettings}`` differing from ``settings``
+    only in edit settings, e.g. the mask cleanup): every case is learned once with ``settings`` and edited with
+    each variant from that learned state (the same pixels as one-shot edits); returns ``{name: summary}``.
+    Each result records its case's ``case`` number (``EDIT_SEED_BASE`` offset) so shards can be merged.
     """
     cases = list(cases) if cases is not None else edit_cases(n, base)
-    results = []
+    names = list(variants) if variants else [None]
+    results: dict[Any, list] = {name: [] for name in names}
     truncated = False
     with tempfile.TemporaryDirectory(prefix="toy-eval-") as tmp:
         for i, case in enumerate(cases):
@@ -212,17 +243,22 @@ def edit_eval(pipe, n: int, mode: str, settings, *, base: int = EDIT_SEED_BASE,
                 truncated = True
                 log.warning("edit %s: time is up after %d of %d cases", mode, i, len(cases))
                 break
-            results.append(run_edit_case(pipe, case, mode, settings, Path(tmp)))
-            log.info("edit %s %d/%d: present=%s psnr_outside=%.1f", mode, i + 1, len(cases), results[-1]["present"],
-                     results[-1]["psnr_outside"])
-    ps = np.array([r["psnr_outside"] for r in results])
-    summary = {"mode": mode, "cases": len(results), "requested": len(cases), "truncated": truncated,
-               **_rates(results, ("present", "attribute_only", "matches")),
-               "psnr_outside_mean": float(np.mean(ps)) if results else None,
-               "psnr_outside_median": float(np.median(ps)) if results else None,
-               "psnr_outside_ge_30_rate": float(np.mean(ps >= 30)) if results else None,
-               "seconds_per_edit": float(np.mean([r["seconds"] for r in results])) if results else None}
-    if any("mask_iou" in r for r in results):
-        summary["mask_iou_mean"] = float(np.mean([r["mask_iou"] for r in results if "mask_iou" in r]))
-    summary["results"] = results
-    return summary
+            if variants:
+                kw = _mode_inputs(case, mode, Path(tmp))
+                t0 = time.perf_counter()
+                state = pipe.learn(case["image"], case["prompt"], settings=settings, progress=False)
+                learn_s = time.perf_counter() - t0
+                for name, vs in variants.items():
+                    t0 = time.perf_counter()
+                    out = pipe.edit(edit_prompt=case["edit_prompt"], settings=vs, learned=state, progress=False,
+                                    **kw)
+                    results[name].append(_judge_output(case, out, mode, learn_s + time.perf_counter() - t0))
+            else:
+                results[None].append(run_edit_case(pipe, case, mode, settings, Path(tmp)))
+            for name in names:
+                results[name][-1]["case"] = int(case.get("case", i))
+            last = results[names[0]][-1]
+            log.info("edit %s %d/%d: present=%s psnr_outside=%.1f", mode, i + 1, len(cases), last["present"],
+                     last["psnr_outside"])
+    summaries = {name: summarise_edits(results[name], mode, len(cases), truncated) for name in names}
+    return summaries if variants else summaries[None]

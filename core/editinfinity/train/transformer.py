@@ -265,9 +265,42 @@ class LatentReplay:
         return scenes, z
 
 
+def deepen_state(state: dict[str, torch.Tensor], model: Infinity) -> dict[str, torch.Tensor]:
+    """A trained transformer's state for ``model``, which has more blocks but is otherwise the same (function
+    preserving): the trained blocks keep their order, spread evenly over the new depth, and every new block starts
+    from the model's own initialisation with its three residual outputs (self-attention, cross-attention and
+    feed-forward projections) zeroed, so it passes its input through unchanged until training moves it (the
+    zero-initialised residual branch of Goyal et al. 2017, "Accurate, large minibatch SGD", §5.1, used for depth).
+    A state with as many blocks as ``model`` is returned as it is."""
+    old = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.")), default=-1)
+    new = len(model.blocks)
+    if old == new:
+        return state
+    if not 0 < old < new:
+        raise CheckpointError(f"cannot grow a transformer of {old} blocks into one of {new}")
+    # trained block i goes to position place[i]: evenly spread, first stays first, last stays last
+    place = [round(i * (new - 1) / (old - 1)) if old > 1 else 0 for i in range(old)]
+    out = {k: v for k, v in state.items() if not k.startswith("blocks.")}
+    own = model.state_dict()
+    for j in range(new):
+        prefix = f"blocks.{j}."
+        if j in place:
+            src = f"blocks.{place.index(j)}."
+            out.update({prefix + k[len(src):]: v for k, v in state.items() if k.startswith(src)})
+            continue
+        block = {k: v.clone() for k, v in own.items() if k.startswith(prefix)}
+        for proj in ("sa.proj", "ca.proj", "ffn.fc2"):
+            for part in ("weight", "bias"):
+                if prefix + f"{proj}.{part}" in block:
+                    block[prefix + f"{proj}.{part}"].zero_()
+        out.update(block)
+    log.info("transformer: %d trained blocks placed at %s of %d; the others start as identities", old, place, new)
+    return out
+
+
 def load_initial_weights(transformer: Infinity, text_encoder, directory: Path) -> None:
     """Copy the weights of ``directory/transformer`` and ``directory/text_encoder`` into the built models (strict:
-    the configs must match)."""
+    the configs must match, except that the transformer may be deeper, see :func:`deepen_state`)."""
     from transformers import T5EncoderModel
 
     for name in ("transformer", "text_encoder"):
@@ -277,8 +310,11 @@ def load_initial_weights(transformer: Infinity, text_encoder, directory: Path) -
     pairs = ((transformer, Infinity.from_pretrained(str(directory / "transformer"))),
              (text_encoder, T5EncoderModel.from_pretrained(str(directory / "text_encoder"))))
     for model, trained in pairs:
+        state = {k: v.float() for k, v in trained.state_dict().items()}
+        if model is transformer:
+            state = deepen_state(state, transformer)
         try:
-            model.load_state_dict({k: v.float() for k, v in trained.state_dict().items()}, strict=True)
+            model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise CheckpointError(f"init_from {directory}: the weights do not fit the configured model ({exc}); "
                                   "use the model config those weights were trained with") from exc
