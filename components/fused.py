@@ -20,7 +20,7 @@ def fused_edit(image_uri: str, prompt: str, edit_prompt: str, mode: str, target_
     import tempfile
     from pathlib import Path
 
-    from editinfinity import kfp_cli as rt
+    from editinfinity import runtime as rt
     from editinfinity.edit import stages
 
     # Work next to the outputs (same filesystem), so handing each stage folder over is a rename.

@@ -31,7 +31,7 @@ def summarize(case: Input[Dataset], edited: Input[Artifact], output_uri: str, ca
     import shutil
     from pathlib import Path
 
-    from editinfinity import kfp_cli as rt
+    from editinfinity import runtime as rt
     from editinfinity.edit import stages
 
     mask_dir, attention_dir = rt.optional_dir(edit_mask), rt.optional_dir(attention_map)
@@ -61,9 +61,9 @@ def read_manifest(manifest_uri: str, output_uri: str) -> list:
         The cases, each with ``id``, ``image``, ``prompt``, ``edit_prompt``, ``mode``, ``target_word``, ``mask``
         and ``output_uri``.
     """
-    from editinfinity import kfp_cli as rt
+    from editinfinity.batch import cases
 
-    return rt.read_manifest(manifest_uri, output_uri)
+    return cases.read_manifest(manifest_uri, output_uri)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -80,11 +80,11 @@ def batch_summary(results: list, output_uri: str, page: Output[HTML], page_md: O
     """
     from pathlib import Path
 
-    from editinfinity import kfp_cli as rt
+    from editinfinity.batch import summary
 
-    report = rt.batch_report(results)
+    report = summary.batch_report(results)
     Path(page.path).write_text(report.html)
     Path(page_md.path).write_text(report.markdown)
     for name, value in report.metrics.items():
         metrics.log_metric(name, value)
-    rt.publish_batch(output_uri, report)
+    summary.publish_batch(output_uri, report)

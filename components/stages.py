@@ -34,7 +34,7 @@ def prepare(image_uri: str, prompt: str, edit_prompt: str, mode: str, target_wor
     """
     import tempfile
 
-    from editinfinity import kfp_cli as rt
+    from editinfinity import runtime as rt
     from editinfinity.edit import stages
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,7 +59,7 @@ def tune_prompt(case: Input[Dataset], iters: int, seed: int, preset: str, weight
         weights: Converted weights directory or URI (same as prepare).
         prompt_embedding: Output folder with ``prompt_embedding.safetensors``.
     """
-    from editinfinity import kfp_cli as rt
+    from editinfinity import runtime as rt
     from editinfinity.edit import stages
 
     stages.tune_prompt(case.path, prompt_embedding.path, iters=iters, seed=seed,
@@ -81,7 +81,7 @@ def train_lora(case: Input[Dataset], prompt_embedding: Input[Model], iters: int,
         weights: Converted weights directory or URI (same as prepare).
         lora: Output peft adapter folder.
     """
-    from editinfinity import kfp_cli as rt
+    from editinfinity import runtime as rt
     from editinfinity.edit import stages
 
     stages.train_lora(case.path, prompt_embedding.path, lora.path, iters=iters, seed=seed,
@@ -99,7 +99,7 @@ def attention(case: Input[Dataset], preset: str, weights: str, attention_map: Ou
         weights: Converted weights directory or URI (same as prepare).
         attention_map: Output folder with ``attention.safetensors`` and ``attention.png``.
     """
-    from editinfinity import kfp_cli as rt
+    from editinfinity import runtime as rt
     from editinfinity.edit import stages
 
     stages.attention(case.path, attention_map.path, models=rt.load_models(preset, weights, text_encoder=False))
@@ -117,7 +117,7 @@ def mask(case: Input[Dataset], threshold: float, edit_mask: Output[Artifact],
         edit_mask: Output folder with ``mask.png``, ``weights.safetensors`` and ``weights.png``.
         attention_map: The attention map (mode auto); absent in mode mask.
     """
-    from editinfinity import kfp_cli as rt
+    from editinfinity import runtime as rt
     from editinfinity.edit import stages
 
     stages.make_mask(case.path, edit_mask.path, attention_dir=rt.optional_dir(attention_map), threshold=threshold)
@@ -139,7 +139,7 @@ def generate(case: Input[Dataset], prompt_embedding: Input[Model], lora: Input[M
         edited: Output folder with ``edited.png`` and ``reconstruction.png``.
         edit_mask: Mask and smoothing weights (modes auto and mask); absent in mode whole.
     """
-    from editinfinity import kfp_cli as rt
+    from editinfinity import runtime as rt
     from editinfinity.edit import stages
 
     stages.generate(case.path, prompt_embedding.path, lora.path, edited.path, mask_dir=rt.optional_dir(edit_mask),

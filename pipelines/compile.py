@@ -7,9 +7,9 @@ compile``, which compiles one file). Used by ``make compile`` and CI; output is 
 import argparse
 import sys
 
-from editinfinity import kfp_cli
 from editinfinity.errors import EditInfinityError
 
+from . import cli as kfp_cli
 from .profiles import load_profiles
 
 

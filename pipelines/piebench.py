@@ -4,7 +4,7 @@
 piebench-cases (CPU) ─► ParallelFor(cases) { piebench-edit (GPU: all stages, one model load) } ─► piebench-score (GPU)
 ```
 
-Results go to ``output_uri`` in the layout of ``editinfinity bench piebench --out``: ``cases/<id>/`` per case,
+Results go to ``output_uri`` in the layout of ``editinfinity eval piebench --out``: ``cases/<id>/`` per case,
 ``results.csv``, ``table.md``, ``table.html`` and ``grids/`` at the top. A case already done there is not edited
 again, so re-running the pipeline (or the CLI) on the same ``output_uri`` resumes it. Every task touches that
 external state, so none is cached.

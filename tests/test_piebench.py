@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from editinfinity.bench.piebench import (
+from editinfinity.errors import InvalidCaseError
+from editinfinity.evaluation.piebench import (
     EDIT_TYPES,
     MASK_SHAPE,
     PieBenchEntryError,
@@ -22,8 +23,7 @@ from editinfinity.bench.piebench import (
     read_piebench,
     strip_brackets,
 )
-from editinfinity.bench.toy import TOY_TYPES, build_toy_piebench, toy_case
-from editinfinity.errors import InvalidCaseError
+from editinfinity.evaluation.toy import TOY_TYPES, build_toy_piebench, toy_case
 from editinfinity.toyworld import parse_caption
 
 

@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from editinfinity.bench.piebench_metrics import (
+from editinfinity.errors import CheckpointError, InvalidCaseError
+from editinfinity.evaluation.piebench_metrics import (
     METRIC_KEYS,
     ClipScorer,
     DinoStructure,
@@ -26,7 +27,6 @@ from editinfinity.bench.piebench_metrics import (
     score_case,
     vit_from_dino_checkpoint,
 )
-from editinfinity.errors import CheckpointError, InvalidCaseError
 
 
 def pic(value, size=(16, 16)) -> Image.Image:
@@ -89,7 +89,7 @@ def tiny_clip_dir(tmp_path, flip: bool = False):
     way a real checkpoint folder is (config, weights, tokenizer, preprocessor)."""
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-    from editinfinity.bench.piebench_metrics import _clip_image_processor  # noqa: F401  (import check)
+    from editinfinity.evaluation.piebench_metrics import _clip_image_processor  # noqa: F401  (import check)
 
     try:
         from transformers import CLIPImageProcessorPil as Processor

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from editinfinity.bench.piebench_metrics import MetricModels
-from editinfinity.bench.piebench_run import EDITED_FILE, run_piebench
-from editinfinity.bench.toy import build_toy_piebench
 from editinfinity.edit.settings import EditSettings
 from editinfinity.errors import InvalidCaseError
+from editinfinity.evaluation.piebench_metrics import MetricModels
+from editinfinity.evaluation.piebench_run import EDITED_FILE, run_piebench
+from editinfinity.evaluation.toy import build_toy_piebench
 from editinfinity.models.presets import default_preset_name
 
 
@@ -29,16 +29,16 @@ def toy(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def bench_main(monkeypatch):
-    """The `editinfinity` entry point with `bench` registered (the lead wires add_bench_parser into cli.py)."""
+    """The `editinfinity` entry point with `bench` registered (the lead wires add_eval_parser into cli.py)."""
     import editinfinity.cli as cli
-    from editinfinity.bench.cli import add_bench_parser
+    from editinfinity.evaluation.cli import add_eval_parser
 
     original = cli._add_extra_commands
 
     def extra(sub):
         original(sub)
         if "bench" not in sub.choices:
-            add_bench_parser(sub)
+            add_eval_parser(sub)
 
     monkeypatch.setattr(cli, "_add_extra_commands", extra)
     return lambda *args: cli.main([str(a) for a in args])
@@ -137,7 +137,7 @@ def test_modes_get_the_right_inputs(toy, tmp_path):
 
     fake = FakeEdit()
     run(toy, tmp_path / "mask", fake, mode="mask", types="1,2,8")
-    from editinfinity.bench.piebench import read_piebench
+    from editinfinity.evaluation.piebench import read_piebench
 
     cases = read_piebench(str(toy)).by_id()
     for call in fake.calls:
@@ -152,8 +152,8 @@ def test_modes_get_the_right_inputs(toy, tmp_path):
 
 def test_scores_follow_the_protocol(toy, tmp_path):
     """The fake edit is the colour-inverted source: check one row against the metric functions directly."""
-    from editinfinity.bench.piebench import read_piebench
-    from editinfinity.bench.piebench_metrics import score_case
+    from editinfinity.evaluation.piebench import read_piebench
+    from editinfinity.evaluation.piebench_metrics import score_case
 
     out = tmp_path / "out"
     result = run(toy, out, FakeEdit(), mode="auto", types="1")

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -22,6 +23,8 @@ import pytest
 from editinfinity import storage
 from editinfinity.errors import StorageError
 from editinfinity.storage import MANIFEST_NAME, StorageSettings
+from editinfinity.storage.gcs import GCSBackend
+from editinfinity.storage.s3 import S3Backend
 
 pytestmark = pytest.mark.integration
 
@@ -184,7 +187,7 @@ def closed_port() -> int:
 
 
 def backend_cls(uri: str) -> type:
-    return storage._S3Backend if uri.startswith("s3://") else storage._GCSBackend
+    return S3Backend if uri.startswith("s3://") else GCSBackend
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -454,7 +457,7 @@ def test_transient_errors_retry_with_bounds(s3, tmp_path, monkeypatch, caplog):
     src = tmp_path / "f.txt"
     src.write_text("x")
     calls = []
-    original = storage._S3Backend.upload_file
+    original = S3Backend.upload_file
 
     def throttled_once(self, *a, **kw):
         calls.append(1)
@@ -463,7 +466,7 @@ def test_transient_errors_retry_with_bounds(s3, tmp_path, monkeypatch, caplog):
                                "ResponseMetadata": {"HTTPStatusCode": 503}}, "PutObject")
         return original(self, *a, **kw)
 
-    monkeypatch.setattr(storage._S3Backend, "upload_file", throttled_once)
+    monkeypatch.setattr(S3Backend, "upload_file", throttled_once)
     with caplog.at_level(logging.WARNING, logger="editinfinity.storage"):
         uri = storage.upload(src, f"s3://{BUCKET}/retry/f.txt", settings=fast())
     assert len(calls) == 2 and storage.read_bytes(uri) == b"x"
@@ -473,7 +476,7 @@ def test_transient_errors_retry_with_bounds(s3, tmp_path, monkeypatch, caplog):
         calls.append(1)
         raise ConnectionResetError(104, "Connection reset by peer")
 
-    monkeypatch.setattr(storage._S3Backend, "upload_file", always_reset)
+    monkeypatch.setattr(S3Backend, "upload_file", always_reset)
     calls.clear()
     with pytest.raises(StorageError) as ei:
         storage.upload(src, f"s3://{BUCKET}/retry/g.txt", settings=fast(max_attempts=4))
@@ -541,9 +544,9 @@ def test_download_dir_detects_changed_or_missing_objects(remote, tmp_path):
 
     storage.publish_dir(tmp_path / "src", remote)
     if remote.startswith("s3://"):
-        storage._S3Backend(fast()).delete_object(storage.parse_uri(remote + "/images/edited.png"))
+        S3Backend(fast()).delete_object(storage.parse_uri(remote + "/images/edited.png"))
     else:
-        storage._GCSBackend(fast()).delete_object(storage.parse_uri(remote + "/images/edited.png"))
+        GCSBackend(fast()).delete_object(storage.parse_uri(remote + "/images/edited.png"))
     with pytest.raises(StorageError) as ei:
         storage.download_dir(remote, tmp_path / "dst")
     assert ei.value.kind == "incomplete" and "images/edited.png" in str(ei.value)
@@ -565,7 +568,7 @@ def test_local_writes_are_atomic(s3, tmp_path, monkeypatch):
         Path(path).write_bytes(b"new c")
         raise RuntimeError("killed mid-download")
 
-    monkeypatch.setattr(storage._S3Backend, "download_object", partial_then_crash)
+    monkeypatch.setattr(S3Backend, "download_object", partial_then_crash)
     with pytest.raises(RuntimeError):
         storage.download(f"s3://{BUCKET}/atomic/f.bin", dest)
     assert dest.read_bytes() == b"old" and os.listdir(dest.parent) == ["f.bin"]
@@ -578,7 +581,7 @@ def test_local_writes_are_atomic(s3, tmp_path, monkeypatch):
     storage.publish_dir(tmp_path / "src", tmp_path / "pub")
     before = read_tree(tmp_path / "pub")
     (tmp_path / "src" / "a" / "b" / "c.bin").write_bytes(b"changed")
-    real_copy, n = storage.shutil.copyfile, []
+    real_copy, n = shutil.copyfile, []
 
     def copy_crash(a, b, **kw):
         n.append(1)
@@ -586,7 +589,7 @@ def test_local_writes_are_atomic(s3, tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real_copy(a, b, **kw)
 
-    monkeypatch.setattr(storage.shutil, "copyfile", copy_crash)
+    monkeypatch.setattr(shutil, "copyfile", copy_crash)
     with pytest.raises(StorageError, match="No space left") as ei:
         storage.publish_dir(tmp_path / "src", tmp_path / "pub")
     assert "disk space" in str(ei.value)

@@ -96,7 +96,8 @@ def _mode(args) -> str:
                            "or --whole-image")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``editinfinity`` parser; ``argv`` (when given) says which plugin command to load (see below)."""
     parser = argparse.ArgumentParser(prog="editinfinity", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -194,14 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
 
     _add_extra_commands(sub)
+    _add_plugin_commands(sub, argv)
     return parser
 
 
 def _add_extra_commands(sub) -> None:
-    """Commands of optional parts (pipelines, training, benchmarks) register themselves here."""
-    from .bench.cli import add_bench_parser
+    """Commands of optional parts of the library (training, evaluation) register themselves here."""
+    from .evaluation.cli import add_eval_parser
 
-    add_bench_parser(sub)
+    add_eval_parser(sub)
     from .batch.cli import add_batch_parser
 
     add_batch_parser(sub)
@@ -211,11 +213,36 @@ def _add_extra_commands(sub) -> None:
         pass
     else:
         add_train_parser(sub)
-    try:
-        from .kfp_cli import add_pipeline_parser
-    except ImportError:  # kfp not installed: the pipeline commands are absent, the rest works
-        return
-    add_pipeline_parser(sub)
+
+
+#: Entry-point group through which other packages add commands (``pipeline`` comes from ``pipelines.cli``).
+PLUGIN_GROUP = "editinfinity.cli"
+
+
+def _add_plugin_commands(sub, argv: list[str] | None) -> None:
+    """Commands contributed through the ``editinfinity.cli`` entry points (each a ``register(subparsers)``).
+
+    Only the plugin ``argv`` asks for is imported (so ``editinfinity edit`` never imports kfp); the others get a
+    placeholder that lists them in ``--help``. With ``argv`` None (a parser built from Python) every plugin that
+    imports is registered.
+    """
+    from importlib.metadata import entry_points
+
+    wanted = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
+    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        if ep.name in sub.choices:
+            continue
+        if argv is None or ep.name == wanted:
+            try:
+                register = ep.load()
+            except ImportError as exc:
+                if argv is not None:
+                    raise EditInfinityError(f"`editinfinity {ep.name}` needs an optional dependency ({exc}); "
+                                            "install it with pip install 'editinfinity[pipeline]'") from None
+            else:
+                register(sub)
+                continue
+        sub.add_parser(ep.name, help=f"{ep.name} commands (from {ep.value.split(':')[0]})", add_help=False)
 
 
 def _case_kwargs(args) -> dict:
@@ -386,7 +413,12 @@ def _edit_learned(args, progress: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        parser = build_parser(argv)
+    except EditInfinityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

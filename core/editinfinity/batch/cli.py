@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 def read_cases(cases_uri: str, output_uri: str) -> list[dict]:
     """Read a JSONL cases file by path or URI (one case per line; see the batch pipeline's docs)."""
-    from ..kfp_cli import read_manifest
+    from .cases import read_manifest
 
     return read_manifest(cases_uri, output_uri)
 

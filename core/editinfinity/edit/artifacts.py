@@ -24,6 +24,19 @@ FORMAT = "editinfinity-stage/1"
 STAGE_FILE = "stage.json"
 
 
+def versions() -> dict:
+    """The package versions that made an artifact (recorded in ``summary.json`` and ``learned.json``)."""
+    import platform
+
+    import diffusers
+    import peft
+    import torch
+    import transformers
+
+    return {"editinfinity": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "diffusers": diffusers.__version__, "peft": peft.__version__, "python": platform.python_version()}
+
+
 def write_json(path: Path, data: dict) -> None:
     """Write JSON atomically (temp file + rename)."""
     path = Path(path)

@@ -167,7 +167,7 @@ def learn(models: ModelBundle, image, prompt: str, *, resolution: str | None = N
 
 def save_learned(state: LearnedState, out_dir, *, overwrite: bool = False) -> Path:
     """Write ``state`` as a learned folder, atomically (nothing appears under ``out_dir`` until all is written)."""
-    from .run import versions
+    from .artifacts import versions
 
     src = state.source
     with stage_output(out_dir, "learn", run_id=state.key, overwrite=overwrite,

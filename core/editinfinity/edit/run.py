@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -24,11 +23,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import __version__
 from ..metrics import background_metrics
 from ..models.bundle import ModelBundle, load_models
 from ..report import side_by_side, write_report_html
-from .artifacts import check_output_dir, read_stage, write_json
+from .artifacts import check_output_dir, read_stage, versions, write_json
 from .attention import attention
 from .case import CaseSpec
 from .generate import generate
@@ -40,15 +38,6 @@ from .prompt_tuning import tune_prompt
 from .settings import EditSettings
 
 log = logging.getLogger(__name__)
-
-
-def versions() -> dict:
-    import diffusers
-    import peft
-    import transformers
-
-    return {"editinfinity": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "diffusers": diffusers.__version__, "peft": peft.__version__, "python": platform.python_version()}
 
 
 def edit_metrics(edited: Image.Image, reconstruction: Image.Image, keep: np.ndarray | None) -> dict:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, format_key_problems
 
 #: Buffers of older reference versions; the current model has none of them.
 LEGACY_KEYS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
@@ -82,8 +82,6 @@ def load_infinity_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Te
 
     Raises :class:`CheckpointError` listing every missing, unexpected and wrongly shaped key.
     """
-    from .checkpoints import format_key_problems
-
     depth = len(model.blocks)
     sd, chunks = flatten_block_keys(state_dict, depth)
     report = LoadReport(block_chunks=chunks)

@@ -12,11 +12,11 @@ from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 from components import CPU_COMPONENTS, CPU_IMAGE, GPU_COMPONENTS, GPU_IMAGE  # noqa: E402
-from editinfinity import kfp_cli  # noqa: E402
 from pipelines import ProfileError, load_profiles  # noqa: E402
+from pipelines import cli as kfp_cli  # noqa: E402
 
 PROFILES = load_profiles()
 REQUIRED_PROFILES = {"gke-a100", "gke-l4", "eks-p4d", "on-prem"}

@@ -1,9 +1,10 @@
-"""Benchmarks: PIE-Bench (PnP-Inversion's benchmark and metrics) for EditInfinity.
+"""Quality evaluation: PIE-Bench (PnP-Inversion's benchmark and metrics) for EditInfinity.
 
 * ``piebench``: read ``mapping_file.json``, decode the run-length masks, entries -> cases (target words, modes).
 * ``piebench_metrics``: background PSNR / MSE / SSIM / LPIPS, CLIP score, DINO structure distance.
 * ``piebench_run``: ``run_piebench`` (edit every case once, resumable; score; write the outputs).
 * ``piebench_report``: per-case CSV, per-type table (Markdown, HTML), thumbnail grids.
 * ``toy``: a PIE-Bench-format data set made from the toy world.
-* ``kfp``: what the ``piebench`` pipeline's components run; ``cli``: ``editinfinity bench ...``.
+* ``cli``: ``editinfinity eval ...`` (alias ``bench``). The ``piebench`` pipeline's pod code is
+  ``components/piebench_runtime.py``; speed benchmarks are the repository's top-level ``bench/``.
 """

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from editinfinity import kfp_cli
 from editinfinity.errors import EditInfinityError
+from pipelines import cli as kfp_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:This client only works with Kubeflow Pipeline:FutureWarning")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CREATED = "2026-01-01T00:00:00Z"
 
@@ -202,7 +202,7 @@ def test_cli_submit_rejects_bad_parameters_before_any_request(package, capsys, p
 
 
 def test_submit_errors_name_the_host(package):
-    from editinfinity.kfp_cli import SubmitError
+    from pipelines.cli import SubmitError
 
     with FakeKFP() as fake:
         url = fake.url
@@ -211,7 +211,7 @@ def test_submit_errors_name_the_host(package):
 
 
 def test_submit_reports_an_http_error(package):
-    from editinfinity.kfp_cli import SubmitError
+    from pipelines.cli import SubmitError
 
     with FakeKFP() as fake:
         with pytest.raises(SubmitError, match=r"answered 404"):

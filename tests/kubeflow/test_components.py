@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics, Model
 
-from editinfinity import kfp_cli
+from pipelines import cli as kfp_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 import components  # noqa: E402
 

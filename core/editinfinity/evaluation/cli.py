@@ -1,9 +1,10 @@
-"""``editinfinity bench ...``: benchmark commands (registered by the main CLI through :func:`add_bench_parser`).
+"""``editinfinity eval ...``: quality evaluation commands (registered by the main CLI through
+:func:`add_eval_parser`; ``editinfinity bench ...`` is the old name, kept as an alias).
 
-``editinfinity bench piebench --data DIR --mode auto|mask|whole --out DIR [--preset NAME] [--types 0,1,...]
+``editinfinity eval piebench --data DIR --mode auto|mask|whole --out DIR [--preset NAME] [--types 0,1,...]
 [--limit N] [--clip ID] [--dino ID] [--lpips DIR]`` edits every selected PIE-Bench case (resuming an interrupted
 run in the same ``--out``), scores them as PnP-Inversion does and writes ``results.csv``, ``table.md``,
-``table.html`` and ``grids/``. ``editinfinity bench toy-piebench --out DIR`` writes a small PIE-Bench-format data set
+``table.html`` and ``grids/``. ``editinfinity eval toy-piebench --out DIR`` writes a small PIE-Bench-format data set
 from the toy world.
 """
 
@@ -62,10 +63,10 @@ def _cmd_toy(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``editinfinity bench piebench`` and ``editinfinity bench toy-piebench`` on the main CLI's
-    subparsers; each sets ``handler`` (returns the exit code: 0, or 1 when some case failed)."""
-    bench = subparsers.add_parser("bench", help="benchmarks: PIE-Bench editing and metrics")
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``editinfinity eval piebench`` and ``editinfinity eval toy-piebench`` (alias ``bench``) on the
+    main CLI's subparsers; each sets ``handler`` (returns the exit code: 0, or 1 when some case failed)."""
+    bench = subparsers.add_parser("eval", aliases=["bench"], help="quality evaluation: PIE-Bench editing and metrics")
     cmds = bench.add_subparsers(dest="bench_command", required=True)
 
     p = cmds.add_parser("piebench", help="edit and score PIE-Bench (PnP-Inversion's protocol)",

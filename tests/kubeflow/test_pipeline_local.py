@@ -14,13 +14,16 @@ import json
 import re
 from pathlib import Path
 
+import kfp_stubs
 import pytest
 
-import kfp_stubs
-from editinfinity import kfp_cli
-from editinfinity.kfp_cli import PipelineRunError
+from editinfinity import runtime
+from editinfinity.batch import cases as batch_cases
+from editinfinity.batch import summary as batch_summary
+from pipelines import cli as kfp_cli
+from pipelines.cli import PipelineRunError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 STUB_STAGES = '''
 """Stand-ins for editinfinity.edit.stages: same signatures, tiny files, every call logged as one JSON line."""
@@ -292,7 +295,7 @@ def test_parse_manifest_normalises_and_resolves_paths():
         json.dumps({"id": "b", "image": "gs://other/b.png", **CASE, "mask": "m/b.png"}),
         json.dumps({"image": "c.png", **CASE}),
     ])
-    cases = kfp_cli.parse_manifest(text, manifest_uri="s3://bucket/batch/cases.jsonl", output_uri="s3://bucket/out/")
+    cases = batch_cases.parse_manifest(text, manifest_uri="s3://bucket/batch/cases.jsonl", output_uri="s3://bucket/out/")
     assert [c["id"] for c in cases] == ["case-0000", "b", "case-0002"]
     assert [c["mode"] for c in cases] == ["auto", "mask", "whole"]
     assert cases[0]["image"] == "s3://bucket/batch/img/a.png"
@@ -314,25 +317,25 @@ def test_parse_manifest_errors_name_the_line(lines, message):
     from editinfinity.errors import InvalidCaseError
 
     with pytest.raises(InvalidCaseError, match=re.escape(message)):
-        kfp_cli.parse_manifest("\n".join(lines), manifest_uri="cases.jsonl")
+        batch_cases.parse_manifest("\n".join(lines), manifest_uri="cases.jsonl")
 
 
 def test_batch_report_and_metrics():
-    results = [kfp_cli.case_result(cid, f"s3://b/out/{cid}", {"spec": {"mode": m, "prompt": "p|q"},
+    results = [runtime.case_result(cid, f"s3://b/out/{cid}", {"spec": {"mode": m, "prompt": "p|q"},
                                                                "metrics": {"psnr": v, "region": "bg"},
                                                                "seconds": {"total": 10.0}})
                for cid, m, v in [("z", "auto", 30.0), ("a", "whole", 20.0)]]
-    report = kfp_cli.batch_report(results)
+    report = batch_summary.batch_report(results)
     assert [r["case_id"] for r in report.rows] == ["a", "z"]
     assert report.metrics == {"cases": 2.0, "mean_psnr": 25.0}
     assert 'href="s3://b/out/a/report.html"' in report.html and "p/q" in report.markdown
-    assert kfp_cli.summary_metrics({"metrics": {"psnr": 30.5, "ssim": 0.9, "region": "x", "ok": True},
+    assert runtime.summary_metrics({"metrics": {"psnr": 30.5, "ssim": 0.9, "region": "x", "ok": True},
                                     "seconds": {"train_lora": 12}}, {"generate": 3.0}) == {
         "psnr": 30.5, "seconds_generate": 3.0, "seconds_train_lora": 12.0, "ssim": 0.9}
 
 
 def test_weights_resolution_passes_local_and_hub_ids_through(tmp_path):
-    assert kfp_cli.resolve_weights("") is None
-    assert kfp_cli.resolve_weights(str(tmp_path)) == str(tmp_path)
-    assert kfp_cli.resolve_weights(f"file://{tmp_path}") == str(tmp_path)
-    assert kfp_cli.resolve_weights("someorg/converted-2b") == "someorg/converted-2b"
+    assert runtime.resolve_weights("") is None
+    assert runtime.resolve_weights(str(tmp_path)) == str(tmp_path)
+    assert runtime.resolve_weights(f"file://{tmp_path}") == str(tmp_path)
+    assert runtime.resolve_weights("someorg/converted-2b") == "someorg/converted-2b"

@@ -15,18 +15,19 @@ import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # components/ and pipelines/ are top-level folders of the repository
     sys.path.insert(0, str(ROOT))
 
 import kfp_stubs  # noqa: E402  (tests/kfp_stubs.py)
+
 from components import CPU_COMPONENTS, CPU_IMAGE, GPU_COMPONENTS, GPU_IMAGE  # noqa: E402
-from editinfinity import kfp_cli  # noqa: E402
-from editinfinity.bench import kfp as bk  # noqa: E402
-from editinfinity.bench.piebench_run import EDITED_FILE, run_piebench  # noqa: E402
-from editinfinity.bench.toy import build_toy_piebench  # noqa: E402
+from components import piebench_runtime as bk  # noqa: E402
 from editinfinity.edit.settings import EditSettings  # noqa: E402
 from editinfinity.errors import EditInfinityError, InvalidCaseError  # noqa: E402
+from editinfinity.evaluation.piebench_run import EDITED_FILE, run_piebench  # noqa: E402
+from editinfinity.evaluation.toy import build_toy_piebench  # noqa: E402
+from pipelines import cli as kfp_cli  # noqa: E402
 from pipelines import load_profiles  # noqa: E402
 
 PROFILES = load_profiles()
@@ -113,7 +114,7 @@ def test_compile_command_and_determinism(tmp_path, capsys):
 
 
 class StubEdit:
-    """Replaces run_edit inside editinfinity.bench.piebench_run.edit_one (its default edit function)."""
+    """Replaces run_edit inside editinfinity.evaluation.piebench_run.edit_one (its default edit function)."""
 
     def __init__(self, fail=()):
         self.calls, self.fail = [], set(fail)

@@ -1,0 +1,68 @@
+"""The batch cases file (JSONL, one case per line): read by URI, validate, one dict of strings per case."""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+
+from ..errors import InvalidCaseError
+from ..runtime import _has_scheme
+
+_CASE_KEYS = {"id", "image", "prompt", "edit_prompt", "mode", "target_word", "mask"}
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _join_uri(base_dir: str, ref: str) -> str:
+    """Resolve a manifest entry against the manifest's folder (URIs and absolute paths stay as they are)."""
+    if not ref or _has_scheme(ref) or os.path.isabs(ref):
+        return ref
+    return posixpath.join(base_dir, ref) if _has_scheme(base_dir) else os.path.join(base_dir, ref)
+
+
+def parse_manifest(text: str, *, manifest_uri: str = "manifest", output_uri: str = "") -> list[dict[str, str]]:
+    """Validate JSONL cases; each becomes a dict of strings (the ParallelFor item). Errors name the line."""
+    base = posixpath.dirname(manifest_uri) if _has_scheme(manifest_uri) else os.path.dirname(manifest_uri)
+    cases: list[dict[str, str]] = []
+    seen: set[str] = set()
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        where = f"{manifest_uri} line {lineno}"
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidCaseError(f"{where}: not JSON ({exc.msg})") from None
+        if not isinstance(entry, dict):
+            raise InvalidCaseError(f"{where}: each line must be a JSON object")
+        unknown = set(entry) - _CASE_KEYS
+        if unknown:
+            raise InvalidCaseError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_CASE_KEYS)}")
+        missing = [k for k in ("image", "prompt", "edit_prompt") if not entry.get(k)]
+        if missing:
+            raise InvalidCaseError(f"{where}: missing {', '.join(missing)}")
+        case = {k: str(entry.get(k) or "") for k in sorted(_CASE_KEYS)}
+        case["id"] = case["id"] or f"case-{len(cases):04d}"
+        case["mode"] = case["mode"] or ("mask" if case["mask"] else "auto" if case["target_word"] else "whole")
+        if not _ID.match(case["id"]):
+            raise InvalidCaseError(f"{where}: id {case['id']!r} must be letters, digits, '.', '_' or '-'")
+        if case["id"] in seen:
+            raise InvalidCaseError(f"{where}: duplicate id {case['id']!r}")
+        if case["mode"] not in ("auto", "mask", "whole"):
+            raise InvalidCaseError(f"{where}: mode must be auto, mask or whole, got {case['mode']!r}")
+        seen.add(case["id"])
+        case["image"], case["mask"] = _join_uri(base, case["image"]), _join_uri(base, case["mask"])
+        case["output_uri"] = f"{output_uri.rstrip('/')}/{case['id']}" if output_uri else ""
+        cases.append(case)
+    if not cases:
+        raise InvalidCaseError(f"{manifest_uri}: no cases (one JSON object per line)")
+    return cases
+
+
+def read_manifest(manifest_uri: str, output_uri: str = "") -> list[dict[str, str]]:
+    """Read a JSONL manifest by URI and validate it (see ``parse_manifest``)."""
+    from .. import storage
+
+    return parse_manifest(storage.read_bytes(manifest_uri).decode("utf-8"), manifest_uri=manifest_uri,
+                          output_uri=output_uri)

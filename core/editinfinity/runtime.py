@@ -1,0 +1,205 @@
+"""What a pipeline pod needs from the library, with no Kubeflow in it: fetch by URI, load the model bundle once,
+stage metadata, skipped stages, timings, the fused run's hand-over, the per-case summary and publishing.
+
+The KFP components (top-level ``components/``) import this module inside their bodies
+(``from editinfinity import runtime as rt``), so they stay a few lines over one stage function. Artifacts are
+duck-typed: anything with ``.path`` and ``.metadata`` (a kfp ``Artifact`` in a pod).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .edit.settings import EditSettings
+    from .models.bundle import ModelBundle
+
+STAGE_FILE = "stage.json"
+SKIPPED_FILE = "skipped.json"
+
+
+def _has_scheme(uri: str) -> bool:
+    return "://" in uri
+
+
+def fetch(uri: str, dest_dir: str | os.PathLike) -> str:
+    """Download one object (or copy a local file) into ``dest_dir``, keeping its name; returns the local path."""
+    from . import storage
+
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    return str(storage.download(uri, dest))
+
+
+def resolve_weights(weights: str) -> str | None:
+    """A local weights location for ``load_models``: "" -> None (the preset's own); a gs:// / s3:// URI is fetched
+    once into ``$EDITINFINITY_CACHE`` (shared by every pod that mounts the model-cache volume); anything else (a
+    directory, a hub id) is passed through."""
+    if not weights:
+        return None
+    if weights.startswith("file://"):
+        return weights[len("file://"):]
+    if _has_scheme(weights):
+        from . import storage
+
+        return str(storage.cached_path(weights))
+    return weights
+
+
+def load_models(preset: str, weights: str, *, text_encoder: bool = True) -> ModelBundle:
+    """Load the model bundle once for this pod (preset "" means the default preset); the stages after prepare pass
+    ``text_encoder=False`` (they read the prompts' features from the case artifact)."""
+    from .models.bundle import load_models as _load
+
+    return _load(preset or None, weights=resolve_weights(weights), text_encoder=text_encoder)
+
+
+def edit_settings(*, prompt_iters: int, lora_iters: int, seed: int, threshold: float) -> EditSettings:
+    """The method's settings (default profile) with the pipeline's overrides."""
+    from .edit.settings import EditSettings
+
+    return EditSettings.from_profile("default", prompt_iters=prompt_iters, lora_iters=lora_iters, seed=seed,
+                                     threshold=threshold)
+
+
+def stage_metadata(stage_dir: str | os.PathLike, **extra: Any) -> dict:
+    """Artifact metadata from a stage folder's ``stage.json``: stage, run id, version, seconds (+ ``extra``)."""
+    path = Path(stage_dir) / STAGE_FILE
+    meta: dict[str, Any] = {}
+    if path.is_file():
+        rec = json.loads(path.read_text())
+        meta = {k: rec[k] for k in ("stage", "run_id", "editinfinity_version", "seconds") if k in rec}
+    meta.update(extra)
+    return meta
+
+
+def mark_skipped(path: str | os.PathLike, reason: str) -> None:
+    """Make an (empty) output folder for a stage the case's mode skips, saying why."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    (Path(path) / SKIPPED_FILE).write_text(json.dumps({"skipped": True, "reason": reason}) + "\n")
+
+
+def optional_dir(artifact: Any) -> str | None:
+    """The folder of an optional input artifact, or None when it is absent or marks a skipped stage."""
+    if artifact is None:
+        return None
+    path = Path(artifact.path)
+    if not path.is_dir() or ((path / SKIPPED_FILE).is_file() and not (path / STAGE_FILE).is_file()):
+        return None
+    return str(path)
+
+
+def collect_timings(*artifacts: Any) -> dict[str, float]:
+    """Seconds per stage from artifacts' metadata (their own ``stage``/``seconds`` and any carried ``timings``)."""
+    timings: dict[str, float] = {}
+    for art in artifacts:
+        if art is None:
+            continue
+        meta = art.metadata or {}
+        for name, value in (meta.get("timings") or {}).items():
+            if isinstance(value, (int, float)):
+                timings[name] = float(value)
+        if "stage" in meta and isinstance(meta.get("seconds"), (int, float)):
+            timings[str(meta["stage"])] = float(meta["seconds"])
+    return timings
+
+
+def split_fused_run(work: str | os.PathLike, outputs: Mapping[str, Any]) -> None:
+    """Hand ``run_edit``'s stage folders (``work/stages/<name>``) over to the output artifacts.
+
+    A stage the mode skipped gets a ``skipped.json`` folder; the generate output's metadata carries every timing of
+    the run (``summary.json`` ``seconds``, model loading included). ``work``'s parent (a temp folder) is removed.
+    """
+    work = Path(work)
+    timings: dict[str, float] = {}
+    summary = work / "summary.json"
+    if summary.is_file():
+        timings = {k: float(v) for k, v in json.loads(summary.read_text()).get("seconds", {}).items()
+                   if isinstance(v, (int, float))}
+    for name, art in outputs.items():
+        src, dest = work / "stages" / name, Path(art.path)
+        if dest.exists():
+            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if (src / STAGE_FILE).is_file():
+            shutil.move(str(src), str(dest))
+            art.metadata.update(stage_metadata(dest))
+        else:
+            mark_skipped(dest, f"the {name} stage does not run in this mode")
+            art.metadata["skipped"] = True
+    if "generate" in outputs:
+        outputs["generate"].metadata["timings"] = timings
+    shutil.rmtree(work.parent, ignore_errors=True)
+
+
+def _numbers(d: Mapping[str, Any] | None) -> dict[str, float]:
+    return {str(k): float(v) for k, v in (d or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _metric_name(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def summary_metrics(summary: Mapping[str, Any], timings: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Numeric figures for the KFP Metrics view: quality metrics and ``seconds_<stage>``."""
+    out = {_metric_name(k): v for k, v in _numbers(summary.get("metrics")).items()}
+    seconds = {**_numbers(summary.get("seconds")), **_numbers(timings)}
+    out.update({f"seconds_{_metric_name(k)}": v for k, v in seconds.items()})
+    return dict(sorted(out.items()))
+
+
+def summary_markdown(summary: Mapping[str, Any], *, output_uri: str = "", case_id: str = "") -> str:
+    """A short Markdown report: the case, quality metrics, timings and where the results were published."""
+    spec = summary.get("spec") or {}
+    lines = [f"# EditInfinity edit{f' `{case_id}`' if case_id else ''}", "", "| | |", "|---|---|"]
+    for key in ("mode", "prompt", "edit_prompt", "target_word", "resolution"):
+        if spec.get(key):
+            lines.append(f"| {key.replace('_', ' ')} | {str(spec[key]).replace('|', '/')} |")
+    if summary.get("preset"):
+        lines.append(f"| preset | {summary['preset']} |")
+    metrics = _numbers(summary.get("metrics"))
+    if metrics:
+        lines += ["", "| metric | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in metrics.items()]
+    seconds = _numbers(summary.get("seconds"))
+    if seconds:
+        lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in seconds.items()]
+    lines += ["", f"Results: `{output_uri}`" if output_uri else "Results: in the pipeline root (no output_uri)."]
+    return "\n".join(lines) + "\n"
+
+
+def publish_edit(output_uri: str, summary_dir: str | os.PathLike, *, edited: str | os.PathLike,
+                 mask: str | os.PathLike | None = None, attention: str | os.PathLike | None = None) -> str:
+    """Publish one edit to ``output_uri`` in ``editinfinity edit``'s layout; returns the URI ("" when none given).
+
+    Top level: the summary folder (``report.html``, ``summary.json``, ``edited.png``, ...); ``stages/generate``,
+    ``stages/mask``, ``stages/attention``: the stage folders, for inspection or resuming.
+    """
+    if not output_uri:
+        return ""
+    from . import storage
+
+    with tempfile.TemporaryDirectory() as tmp:
+        staging = Path(tmp) / "out"
+        shutil.copytree(summary_dir, staging)
+        for name, src in (("generate", edited), ("mask", mask), ("attention", attention)):
+            if src is not None:
+                shutil.copytree(src, staging / "stages" / name)
+        storage.publish_dir(staging, output_uri)
+    return output_uri
+
+
+def case_result(case_id: str, output_uri: str, summary: Mapping[str, Any]) -> str:
+    """The compact JSON one case hands to the batch summary (a pipeline parameter, so kept small)."""
+    spec = summary.get("spec") or {}
+    return json.dumps({"case_id": case_id, "output_uri": output_uri,
+                       "spec": {k: spec.get(k) for k in ("mode", "prompt", "edit_prompt", "target_word")},
+                       "metrics": _numbers(summary.get("metrics")), "seconds": _numbers(summary.get("seconds"))},
+                      sort_keys=True)
+

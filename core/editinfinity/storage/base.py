@@ -1,0 +1,356 @@
+"""What every backend shares: object metadata, error kinds and fixes, atomic local writes, the retrying ``Backend`` base class."""
+
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from editinfinity.errors import StorageError
+
+from .settings import MiB, StorageSettings
+from .uri import StorageURI
+
+log = logging.getLogger(__name__)
+
+
+T = TypeVar("T")
+
+MANIFEST_NAME = "_MANIFEST.json"
+MANIFEST_FORMAT = "editinfinity-manifest/1"
+SHA256_METADATA_KEY = "sha256"
+
+# Error kinds that are worth another attempt (bounded by StorageSettings).
+_RETRYABLE = frozenset({"transient", "unreachable", "integrity"})
+
+# --------------------------------------------------------------------------------------------------------------
+# Object metadata and errors
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a store says about one object. ``rel`` is the path relative to the listed directory (listings only)."""
+
+    uri: str
+    size: int
+    etag: str | None = None
+    generation: str | None = None  # GCS generation, S3 VersionId, local mtime_ns
+    sha256: str | None = None  # recorded in object metadata by this module's uploads
+    md5: str | None = None  # hex, when the store reports it cheaply
+    crc32c: str | None = None  # base64, GCS
+    rel: str = ""
+
+    @property
+    def version_token(self) -> str:
+        """A string that changes whenever the object's content may have changed (cache key)."""
+        return f"{self.generation or ''}|{self.etag or ''}|{self.size}|{self.sha256 or ''}"
+
+
+class _IntegrityMismatch(Exception):
+    """Downloaded bytes do not match the expected size or sha256 (retried, then reported as kind 'integrity')."""
+
+
+class _Incomplete(Exception):
+    """A published directory is missing its manifest or objects (never retried)."""
+
+
+def _storage_error(
+    kind: str, op: str, u: StorageURI | None, what: str, fix: str, endpoint: str | None = None, attempts: int = 1
+) -> StorageError:
+    if u is None:
+        where = ""
+        scheme = bucket = key = ""
+    elif u.is_remote:
+        scheme, bucket, key = u.scheme, u.bucket, u.key
+        where = f" [scheme={scheme}, bucket={bucket!r}, key={key!r}" + (f", endpoint={endpoint}" if endpoint else "")
+        where += f", attempts={attempts}]" if attempts > 1 else "]"
+    else:
+        scheme, bucket, key = "file", "", u.key
+        where = f" [scheme=file, path={key!r}]"
+    err = StorageError(f"{op} {u if u is not None else ''}: {what}{where}. Fix: {fix}")
+    err.kind = kind  # type: ignore[attr-defined]
+    err.uri = str(u) if u is not None else ""  # type: ignore[attr-defined]
+    err.scheme, err.bucket, err.key = scheme, bucket, key  # type: ignore[attr-defined]
+    err.attempts = attempts  # type: ignore[attr-defined]
+    return err
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """Unwrap boto3's wrappers (S3UploadFailedError, RetriesExceededError) to the error the store returned."""
+    seen = 0
+    while seen < 5:
+        seen += 1
+        name = type(exc).__name__
+        if name == "RetriesExceededError" and getattr(exc, "last_exception", None) is not None:
+            exc = exc.last_exception  # type: ignore[attr-defined]
+        elif name == "S3UploadFailedError" and (exc.__cause__ or exc.__context__) is not None:
+            exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        else:
+            break
+    return exc
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Local file helpers (atomic writes)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _current_umask() -> int:
+    # os.umask() is a process-wide set-and-restore (racy under threads); Linux exposes it read-only instead.
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+_UMASK = _current_umask()
+
+
+def sha256_file(path: str | os.PathLike, bufsize: int = 4 * MiB) -> str:
+    """Hex sha256 of a local file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _atomic_write(dest: Path, write: Callable[[Path], T]) -> T:
+    """Call ``write(tmp)`` for a temp file next to ``dest``, then ``os.replace`` it onto ``dest``.
+
+    On any failure the temp file is removed and ``dest`` keeps its previous content (or stays absent).
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        result = write(tmp)
+        _fsync_file(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, dest)
+        return result
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _make_temp_dir_near(dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+
+
+def _install_dir(tmp: Path, dest: Path, *, replace_existing: bool = True) -> bool:
+    """Rename the finished ``tmp`` directory onto ``dest``.
+
+    An existing ``dest`` directory is moved aside first and deleted after the rename (``replace_existing``), or
+    kept and ``tmp`` discarded (``replace_existing=False``, used by the cache where another process may have won
+    the race). Returns True when ``tmp`` was installed.
+    """
+    os.chmod(tmp, 0o777 & ~_UMASK)
+    if not replace_existing:
+        try:
+            os.rename(tmp, dest)
+            return True
+        except OSError:
+            if dest.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+                return False
+            raise
+    if dest.is_symlink() or dest.is_file():
+        raise StorageError(f"cannot write directory {dest}: a file is in the way. Fix: remove it or pick another path")
+    old: Path | None = None
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(dest, old)
+    try:
+        os.rename(tmp, dest)
+    except BaseException:
+        if old is not None:
+            os.rename(old, dest)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
+def _walk_files(root: Path) -> list[tuple[str, Path]]:
+    """Every regular file under ``root`` as (relative posix path, absolute path), sorted; the manifest is skipped."""
+    out: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for fname in filenames:
+            p = Path(dirpath, fname)
+            rel = p.relative_to(root).as_posix()
+            if rel == MANIFEST_NAME or not p.is_file():
+                continue
+            out.append((rel, p))
+    out.sort()
+    return out
+
+
+def _safe_rel(rel: str) -> str:
+    """Reject relative paths that would escape the target directory."""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+        raise _Incomplete(f"unsafe relative path {rel!r} in listing or manifest")
+    return rel
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Backend:
+    """One store. Raw methods raise the client library's exceptions; ``run`` adds retries and error mapping."""
+
+    scheme = ""
+
+    def __init__(self, settings: StorageSettings) -> None:
+        self.settings = settings
+
+    # -- raw operations (overridden) -------------------------------------------------------------------------
+    def stat_object(self, u: StorageURI) -> ObjectInfo:
+        raise NotImplementedError
+
+    def download_object(self, u: StorageURI, dest: Path, info: ObjectInfo | None = None) -> None:
+        raise NotImplementedError
+
+    def upload_file(self, src: Path, u: StorageURI, size: int, metadata: dict[str, str]) -> None:
+        raise NotImplementedError
+
+    def get_bytes(self, u: StorageURI) -> bytes:
+        raise NotImplementedError
+
+    def put_bytes(self, u: StorageURI, data: bytes, metadata: dict[str, str]) -> None:
+        raise NotImplementedError
+
+    def list_objects(self, u: StorageURI, limit: int | None = None) -> list[ObjectInfo]:
+        """Objects under ``u`` seen as a directory (recursive), at most ``limit`` of them."""
+        raise NotImplementedError
+
+    def delete_object(self, u: StorageURI) -> None:
+        raise NotImplementedError
+
+    def bucket_exists(self, bucket: str) -> bool:
+        return True
+
+    # -- error mapping (overridden) --------------------------------------------------------------------------
+    def classify(self, exc: BaseException) -> tuple[str, str] | None:
+        """(kind, detail) for errors this backend understands; None lets the exception propagate unchanged."""
+        return None
+
+    def endpoint(self) -> str | None:
+        return None
+
+    def fix(self, kind: str, u: StorageURI, op: str) -> str:
+        return _COMMON_FIXES.get(kind, "see the error detail above")
+
+    def refine(self, kind: str, u: StorageURI) -> tuple[str, str]:
+        """Turn an ambiguous 404/403 into no_bucket / credentials with one cheap extra request.
+
+        Returns the (possibly new) kind and a note for the message ("" when nothing was learned)."""
+        if kind == "not_found" and u.bucket:
+            try:
+                if not self.bucket_exists(u.bucket):
+                    return "no_bucket", ""
+            except Exception:  # best effort: keep the original diagnosis
+                pass
+        return kind, ""
+
+    # -- retry loop ------------------------------------------------------------------------------------------
+    def run(self, op: str, u: StorageURI, fn: Callable[[], T]) -> T:
+        """Call ``fn`` with bounded retries for transient errors; map failures to ``StorageError``."""
+        s = self.settings
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return fn()
+            except StorageError:
+                raise
+            except _Incomplete as exc:
+                raise _storage_error("incomplete", op, u, str(exc), _INCOMPLETE_FIX, self.endpoint()) from exc
+            except Exception as exc:
+                if isinstance(exc, _IntegrityMismatch):
+                    kind, detail = "integrity", str(exc)
+                else:
+                    got = self.classify(_root_cause(exc))
+                    if got is None:
+                        raise
+                    kind, detail = got
+                limit = {
+                    "unreachable": s.max_unreachable_attempts,
+                    "integrity": s.max_integrity_attempts,
+                }.get(kind, s.max_attempts)
+                if kind in _RETRYABLE and attempt < limit:
+                    delay = min(s.backoff_max, s.backoff_initial * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                    if time.monotonic() - start + delay < s.retry_deadline:
+                        log.warning(
+                            "%s %s: %s (%s); retrying in %.2f s (attempt %d/%d)", op, u, kind, detail, delay,
+                            attempt + 1, limit,
+                        )
+                        time.sleep(delay)
+                        continue
+                if kind in ("not_found", "forbidden"):
+                    kind, note = self.refine(kind, u)
+                    detail += f"; {note}" if note else ""
+                what = f"{_KIND_SUMMARY.get(kind, kind)} ({detail})"
+                if kind in _RETRYABLE and attempt > 1:
+                    what += f"; gave up after {attempt} attempts in {time.monotonic() - start:.1f} s"
+                raise _storage_error(kind, op, u, what, self.fix(kind, u, op), self.endpoint(), attempt) from exc
+
+
+_KIND_SUMMARY = {
+    "not_found": "object not found",
+    "no_bucket": "bucket does not exist",
+    "credentials": "credentials missing or rejected",
+    "forbidden": "permission denied",
+    "unreachable": "endpoint unreachable",
+    "tls": "TLS/SSL failure",
+    "transient": "transient store error",
+    "integrity": "checksum or size mismatch",
+    "invalid": "invalid request",
+    "other": "storage error",
+}
+
+_INCOMPLETE_FIX = (
+    f"the directory has no valid {MANIFEST_NAME}, so it was not published completely (an interrupted upload, or "
+    "written by another tool): re-run the step that produces it, or download with verify=False to accept an "
+    "unpublished prefix as is"
+)
+
+_COMMON_FIXES = {
+    "not_found": "check the key/path and that the producing step ran and wrote there; for a directory use "
+    "download_dir/localize",
+    "transient": "the store kept failing; retry later, or raise EDITINFINITY_STORAGE_MAX_ATTEMPTS / "
+    "EDITINFINITY_STORAGE_RETRY_DEADLINE if it is overloaded",
+    "integrity": "the bytes received did not match the recorded size/sha256: the object changed during the "
+    "download or is corrupt; re-run the producing step",
+    "invalid": "check the URI (bucket names: 3-63 lowercase letters, digits, '-', '.') and the storage settings",
+    "other": "see the error detail",
+}

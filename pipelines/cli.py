@@ -1,0 +1,280 @@
+"""``editinfinity pipeline compile|run-local|submit``: Kubeflow Pipelines from the command line.
+
+Contributed to the core ``editinfinity`` command through the ``editinfinity.cli`` entry-point group
+(``pipeline = "pipelines.cli:register"`` in pyproject.toml); the core CLI loads it only when ``pipeline`` is used,
+so the library itself never imports kfp.
+
+* ``compile_pipeline(pipeline, profile, out_dir, fused=False)``: a deterministic KFP YAML (same bytes every time).
+* ``run_local(pipeline, **params)``: the pipeline under ``kfp.local`` (SubprocessRunner, this interpreter).
+* ``submit(host, experiment, package_path, params, ...)``: create a run on a KFP endpoint through ``kfp.Client``.
+
+What the pods run is plain library code (``editinfinity.runtime``, ``editinfinity.batch``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from editinfinity.errors import EditInfinityError
+
+from . import get_profile, make_batch_pipeline, make_edit_pipeline, make_piebench_pipeline
+
+log = logging.getLogger(__name__)
+
+PIPELINES = ("edit", "batch", "piebench")
+#: Pipelines that also come in a ``fused`` variant (every GPU stage in one pod).
+FUSED_PIPELINES = ("edit", "batch")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class PipelineRunError(EditInfinityError):
+    """A local pipeline run failed; the message names the failing task (its log is above)."""
+
+
+class SubmitError(EditInfinityError):
+    """The KFP endpoint could not be reached or refused the request; the message names the host and the reply."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building and compiling
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_pipeline(pipeline: str = "edit", profile: str | None = None, *, fused: bool = False,
+                   profiles_files: Iterable[str | os.PathLike] | None = None, parallelism: int | None = None):
+    """The pipeline object (a kfp ``GraphComponent``) for ``profile`` (None: no Kubernetes settings)."""
+    if pipeline not in PIPELINES:
+        raise EditInfinityError(f"unknown pipeline {pipeline!r}; choose one of {', '.join(PIPELINES)}")
+    if fused and pipeline not in FUSED_PIPELINES:
+        raise EditInfinityError(f"the {pipeline} pipeline has no fused variant (its edit step already runs every "
+                                "stage in one pod); drop --fused")
+    prof = get_profile(profile, profiles_files) if profile else None
+    if pipeline == "edit":
+        return make_edit_pipeline(prof, fused=fused)
+    if pipeline == "piebench":
+        return make_piebench_pipeline(prof, parallelism=parallelism)
+    return make_batch_pipeline(prof, fused=fused, parallelism=parallelism)
+
+
+def compile_pipeline(pipeline: str = "edit", profile: str | None = None, out_dir: str | os.PathLike = ".",
+                     fused: bool = False, *, profiles_files: Iterable[str | os.PathLike] | None = None,
+                     parallelism: int | None = None) -> Path:
+    """Compile ``pipeline`` ("edit" | "batch") for ``profile`` into ``out_dir``; returns the YAML path.
+
+    The file is ``<pipeline>[-fused]-<profile|local>.yaml``. Compiling twice gives identical bytes (the YAML holds
+    no timestamps; the image tags come from the package version or ``EDITINFINITY_IMAGE``/``_CPU_IMAGE``).
+    """
+    from kfp import compiler
+
+    graph = build_pipeline(pipeline, profile, fused=fused, profiles_files=profiles_files, parallelism=parallelism)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{pipeline}{'-fused' if fused else ''}-{profile or 'local'}.yaml"
+    compiler.Compiler().compile(graph, str(path))
+    log.info("compiled %s", path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Local runs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LocalRun:
+    """What a local run left: the pipeline's output (parsed JSON) and where its artifacts are."""
+
+    output: Any
+    pipeline_root: Path
+    run_dir: Path | None
+
+
+def run_local(pipeline: str = "edit", *, pipeline_root: str | os.PathLike = "kfp-local", fused: bool = False,
+              parallelism: int | None = None, **params: Any) -> LocalRun:
+    """Run ``pipeline`` with ``kfp.local`` (one subprocess per task, this interpreter: ``use_venv=False``).
+
+    Artifacts stay under ``pipeline_root`` (a local folder: kfp.local cannot write to a bucket); inputs and the
+    final outputs still go through the object store by URI (``image_uri``, ``mask_uri``, ``output_uri``,
+    ``manifest_uri``). ``params`` are the pipeline's parameters.
+    """
+    from kfp import local
+
+    root = Path(pipeline_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    graph = build_pipeline(pipeline, None, fused=fused, parallelism=parallelism)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    try:
+        with warnings.catch_warnings():  # display names etc. are for the KFP UI; kfp.local says so per task
+            warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
+            # Tasks run with this interpreter on purpose (use_venv=False), not in the images named in the spec.
+            warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+            task = graph(**params)
+    except RuntimeError as exc:
+        raise PipelineRunError(_ANSI.sub("", str(exc))) from None
+    runs = sorted(root.glob(f"{graph.name}-*"), key=lambda p: p.stat().st_mtime)
+    output = None
+    if pipeline == "edit":
+        output = json.loads(task.output)
+    return LocalRun(output=output, pipeline_root=root, run_dir=runs[-1] if runs else None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Submitting to a KFP endpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def submit(host: str, experiment: str, package_path: str | os.PathLike, params: Mapping[str, Any] | None = None,
+           namespace: str | None = None, token_env: str | None = None, *, run_name: str | None = None,
+           service_account: str | None = None, enable_caching: bool | None = None) -> str:
+    """Create a run of the compiled ``package_path`` in ``experiment`` (created when missing); returns the run id.
+
+    ``token_env`` names an environment variable holding a bearer token (sent as ``Authorization: Bearer``);
+    ``namespace`` is the user's profile namespace on multi-user Kubeflow.
+    """
+    import kfp
+
+    token = None
+    if token_env:
+        token = os.environ.get(token_env)
+        if not token:
+            raise EditInfinityError(f"${token_env} is empty or unset; export the KFP bearer token in it "
+                                    "(or drop --token-env for an endpoint without authentication)")
+    if not Path(package_path).is_file():
+        raise EditInfinityError(f"pipeline package {package_path} does not exist; run `editinfinity pipeline compile`")
+    import kfp_server_api
+    import urllib3
+
+    client_kwargs: dict[str, Any] = {"host": host, "existing_token": token}
+    if namespace:
+        client_kwargs["namespace"] = namespace
+    try:
+        client = kfp.Client(**client_kwargs)
+        result = client.create_run_from_pipeline_package(
+            str(package_path), arguments=dict(params or {}), run_name=run_name, experiment_name=experiment,
+            namespace=namespace, enable_caching=enable_caching, service_account=service_account)
+    except kfp_server_api.ApiException as exc:
+        hint = " (check the token and --namespace)" if exc.status in (401, 403) else ""
+        raise SubmitError(f"KFP endpoint {host} answered {exc.status} {exc.reason}{hint}: {exc.body}") from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise SubmitError(f"cannot reach the KFP endpoint {host}: {exc.__class__.__name__}; check --host "
+                          "(e.g. https://kubeflow.example.com/pipeline) and the network") from None
+    log.info("submitted run %s to %s (experiment %s)", result.run_id, host, experiment)
+    return result.run_id
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `editinfinity pipeline ...`
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _params(items: list[str], types: Mapping[str, str]) -> dict[str, Any]:
+    """KEY=VALUE pairs typed by the pipeline's declared parameter types (``types``: name -> kind)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.replace("-", "_")
+        if not sep or not key:
+            raise EditInfinityError(f"pipeline parameter {item!r} must look like KEY=VALUE")
+        if key not in types:
+            raise EditInfinityError(f"unknown pipeline parameter {key!r}; known: {', '.join(sorted(types))}")
+        kind = types[key].upper()
+        try:
+            if "INT" in kind:
+                out[key] = int(value)
+            elif "DOUBLE" in kind or "FLOAT" in kind:
+                out[key] = float(value)
+            elif "BOOL" in kind:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                out[key] = value.lower() in ("true", "1")
+            else:
+                out[key] = value
+        except ValueError:
+            raise EditInfinityError(f"pipeline parameter {key!r} must be {types[key]}, got {value!r}") from None
+    return out
+
+
+def _package_parameter_types(package: str | os.PathLike) -> dict[str, str]:
+    import yaml
+
+    path = Path(package)
+    if not path.is_file():
+        raise EditInfinityError(f"pipeline package {path} does not exist; run `editinfinity pipeline compile`")
+    spec = next(yaml.safe_load_all(path.read_text()))
+    params = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
+    return {name: p.get("parameterType", "STRING") for name, p in params.items()}
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    path = compile_pipeline(args.pipeline_option or args.pipeline, args.profile, args.out, fused=args.fused,
+                            profiles_files=args.profiles, parallelism=args.parallelism)
+    print(path)
+    return 0
+
+
+def _cmd_run_local(args: argparse.Namespace) -> int:
+    graph = build_pipeline(args.pipeline, None, fused=args.fused)
+    types = {name: spec.type for name, spec in graph.component_spec.inputs.items()}
+    run = run_local(args.pipeline, pipeline_root=args.pipeline_root, fused=args.fused, **_params(args.param, types))
+    print(json.dumps({"pipeline_root": str(run.pipeline_root), "run_dir": str(run.run_dir or ""),
+                      "output": run.output}, indent=2, sort_keys=True))
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    params = _params(args.param, _package_parameter_types(args.package))
+    run_id = submit(args.host, args.experiment, args.package, params, namespace=args.namespace,
+                    token_env=args.token_env, run_name=args.run_name, service_account=args.service_account)
+    print(run_id)
+    return 0
+
+
+def add_pipeline_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``editinfinity pipeline compile|run-local|submit`` (each sets ``handler``)."""
+    p = sub.add_parser("pipeline", help="Kubeflow Pipelines: compile, run locally, submit")
+    cmds = p.add_subparsers(dest="pipeline_command", required=True)
+
+    c = cmds.add_parser("compile", help="compile a pipeline to KFP YAML for a scheduling profile")
+    c.add_argument("pipeline", nargs="?", default="edit", choices=PIPELINES)
+    c.add_argument("--pipeline", dest="pipeline_option", default=None, choices=PIPELINES,
+                   help="the same as the positional PIPELINE (e.g. --pipeline piebench)")
+    c.add_argument("--profile", default=None, help="profile from pipelines/profiles.yaml (gke-a100, gke-l4, "
+                                                   "eks-p4d, on-prem, ...); none: no Kubernetes settings")
+    c.add_argument("--profiles", action="append", default=None, metavar="FILE", help="extra profiles YAML")
+    c.add_argument("--fused", action="store_true", help="all GPU stages in one pod (one model load)")
+    c.add_argument("--parallelism", type=int, default=None, help="batch: concurrent cases (default: profile's)")
+    c.add_argument("--out", default="build/pipelines", help="output folder")
+    c.set_defaults(handler=_cmd_compile)
+
+    r = cmds.add_parser("run-local", help="run a pipeline here with kfp.local (subprocesses)")
+    r.add_argument("pipeline", nargs="?", default="edit", choices=PIPELINES)
+    r.add_argument("--pipeline-root", default="kfp-local", help="local folder for the artifacts")
+    r.add_argument("--fused", action="store_true")
+    r.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="pipeline parameter, e.g. -p image_uri=cat.png -p mode=auto (repeatable)")
+    r.set_defaults(handler=_cmd_run_local)
+
+    s = cmds.add_parser("submit", help="create a run on a KFP endpoint")
+    s.add_argument("package", help="compiled pipeline YAML")
+    s.add_argument("--host", default=os.environ.get("KF_PIPELINES_ENDPOINT"), required="KF_PIPELINES_ENDPOINT" not in os.environ)
+    s.add_argument("--experiment", default="editinfinity")
+    s.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user)")
+    s.add_argument("--token-env", default=None, metavar="VAR", help="environment variable holding a bearer token")
+    s.add_argument("--run-name", default=None)
+    s.add_argument("--service-account", default=None, help="e.g. editinfinity-runner (manifests/base)")
+    s.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
+    s.set_defaults(handler=_cmd_submit)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Entry point of the ``editinfinity.cli`` group: adds ``editinfinity pipeline ...``."""
+    add_pipeline_parser(sub)
