@@ -1,7 +1,7 @@
 """One KFP component per edit stage: parse artifacts, call one ``editinfinity.edit.stages`` function, write artifacts.
 
 Bodies are copied into the pod as source, so every import sits inside the function; the work is done by the core
-library in the image (``editinfinity.edit.stages``) and the small runtime helpers in ``editinfinity.kfp_cli``.
+library in the image (``editinfinity.edit.stages``) and the small runtime helpers in ``editinfinity.runtime``.
 Artifact folders: the case is a ``Dataset``, the prompt embedding and the LoRA adapter are ``Model``s, the attention
 map, the edit mask/weights and the edited images are ``Artifact`` folders. Every output records ``seconds`` (from
 the stage's ``stage.json``), the stage name and run id in its metadata, shown in the KFP UI.
