@@ -1,6 +1,6 @@
 """PIE-Bench components: list the cases (CPU), edit one case (GPU, all stages in one process), score them all (GPU).
 
-Thin wrappers over ``components.piebench_runtime``; every result lives under ``output_uri`` in the layout of
+Thin wrappers over ``editinfinity.evaluation.piebench_steps``; every result lives under ``output_uri`` in the layout of
 ``editinfinity eval piebench --out`` (so the pipeline and the CLI resume each other's runs). The scoring step runs
 on a GPU node because that is where the model-cache volume holding the CLIP / DINO / LPIPS weights is mounted.
 (No ``from __future__ import annotations`` here: kfp reads the annotations at decoration time.)
@@ -34,7 +34,7 @@ def piebench_cases(data_uri: str, output_uri: str, mode: str, types: str, limit:
     Returns:
         The well-formed selected cases, each ``{"id", "edit_type"}`` (malformed entries are reported by scoring).
     """
-    from components import piebench_runtime as bk
+    from editinfinity.evaluation import piebench_steps as bk
 
     config = bk.bench_config(mode=mode, preset=preset, weights=weights, resolution=resolution,
                              prompt_iters=prompt_iters, lora_iters=lora_iters, seed=seed, threshold=threshold)
@@ -65,8 +65,8 @@ def piebench_edit(data_uri: str, case_id: str, output_uri: str, mode: str, prese
     Returns:
         JSON ``{"id", "status": "done" | "resumed" | "failed", "error"}``.
     """
-    from components import piebench_runtime as bk
     from editinfinity import runtime as rt
+    from editinfinity.evaluation import piebench_steps as bk
 
     config = bk.bench_config(mode=mode, preset=preset, weights=weights, resolution=resolution,
                              prompt_iters=prompt_iters, lora_iters=lora_iters, seed=seed, threshold=threshold)
@@ -106,7 +106,7 @@ def piebench_score(results: list, data_uri: str, output_uri: str, mode: str, typ
     import re
     from pathlib import Path
 
-    from components import piebench_runtime as bk
+    from editinfinity.evaluation import piebench_steps as bk
 
     config = bk.bench_config(mode=mode, preset=preset, weights=weights, resolution=resolution,
                              prompt_iters=prompt_iters, lora_iters=lora_iters, seed=seed, threshold=threshold)

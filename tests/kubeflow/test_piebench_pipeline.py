@@ -22,9 +22,9 @@ if str(ROOT) not in sys.path:  # components/ and pipelines/ are top-level folder
 import kfp_stubs  # noqa: E402  (tests/kfp_stubs.py)
 
 from components import CPU_COMPONENTS, CPU_IMAGE, GPU_COMPONENTS, GPU_IMAGE  # noqa: E402
-from components import piebench_runtime as bk  # noqa: E402
 from editinfinity.edit.settings import EditSettings  # noqa: E402
 from editinfinity.errors import EditInfinityError, InvalidCaseError  # noqa: E402
+from editinfinity.evaluation import piebench_steps as bk  # noqa: E402
 from editinfinity.evaluation.piebench_run import EDITED_FILE, run_piebench  # noqa: E402
 from editinfinity.evaluation.toy import build_toy_piebench  # noqa: E402
 from pipelines import cli as kfp_cli  # noqa: E402

@@ -5,6 +5,7 @@
 * ``piebench_run``: ``run_piebench`` (edit every case once, resumable; score; write the outputs).
 * ``piebench_report``: per-case CSV, per-type table (Markdown, HTML), thumbnail grids.
 * ``toy``: a PIE-Bench-format data set made from the toy world.
-* ``cli``: ``editinfinity eval ...`` (alias ``bench``). The ``piebench`` pipeline's pod code is
-  ``components/piebench_runtime.py``; speed benchmarks are the repository's top-level ``bench/``.
+* ``piebench_steps``: the same run as three steps over URIs (list, edit one, score all): the ``piebench`` pipeline's
+  pods.
+* ``cli``: ``editinfinity eval ...`` (alias ``bench``). Speed benchmarks are the repository's top-level ``bench/``.
 """

@@ -1,7 +1,5 @@
-"""What the ``piebench`` pipeline's components run in their pods: list the cases, edit one, score them all.
-
-Plain Python over the library's evaluation code (``editinfinity.evaluation``); no kfp here, so it can be tested
-without a pipeline.
+"""The PIE-Bench run as three steps over URIs: list the cases, edit one, score them all (what the ``piebench``
+pipeline's pods run, one step per component; plain library code, no kfp).
 
 Everything goes through URIs (local paths, ``gs://``, ``s3://``): the PIE-Bench folder ``data_uri`` and the
 results root ``output_uri``, which has the CLI's layout (``bench.json``, ``cases/<id>/...``, ``results.csv``,
@@ -19,10 +17,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from editinfinity.edit.settings import EditSettings
-from editinfinity.errors import InvalidCaseError
-from editinfinity.evaluation.piebench import IMAGES_DIR, MAPPING_FILE, parse_entry, read_piebench
-from editinfinity.evaluation.piebench_run import (
+from ..edit.settings import EditSettings
+from ..errors import InvalidCaseError
+from .piebench import IMAGES_DIR, MAPPING_FILE, parse_entry, read_piebench
+from .piebench_run import (
     CASE_FILE,
     CASES_DIR,
     EDITED_FILE,
@@ -45,7 +43,7 @@ def _join(root: str, *parts: str) -> str:
 def bench_config(*, mode: str, preset: str, weights: str, resolution: str, prompt_iters: int, lora_iters: int,
                  seed: int, threshold: float) -> BenchConfig:
     """The run configuration from pipeline parameters ("" = default)."""
-    from editinfinity.models.presets import default_preset_name
+    from ..models.presets import default_preset_name
 
     settings = EditSettings.from_profile("default", prompt_iters=prompt_iters, lora_iters=lora_iters, seed=seed,
                                          threshold=threshold)
@@ -56,7 +54,7 @@ def bench_config(*, mode: str, preset: str, weights: str, resolution: str, promp
 def list_cases(data_uri: str, output_uri: str, config: BenchConfig, *, types: str = "", limit: int = 0) -> list:
     """The selected, well-formed cases as ``[{"id", "edit_type"}]`` (the ParallelFor items); writes
     ``<output_uri>/bench.json`` or checks that an existing one has the same configuration."""
-    from editinfinity import storage
+    from .. import storage
 
     if not output_uri:
         raise InvalidCaseError("the piebench pipeline needs output_uri (where the edits and the table go)")
@@ -74,7 +72,7 @@ def list_cases(data_uri: str, output_uri: str, config: BenchConfig, *, types: st
             raise InvalidCaseError(f"{output_uri} holds a PIE-Bench run made with other settings "
                                    f"({'; '.join(diffs)}); use the same parameters or another output_uri")
     else:
-        from editinfinity import __version__
+        from .. import __version__
 
         storage.write_bytes(run_file, json.dumps({"config": new, "editinfinity_version": __version__},
                                                  indent=2, sort_keys=True).encode())
@@ -85,7 +83,7 @@ def edit_case(data_uri: str, case_id: str, output_uri: str, config: BenchConfig,
     """Edit one case and publish it under ``<output_uri>/cases/<id>/``; returns a small JSON result
     (``{"id", "status": "done"|"resumed"|"failed", "error"}``). ``models_loader()`` is called only when the case
     still needs an edit."""
-    from editinfinity import storage
+    from .. import storage
 
     case_uri = _join(output_uri, CASES_DIR, case_id)
     if storage.exists(_join(case_uri, EDITED_FILE)):
@@ -130,10 +128,10 @@ def score_all(data_uri: str, output_uri: str, config: BenchConfig, *, types: str
     The per-case files are mirrored into a local folder (``local_dir`` or a temporary one) and scored there by
     :func:`run_piebench` with ``edit=False``; returns its :class:`BenchResult` (paths in the local folder).
     """
-    from editinfinity import storage
-    from editinfinity.evaluation.piebench_metrics import MetricModels
-    from editinfinity.evaluation.piebench_run import run_piebench
-    from editinfinity.runtime import resolve_weights
+    from .. import storage
+    from ..runtime import resolve_weights
+    from .piebench_metrics import MetricModels
+    from .piebench_run import run_piebench
 
     local = Path(local_dir or tempfile.mkdtemp(prefix="piebench-score-"))
     data = read_piebench(data_uri, types=types or None, limit=limit or None, check_images=False)
@@ -169,7 +167,7 @@ def table_metrics(result: Any) -> dict[str, float]:
     """Numbers for the KFP Metrics view: counts and the overall row's means (raw, unscaled)."""
     import math
 
-    from editinfinity.evaluation.piebench_report import aggregate
+    from .piebench_report import aggregate
 
     out = {"cases_scored": float(result.ok), "cases_failed": float(result.failed),
            "entries_malformed": float(result.invalid_entries)}
