@@ -55,9 +55,9 @@ def _lora_settings(manifest) -> EditSettings:
     return EditSettings(lora_rank=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"])
 
 
-def _adapter(manifest, edit_fx, depth):
+def _adapter(manifest, edit_fx, depth, block_chunks):
     ref = {k.removeprefix("lora/"): v for k, v in edit_fx.tensors.items() if k.startswith("lora/")}
-    return reference_lora_to_peft(ref, manifest["settings"]["lora"]["r"], depth)
+    return reference_lora_to_peft(ref, manifest["settings"]["lora"]["r"], depth, block_chunks)
 
 
 def _source_bits(codes_fx, schedule):
@@ -80,7 +80,7 @@ def test_lora_loss_and_gradients(model, manifest, parity_dir, edit_fx, codes_fx)
     caption = fx["text/kv_compact_caption"]
     text = TextFeatures(caption, [caption.shape[0]]).append_rows(text_io["language_style_offset"])
     kl_weight = manifest["settings"]["training"]["kl_weight"]
-    state = _adapter(manifest, edit_fx, model.config.depth)
+    state = _adapter(manifest, edit_fx, model.config.depth, model.config.block_chunks)
     with lora_adapter(model, lora_config(_lora_settings(manifest)), state) as m:
         m.eval()  # the fixture ran LoRA dropout off (settings.lora.dropout_in_fixtures)
         params = {n: p.requires_grad_(True) for n, p in m.named_parameters() if "lora_" in n}
@@ -96,7 +96,8 @@ def test_lora_loss_and_gradients(model, manifest, parity_dir, edit_fx, codes_fx)
         for key in fx.keys("grad/"):
             ref_name = key.removeprefix("grad/")
             rank = manifest["settings"]["lora"]["r"]
-            peft_name = next(iter(reference_lora_to_peft({ref_name: fx[key]}, rank, model.config.depth)))
+            peft_name = next(iter(reference_lora_to_peft({ref_name: fx[key]}, rank, model.config.depth,
+                                                             model.config.block_chunks)))
             our = params[peft_name.replace(".weight", ".default.weight")].grad
             fx.check(key, our)
             checked += 1
@@ -120,7 +121,7 @@ def test_edit_bits(model, manifest, parity_dir, edit_fx, codes_fx, name):
     if blend:
         source = scale_codes_on_grid(_source_bits(codes_fx, schedule), schedule)
         hook = blend_hook(source, edit_fx["attention/weights_via_png"])
-    state = _adapter(manifest, edit_fx, model.config.depth)
+    state = _adapter(manifest, edit_fx, model.config.depth, model.config.block_chunks)
     gen = torch.Generator("cpu").manual_seed(sampling["g_seed"])
     with lora_adapter(model, lora_config(_lora_settings(manifest)), state) as m, torch.no_grad():
         m.eval()

@@ -26,6 +26,7 @@ from editinfinity.models.infinity import (
     summed_bit_ce,
     to_official_state_dict,
 )
+from editinfinity.models.infinity_state import chunk_count
 from editinfinity.models.quantizer import inputs_from_bits, scale_codes_on_grid
 from editinfinity.models.text import TextFeatures
 
@@ -355,7 +356,7 @@ def test_chunked_and_flat_keys_round_trip(chunks):
     assert report.block_chunks == chunks
     a, b = m.state_dict(), fresh.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    flat, found = flatten_block_keys(official, depth=2)
+    flat, found = flatten_block_keys(official, depth=2, block_chunks=2)
     assert found == chunks and set(flat) == set(a)
 
 
@@ -365,6 +366,30 @@ def test_block_key_helpers():
     assert flat_block_key("head.weight", 4) == "head.weight"
     with pytest.raises(CheckpointError):
         flat_block_key("block_chunks.0.module.4.sa.proj.weight", 4)
+
+
+@pytest.mark.parametrize("depth,chunks,present", [(3, 3, (0, 1)), (4, 4, (0, 1)), (6, 3, (1,))])
+def test_reference_lora_chunk_count_comes_from_the_model_config(depth, chunks, present):
+    """A partial LoRA dict in the reference's chunked layout maps onto the blocks the model configuration says;
+    inferring the chunk count from the keys present (highest index + 1) misplaces or refuses these dicts."""
+    from editinfinity.edit.lora import reference_lora_to_peft
+
+    model = make_model(depth=depth, block_chunks=chunks)
+    per_chunk, rank, width = depth // chunks, 2, model.config.embed_dim
+    blocks = [c * per_chunk + j for c in present for j in range(per_chunk)]
+    ref = {chunked_block_key(f"blocks.{i}.ffn.fc1.lora_A", per_chunk): torch.full((rank * width,), float(i))
+           for i in blocks}
+    assert chunk_count(ref) != chunks  # the keys alone would give another count
+    out = reference_lora_to_peft(ref, rank, model.config.depth, model.config.block_chunks)
+    assert sorted(out) == sorted(f"blocks.{i}.ffn.fc1.lora_A.weight" for i in blocks)
+    modules = dict(model.named_modules())
+    for i in blocks:
+        assert f"blocks.{i}.ffn.fc1" in modules
+        assert out[f"blocks.{i}.ffn.fc1.lora_A.weight"].shape == (rank, width)
+        assert torch.all(out[f"blocks.{i}.ffn.fc1.lora_A.weight"] == i)
+    beyond = {f"block_chunks.{chunks}.module.0.ffn.fc1.lora_A": torch.zeros(rank * width)}
+    with pytest.raises(CheckpointError, match=f"{chunks} block chunks"):
+        reference_lora_to_peft(beyond, rank, model.config.depth, model.config.block_chunks)
 
 
 def test_checkpoint_rules():

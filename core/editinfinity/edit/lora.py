@@ -204,11 +204,15 @@ def load_adapter(lora_dir: str | Path, run_id: str | None = None) -> tuple[dict[
     return {k[len(PEFT_PREFIX):]: v for k, v in raw.items()}, settings
 
 
-def reference_lora_to_peft(tensors: dict[str, torch.Tensor], rank: int, depth: int) -> dict[str, torch.Tensor]:
-    """Map the reference's LoRA file (``block_chunks.c.module.j.ffn.fc1.lora_A``, possibly flat 1-D) to peft keys."""
+def reference_lora_to_peft(tensors: dict[str, torch.Tensor], rank: int, depth: int,
+                           block_chunks: int) -> dict[str, torch.Tensor]:
+    """Map the reference's LoRA file (``block_chunks.c.module.j.ffn.fc1.lora_A``, possibly flat 1-D) to peft keys.
+
+    ``depth`` and ``block_chunks`` come from the model configuration: the file may hold any subset of the blocks.
+    """
     from ..models.infinity import flatten_block_keys
 
-    flat, _ = flatten_block_keys(tensors, depth=depth)
+    flat, _ = flatten_block_keys(tensors, depth=depth, block_chunks=block_chunks)
     out = {}
     for name, t in flat.items():
         if name.endswith("lora_A"):

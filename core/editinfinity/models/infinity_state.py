@@ -25,7 +25,11 @@ _FLAT = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
 def chunk_count(keys: Iterable[str]) -> int:
-    """Number of ``block_chunks.{c}`` groups among ``keys`` (0 when the blocks are not chunked)."""
+    """Highest ``block_chunks.{c}`` index among ``keys`` plus one (0 when the blocks are not chunked).
+
+    Only a description of the keys present: a partial dict (a LoRA state, one gradient) names fewer chunks than the
+    model has, so conversions take the chunk count from the model configuration (:func:`flatten_block_keys`).
+    """
     found = [int(m.group(1)) for k in keys if (m := _CHUNKED.match(k))]
     return max(found) + 1 if found else 0
 
@@ -51,20 +55,31 @@ def chunked_block_key(key: str, blocks_per_chunk: int) -> str:
     return f"block_chunks.{i // blocks_per_chunk}.module.{i % blocks_per_chunk}.{m.group(2)}"
 
 
-def flatten_block_keys(state_dict: Mapping[str, torch.Tensor], depth: int) -> tuple[dict[str, torch.Tensor], int]:
-    """Rename chunked block keys to ``blocks.{i}``; returns (new dict, number of chunks found, 1 when flat)."""
-    chunks = chunk_count(state_dict)
-    if chunks == 0:
+def flatten_block_keys(state_dict: Mapping[str, torch.Tensor], depth: int,
+                       block_chunks: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Rename chunked block keys to ``blocks.{i}``; returns (new dict, chunks of its layout: 1 when flat).
+
+    ``block_chunks`` is the model configuration's chunk count (``config.block_chunks``), never inferred from the
+    keys: a partial dict may hold only some chunks, and its highest chunk index says nothing about the model.
+    """
+    if block_chunks < 1 or depth % block_chunks:
+        raise CheckpointError(f"the model configuration has {block_chunks} block chunks, which does not divide its "
+                              f"depth {depth}; fix `block_chunks` in the preset")
+    if not any(_CHUNKED.match(k) for k in state_dict):
         return dict(state_dict), 1
-    if depth % chunks:
-        raise CheckpointError(f"checkpoint has {chunks} block chunks, which does not divide the model depth {depth}")
+    per_chunk = depth // block_chunks
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        name = flat_block_key(key, depth // chunks)
+        m = _CHUNKED.match(key)
+        if m is not None and int(m.group(1)) >= block_chunks:
+            raise CheckpointError(f"key {key!r} names block chunk {m.group(1)}, but the model configuration has "
+                                  f"{block_chunks} block chunks of {per_chunk} blocks (depth {depth}); the checkpoint "
+                                  "does not match the preset")
+        name = flat_block_key(key, per_chunk)
         if name in out:
             raise CheckpointError(f"checkpoint names block tensor {name!r} twice (chunked and flat spellings)")
         out[name] = value
-    return out, chunks
+    return out, block_chunks
 
 
 @dataclass
@@ -83,7 +98,7 @@ def load_infinity_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Te
     Raises :class:`CheckpointError` listing every missing, unexpected and wrongly shaped key.
     """
     depth = len(model.blocks)
-    sd, chunks = flatten_block_keys(state_dict, depth)
+    sd, chunks = flatten_block_keys(state_dict, depth, int(getattr(model.config, "block_chunks", 1)))
     report = LoadReport(block_chunks=chunks)
     for key in LEGACY_KEYS:
         if sd.pop(key, None) is not None:
