@@ -111,7 +111,7 @@ MUTANTS = [
     Mutant("lora_targets_fc1_only", "LoRA adapts fc1 only", 'TARGETS = ["fc1", "fc2"]', 'TARGETS = ["fc1"]',
            ("test_settings_doc.py", "test_training_trajectory.py")),
     Mutant("prompt_iters_default_changed", "a default changed without the documented table",
-           "    prompt_iters: int = 10\n", "    prompt_iters: int = 12\n", ("test_settings_doc.py",)),
+           "    prompt_iters: int = 10\n    style_rows: int = 20\n", "    prompt_iters: int = 12\n    style_rows: int = 20\n", ("test_settings_doc.py",)),
     Mutant("manifest_before_objects", "the manifest is published before the objects it lists",
            '    _parallel(one, manifest["files"], be.settings.max_concurrency)\n'
            '    meta = {SHA256_METADATA_KEY: hashlib.sha256(manifest_bytes).hexdigest()}\n'
