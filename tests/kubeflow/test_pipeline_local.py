@@ -102,7 +102,8 @@ def summarize(out_dir, *, case_dir, generate_dir, mask_dir=None, attention_dir=N
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(generate_dir) / "edited.png", out / "edited.png")
     (out / "report.html").write_text("<html>stub report</html>")
-    (out / "summary.json").write_text(json.dumps({"spec": case["spec"], "metrics": {"psnr": 31.5, "ssim": 0.93},
+    psnr = {"auto": 31.5, "mask": 32.5, "whole": 33.5}[case["spec"]["mode"]]  # one per case, to follow it
+    (out / "summary.json").write_text(json.dumps({"spec": case["spec"], "metrics": {"psnr": psnr, "ssim": 0.93},
                                                   "seconds": timings or {}}))
     return out
 
@@ -201,7 +202,11 @@ def test_batch_runs_every_mode_and_collects_one_page(stubbed, tmp_path):
     assert all(case_id in page for case_id in ("auto-1", "mask-1", "whole-1"))
     rows = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
     assert [r["case_id"] for r in rows] == ["auto-1", "mask-1", "whole-1"]
-    assert rows[0]["output_uri"] == str(out / "auto-1") and rows[0]["metrics"]["psnr"] == 31.5
+    # each row carries its own case's published summary (the stub's values differ per case)
+    for row in rows:
+        assert row["output_uri"] == str(out / row["case_id"])
+        assert row["metrics"] == json.loads((out / row["case_id"] / "summary.json").read_text())["metrics"]
+    assert len({row["metrics"]["psnr"] for row in rows}) == len(rows)
 
 
 def test_fused_run_splits_artifacts_and_skips_what_the_mode_skips(stubbed, tmp_path):
