@@ -1,4 +1,4 @@
-"""CPU components: the per-case summary (report + publishing) and the batch manifest / batch summary page."""
+"""CPU component: the per-case summary (report + publishing)."""
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Output
@@ -45,46 +45,3 @@ def summarize(case: Input[Dataset], edited: Input[Artifact], output_uri: str, ca
         metrics.log_metric(name, value)
     published = rt.publish_edit(output_uri, summary.path, edited=edited.path, mask=mask_dir, attention=attention_dir)
     return rt.case_result(case_id, published, data)
-
-
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def read_manifest(manifest_uri: str, output_uri: str) -> list:
-    """Read and validate a JSONL manifest of cases; one normalised dict of strings per case.
-
-    Args:
-        manifest_uri: JSONL file (local path, gs://, s3://): one case per line with ``image``, ``prompt``,
-            ``edit_prompt`` and optionally ``id``, ``mode``, ``target_word``, ``mask``. Relative image and mask
-            paths are resolved against the manifest's folder.
-        output_uri: Batch output root; each case publishes to ``<output_uri>/<id>``.
-
-    Returns:
-        The cases, each with ``id``, ``image``, ``prompt``, ``edit_prompt``, ``mode``, ``target_word``, ``mask``
-        and ``output_uri``.
-    """
-    from editinfinity.batch import cases
-
-    return cases.read_manifest(manifest_uri, output_uri)
-
-
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def batch_summary(results: list, output_uri: str, page: Output[HTML], page_md: Output[Markdown],
-                  metrics: Output[Metrics]):
-    """One summary page over every case of a batch, published as ``<output_uri>/index.html``.
-
-    Args:
-        results: The per-case JSON results of ``summarize`` (collected over the batch).
-        output_uri: Batch output root; empty keeps the page in the pipeline root only.
-        page: The batch page, shown in the KFP UI.
-        page_md: The batch table in Markdown.
-        metrics: Batch figures (cases, mean timings).
-    """
-    from pathlib import Path
-
-    from editinfinity.batch import summary
-
-    report = summary.batch_report(results)
-    Path(page.path).write_text(report.html)
-    Path(page_md.path).write_text(report.markdown)
-    for name, value in report.metrics.items():
-        metrics.log_metric(name, value)
-    summary.publish_batch(output_uri, report)

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 PIPELINES = ("edit", "batch", "piebench")
 #: Pipelines that also come in a ``fused`` variant (every GPU stage in one pod).
-FUSED_PIPELINES = ("edit", "batch")
+FUSED_PIPELINES = ("edit",)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 

@@ -23,7 +23,9 @@ PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
 PROFILES_ENV = "EDITINFINITY_PROFILES"
 
 _KEYS = {"accelerator", "gpu_resources", "cpu_resources", "node_selector", "tolerations", "model_cache", "env",
-         "storage_secret", "retries", "parallelism", "preset", "weights"}
+         "storage_secret", "retries", "parallelism", "preset", "weights", "timeouts", "ttl_seconds_after_finished",
+         "active_deadline_seconds", "worker_gpus", "spot", "local_weights"}
+_TIMEOUTS = {"stage", "worker", "cpu"}
 _OPERATORS = ("Exists", "Equal")
 _EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 _TOLERATION_KEYS = {"key", "operator", "value", "effect", "toleration_seconds"}
@@ -59,6 +61,22 @@ class Profile:
     parallelism: int = 4
     preset: str = ""
     weights: str = ""
+    #: Pod deadlines (seconds): a per-stage or fused GPU pod, a batch worker pod, a CPU pod.
+    stage_timeout: int = 7200
+    worker_timeout: int = 28800
+    cpu_timeout: int = 3600
+    #: Seconds the finished run's workflow (pods, logs) is kept; None keeps it until deleted.
+    ttl_seconds_after_finished: int | None = 259200
+    #: Deadline of the whole run; None for none.
+    active_deadline_seconds: int | None = None
+    #: GPUs of one batch worker pod (one worker process each).
+    worker_gpus: int = 1
+    #: Extra node selector and tolerations of batch workers: spot / preemptible nodes (workers resume).
+    spot_node_selector: dict[str, str] = field(default_factory=dict)
+    spot_tolerations: tuple[dict, ...] = ()
+    #: Batch workers copy the weights to a node-local emptyDir of this size (e.g. "40Gi") first; "" reads in place.
+    local_weights_size: str = ""
+    local_weights_path: str = "/local-weights"
 
 
 def profile_files(extra: Iterable[str | os.PathLike] | None = None) -> list[Path]:
@@ -129,8 +147,34 @@ def _build(name: str, raw: dict) -> Profile:
     parallelism = raw.get("parallelism", 4)
     if not isinstance(parallelism, int) or parallelism < 1:
         raise ProfileError(f"profile {name!r}: parallelism must be an integer >= 1, got {parallelism!r}")
+    timeouts = raw.get("timeouts") or {}
+    bad = set(timeouts) - _TIMEOUTS
+    if bad or not all(isinstance(v, int) and v > 0 for v in timeouts.values()):
+        raise ProfileError(f"profile {name!r}: `timeouts` takes positive seconds for {sorted(_TIMEOUTS)}, "
+                           f"got {timeouts!r}")
+    spot = raw.get("spot") or {}
+    if set(spot) - {"node_selector", "tolerations"}:
+        raise ProfileError(f"profile {name!r}: `spot` takes `node_selector` and `tolerations`, got {sorted(spot)}")
+    local = raw.get("local_weights") or {}
+    if set(local) - {"size", "path"}:
+        raise ProfileError(f"profile {name!r}: `local_weights` takes `size` and `path`, got {sorted(local)}")
+    worker_gpus = raw.get("worker_gpus", 1)
+    if not isinstance(worker_gpus, int) or worker_gpus < 1:
+        raise ProfileError(f"profile {name!r}: worker_gpus must be an integer >= 1, got {worker_gpus!r}")
+    defaults = Profile.__dataclass_fields__
     return Profile(
         name=name,
+        stage_timeout=int(timeouts.get("stage", defaults["stage_timeout"].default)),
+        worker_timeout=int(timeouts.get("worker", defaults["worker_timeout"].default)),
+        cpu_timeout=int(timeouts.get("cpu", defaults["cpu_timeout"].default)),
+        ttl_seconds_after_finished=raw.get("ttl_seconds_after_finished",
+                                           defaults["ttl_seconds_after_finished"].default),
+        active_deadline_seconds=raw.get("active_deadline_seconds"),
+        worker_gpus=worker_gpus,
+        spot_node_selector={str(k): str(v) for k, v in (spot.get("node_selector") or {}).items()},
+        spot_tolerations=_tolerations(name, spot.get("tolerations")),
+        local_weights_size=str(local.get("size") or ""),
+        local_weights_path=str(local.get("path") or "/local-weights"),
         accelerator_type=str(acc.get("type", "nvidia.com/gpu")),
         accelerator_count=count,
         gpu=_resources(name, "gpu_resources", raw.get("gpu_resources")),
@@ -166,12 +210,25 @@ def get_profile(name: str, extra: Iterable[str | os.PathLike] | None = None) -> 
 # -- applying a profile to tasks -------------------------------------------------------------------------------
 
 
-def _common(task: PipelineTask, profile: Profile | None) -> None:
+#: First retry delay (doubling after each failure).
+RETRY_BACKOFF_SECONDS = 30
+
+
+def retry_window(retries: int, attempt_seconds: int) -> int:
+    """Argo's retry ``maxDuration`` counts from the first attempt's start: it must outlast every attempt (each up to
+    the pod's deadline) plus the backoff delays, or later retries are never made."""
+    backoff = sum(RETRY_BACKOFF_SECONDS * 2**i for i in range(retries))
+    return (retries + 1) * attempt_seconds + backoff
+
+
+def _common(task: PipelineTask, profile: Profile | None, timeout: int = 0, retries: bool = True) -> None:
     if profile is None:  # local runs: a failure is a bug or a bad input, not a preempted node; fail at once
         return
-    if profile.retries > 0:
-        task.set_retry(num_retries=profile.retries, backoff_duration="30s", backoff_factor=2.0,
-                       backoff_max_duration="600s")
+    if timeout:
+        kubernetes.set_timeout(task, timeout)
+    if retries and profile.retries > 0:
+        task.set_retry(num_retries=profile.retries, backoff_duration=f"{RETRY_BACKOFF_SECONDS}s", backoff_factor=2.0,
+                       backoff_max_duration=f"{retry_window(profile.retries, timeout or profile.stage_timeout)}s")
     for key, value in profile.env.items():
         task.set_env_variable(key, value)
     if profile.storage_secret:
@@ -179,17 +236,23 @@ def _common(task: PipelineTask, profile: Profile | None) -> None:
                                      secret_key_to_env={key: env for env, key in profile.storage_secret_env.items()})
 
 
-def gpu_task(task: PipelineTask, profile: Profile | None) -> PipelineTask:
-    """A GPU stage: accelerator, resources, node selector, tolerations, model cache, env, credentials, retries."""
-    _common(task, profile)
+def gpu_task(task: PipelineTask, profile: Profile | None, *, gpus: int | None = None, timeout: int | None = None,
+             spot: bool = False) -> PipelineTask:
+    """A GPU stage: accelerator, resources, node selector, tolerations, model cache, env, credentials, deadline,
+    retries (a window that outlasts every attempt)."""
+    _common(task, profile, timeout=timeout or (profile.stage_timeout if profile else 0))
     if profile is None:
         return task
-    task.set_accelerator_type(profile.accelerator_type).set_accelerator_limit(profile.accelerator_count)
-    # Limits only: Kubernetes then sets requests equal to them (Guaranteed QoS on the GPU node).
-    task.set_cpu_limit(profile.gpu.cpu).set_memory_limit(profile.gpu.memory)
-    for key, value in profile.node_selector.items():
+    count = gpus or profile.accelerator_count
+    task.set_accelerator_type(profile.accelerator_type).set_accelerator_limit(count)
+    # Limits only: Kubernetes then sets requests equal to them (Guaranteed QoS on the GPU node). A worker with
+    # several GPUs gets the per-GPU resources that many times.
+    task.set_cpu_limit(_times(profile.gpu.cpu, count // profile.accelerator_count or 1))
+    task.set_memory_limit(_times(profile.gpu.memory, count // profile.accelerator_count or 1))
+    selector = {**profile.node_selector, **(profile.spot_node_selector if spot else {})}
+    for key, value in selector.items():
         kubernetes.add_node_selector(task, key, value)
-    for tol in profile.tolerations:
+    for tol in (*profile.tolerations, *(profile.spot_tolerations if spot else ())):
         kubernetes.add_toleration(task, key=tol.get("key"), operator=tol.get("operator"), value=tol.get("value"),
                                   effect=tol.get("effect"), toleration_seconds=tol.get("toleration_seconds"))
     if profile.model_cache_pvc:
@@ -197,9 +260,41 @@ def gpu_task(task: PipelineTask, profile: Profile | None) -> PipelineTask:
     return task
 
 
-def cpu_task(task: PipelineTask, profile: Profile | None) -> PipelineTask:
-    """A CPU stage: modest resources, env, credentials and retries; no GPU, node selector or toleration."""
-    _common(task, profile)
+def worker_task(task: PipelineTask, profile: Profile | None) -> PipelineTask:
+    """A batch worker pod: ``worker_gpus`` GPUs, the worker deadline, spot nodes when the profile names them (a
+    preempted worker's retry resumes its shard), the node-local weights folder when the profile asks for one."""
+    gpu_task(task, profile, gpus=profile.worker_gpus if profile else None,
+             timeout=profile.worker_timeout if profile else None, spot=True)
+    if profile is not None and profile.local_weights_size:
+        kubernetes.empty_dir_mount(task, volume_name="local-weights", mount_path=profile.local_weights_path,
+                                   size_limit=profile.local_weights_size)
+    return task
+
+
+def cpu_task(task: PipelineTask, profile: Profile | None, *, retries: bool = True) -> PipelineTask:
+    """A CPU stage: modest resources, env, credentials, deadline and retries; no GPU, node selector or toleration.
+    ``retries=False`` for steps whose failures are bad input (a retry would fail the same way)."""
+    _common(task, profile, timeout=profile.cpu_timeout if profile else 0, retries=retries)
     if profile is not None:
         task.set_cpu_limit(profile.cpu.cpu).set_memory_limit(profile.cpu.memory)
     return task
+
+
+def pipeline_config(profile: Profile | None):
+    """Run-level settings: the finished workflow's time to live and the run's deadline (None without a profile)."""
+    from kfp import dsl
+
+    if profile is None or (profile.ttl_seconds_after_finished is None and profile.active_deadline_seconds is None):
+        return None
+    return dsl.PipelineConfig(ttl_seconds_after_finished=profile.ttl_seconds_after_finished,
+                              active_deadline_seconds=profile.active_deadline_seconds)
+
+
+def _times(quantity: str, n: int) -> str:
+    """A Kubernetes quantity times ``n`` ("8" x 2 = "16", "48Gi" x 2 = "96Gi")."""
+    if n == 1:
+        return quantity
+    digits = len(quantity) - len(quantity.lstrip("0123456789."))
+    number, unit = quantity[:digits], quantity[digits:]
+    value = float(number) * n
+    return f"{int(value) if value.is_integer() else value}{unit}"

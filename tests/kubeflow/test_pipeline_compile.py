@@ -55,9 +55,9 @@ def compiled(tmp_path_factory) -> Compiled:
     return Compiled(tmp_path_factory.mktemp("compiled"))
 
 
-#: Per profile: the edit pipeline both ways and the batch pipeline; batch-fused adds nothing per profile, so once.
+#: Per profile: the edit pipeline both ways and the batch pipeline.
 VARIANTS = [(p, pipeline, fused) for p in sorted(PROFILES) for pipeline, fused in
-            [("edit", False), ("edit", True), ("batch", False)]] + [("on-prem", "batch", True)]
+            [("edit", False), ("edit", True), ("batch", False)]]
 
 
 def test_required_profiles_exist():
@@ -90,13 +90,18 @@ def test_gpu_tasks_get_profile_cpu_tasks_none(compiled, profile, pipeline, fused
         else:
             assert "secretAsEnv" not in cfg
         if comp in GPU_COMPONENTS:
+            worker = comp == "batch-worker"
             assert container["image"] == GPU_IMAGE
             assert res["accelerator"]["resourceType"] == prof.accelerator_type
-            assert res["accelerator"]["resourceCount"] == str(prof.accelerator_count)
-            assert res["resourceCpuLimit"] == prof.gpu.cpu and res["resourceMemoryLimit"] == prof.gpu.memory
+            assert res["accelerator"]["resourceCount"] == str(prof.worker_gpus if worker else prof.accelerator_count)
+            if not worker or prof.worker_gpus == prof.accelerator_count:
+                assert res["resourceCpuLimit"] == prof.gpu.cpu and res["resourceMemoryLimit"] == prof.gpu.memory
             assert "resourceCpuRequest" not in res  # Kubernetes sets requests = limits (Guaranteed QoS)
-            assert cfg["nodeSelector"]["labels"] == prof.node_selector
-            assert cfg["tolerations"] == [dict(t) for t in prof.tolerations]
+            assert cfg["nodeSelector"]["labels"] == {**prof.node_selector, **(prof.spot_node_selector if worker
+                                                                              else {})}
+            assert cfg["tolerations"] == [dict(t) for t in (*prof.tolerations,
+                                                            *(prof.spot_tolerations if worker else ()))]
+            assert int(cfg["activeDeadlineSeconds"]) == (prof.worker_timeout if worker else prof.stage_timeout)
             if prof.model_cache_pvc:
                 (mount,) = cfg["pvcMount"]
                 assert mount["mountPath"] == prof.model_cache_path
@@ -107,8 +112,11 @@ def test_gpu_tasks_get_profile_cpu_tasks_none(compiled, profile, pipeline, fused
             assert "accelerator" not in res
             assert res["resourceCpuLimit"] == prof.cpu.cpu and res["resourceMemoryLimit"] == prof.cpu.memory
             assert not {"nodeSelector", "tolerations", "pvcMount", "nodeAffinity"} & set(cfg), exec_name
+            assert int(cfg["activeDeadlineSeconds"]) == prof.cpu_timeout
     gpu_seen = seen & set(GPU_COMPONENTS)
-    if fused:
+    if pipeline == "batch":
+        assert gpu_seen == {"batch-worker"}  # long-lived workers, never a pod per stage or per case
+    elif fused:
         assert gpu_seen == {"fused-edit"}
         assert [n for n in executors if component_of(n) in GPU_COMPONENTS] == ["exec-fused-edit"]  # one GPU task
     else:
@@ -173,9 +181,8 @@ EDIT_EDGES = {
 FUSED_EDGES = {("summarize", key, ("fused-edit", key)) for key in ("case", "edited", "edit_mask", "attention_map")}
 
 
-@pytest.mark.parametrize("pipeline", ["edit", "batch"])
-def test_artifacts_wired_stage_to_stage(compiled, pipeline):
-    spec, _ = load(compiled[(pipeline, "gke-l4", False)])
+def test_artifacts_wired_stage_to_stage(compiled):
+    spec, _ = load(compiled[("edit", "gke-l4", False)])
     edges = _artifact_edges(spec)
     assert set(edges) == EDIT_EDGES
     # Three mode branches: generate and summary with a mask (auto, mask), without one (whole).
@@ -244,20 +251,62 @@ def test_retries_and_caching(compiled):
 
 
 def test_batch_fan_out(compiled):
-    spec, _ = load(compiled[("batch", "eks-p4d", False)])
+    spec, platform = load(compiled[("batch", "eks-p4d", False)])
     root = spec["root"]["dag"]["tasks"]
     loop_name, loop = next((k, t) for k, t in root.items() if t["componentRef"]["name"].startswith("comp-for-loop"))
-    assert loop["parameterIterator"]["items"]["inputParameter"].startswith("pipelinechannel--read-manifest-Output")
+    assert loop["parameterIterator"]["items"]["inputParameter"].startswith("pipelinechannel--batch-plan-Output")
     assert loop["iteratorPolicy"]["parallelismLimit"] == PROFILES["eks-p4d"].parallelism
+    (worker,) = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"].values()
+    assert component_of(worker["componentRef"]["name"]) == "batch-worker"
+    assert worker["inputs"]["artifacts"]["plan"]["componentInputArtifact"].endswith("batch-plan-plan")
+    # the summary runs whatever the workers did, and reads the plan (plus the counts of the workers that finished)
     summary = root["batch-summary"]
-    assert summary["dependentTasks"] == [loop_name]
-    src = summary["inputs"]["parameters"]["results"]["taskOutputParameter"]
-    assert src["producerTask"] == loop_name
-    # The collected output is the nested edit pipeline's summary string.
-    loop_dag = spec["components"][loop["componentRef"]["name"]]["dag"]
-    assert src["outputParameterKey"] in loop_dag["outputs"]["parameters"]
-    edit_task = next(iter(loop_dag["tasks"].values()))
-    assert component_of(edit_task["componentRef"]["name"]) == "editinfinity-edit"
+    assert summary["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert set(summary["dependentTasks"]) == {loop_name, "batch-plan"}
+    assert summary["inputs"]["parameters"]["results"]["taskOutputParameter"]["producerTask"] == loop_name
+    # bad input is not retried: the plan step fails at once; a worker catches bad cases itself
+    assert "retryPolicy" not in root["batch-plan"]
+    prof = PROFILES["eks-p4d"]
+    policy = worker["retryPolicy"]
+    assert policy["maxRetryCount"] == prof.retries
+    # Argo's retry window counts from the first attempt: it outlasts every attempt at the pod deadline
+    assert int(policy["backoffMaxDuration"].rstrip("s")) >= (prof.retries + 1) * prof.worker_timeout
+    assert platform["platforms"]["kubernetes"]["pipelineConfig"]["resourceTtlOnCompletion"] == \
+        prof.ttl_seconds_after_finished
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["learned_cache"]["defaultValue"] == f"{prof.model_cache_path}/learned"
+    assert params["shards"]["defaultValue"] == prof.parallelism
+
+
+def test_worker_profile_options(tmp_path):
+    extra = tmp_path / "spot.yaml"
+    extra.write_text(yaml.safe_dump({"profiles": {"gke-l4-spot": {
+        "node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "worker_gpus": 2, "timeouts": {"worker": 3600, "stage": 600},
+        "spot": {"node_selector": {"cloud.google.com/gke-spot": "true"},
+                 "tolerations": [{"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true",
+                                  "effect": "NoSchedule"}]},
+        "local_weights": {"size": "40Gi"}, "active_deadline_seconds": 86400}}}))
+    spec, platform = load(kfp_cli.compile_pipeline("batch", "gke-l4-spot", tmp_path, profiles_files=[extra]))
+    cfg = k8s_executors(platform)["exec-batch-worker"]
+    assert cfg["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-l4",
+                                             "cloud.google.com/gke-spot": "true"}
+    assert {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"} \
+        in cfg["tolerations"]
+    assert cfg["emptyDirMounts"] == [{"volumeName": "local-weights", "mountPath": "/local-weights",
+                                      "sizeLimit": "40Gi"}]
+    assert cfg["activeDeadlineSeconds"] == "3600"
+    res = spec["deploymentSpec"]["executors"]["exec-batch-worker"]["container"]["resources"]
+    per_gpu = load_profiles([extra])["gke-l4-spot"].gpu  # the defaults: 8 CPUs, 48Gi per GPU
+    assert (per_gpu.cpu, per_gpu.memory) == ("8", "48Gi")
+    assert res["accelerator"]["resourceCount"] == "2"
+    assert (res["resourceCpuLimit"], res["resourceMemoryLimit"]) == ("16", "96Gi")  # per GPU, twice
+    assert platform["platforms"]["kubernetes"]["pipelineConfig"]["activeDeadlineSeconds"] == 86400
+    loop = next(c for n, c in spec["components"].items() if n.startswith("comp-for-loop"))
+    (worker,) = loop["dag"]["tasks"].values()
+    consts = {k: v.get("runtimeValue", {}).get("constant") for k, v in worker["inputs"]["parameters"].items()}
+    assert consts["processes"] == 2 and consts["local_weights"] == "/local-weights"
 
 
 def test_batch_parallelism_override(tmp_path):
@@ -266,7 +315,7 @@ def test_batch_parallelism_override(tmp_path):
     assert loop["iteratorPolicy"]["parallelismLimit"] == 2
 
 
-@pytest.mark.parametrize("profile, pipeline, fused", VARIANTS + [(None, "edit", False), (None, "batch", True)])
+@pytest.mark.parametrize("profile, pipeline, fused", VARIANTS + [(None, "edit", False), (None, "batch", False)])
 def test_strict_protobuf_parse(compiled, profile, pipeline, fused):
     spec, platform = load(compiled[(pipeline, profile, fused)])
     json_format.ParseDict(spec, pipeline_spec_pb2.PipelineSpec())  # unknown keys raise ParseError
@@ -282,7 +331,7 @@ def test_strict_protobuf_parse(compiled, profile, pipeline, fused):
 
 
 def test_compiling_twice_gives_identical_bytes(tmp_path):
-    for pipeline, profile, fused in [("edit", "gke-a100", False), ("batch", "on-prem", True)]:
+    for pipeline, profile, fused in [("edit", "gke-a100", False), ("batch", "on-prem", False)]:
         a = kfp_cli.compile_pipeline(pipeline, profile, tmp_path / "a", fused=fused)
         b = kfp_cli.compile_pipeline(pipeline, profile, tmp_path / "b", fused=fused)
         assert a.name == b.name and a.read_bytes() == b.read_bytes()
@@ -340,8 +389,10 @@ def test_unknown_profile_lists_known_ones(tmp_path):
 def test_cli_compile(tmp_path, capsys):
     from editinfinity.cli import main
 
-    assert main(["pipeline", "compile", "batch", "--profile", "on-prem", "--fused", "--out", str(tmp_path)]) == 0
+    assert main(["pipeline", "compile", "edit", "--profile", "on-prem", "--fused", "--out", str(tmp_path)]) == 0
     path = Path(capsys.readouterr().out.strip())
-    assert path == tmp_path / "batch-fused-on-prem.yaml" and path.is_file()
+    assert path == tmp_path / "edit-fused-on-prem.yaml" and path.is_file()
+    assert main(["pipeline", "compile", "batch", "--fused", "--out", str(tmp_path)]) == 2
+    assert "no fused variant" in capsys.readouterr().err
     assert main(["pipeline", "compile", "edit", "--profile", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown profile 'nope'" in capsys.readouterr().err

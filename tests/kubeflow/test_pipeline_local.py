@@ -19,7 +19,6 @@ import pytest
 
 from editinfinity import runtime
 from editinfinity.batch import cases as batch_cases
-from editinfinity.batch import summary as batch_summary
 from pipelines import cli as kfp_cli
 from pipelines.cli import PipelineRunError
 
@@ -152,63 +151,6 @@ def source_image(path: Path) -> Path:
 CASE = {"prompt": "a red circle on a gray background", "edit_prompt": "a green circle on a gray background"}
 
 
-def test_batch_runs_every_mode_and_collects_one_page(stubbed, tmp_path):
-    data = tmp_path / "data"
-    source_image(data / "images" / "a.png")
-    source_image(data / "images" / "b.png")
-    source_image(data / "masks" / "b.png")
-    manifest = data / "cases.jsonl"
-    manifest.write_text("\n".join(json.dumps(c) for c in [
-        {"id": "auto-1", "image": "images/a.png", **CASE, "mode": "auto", "target_word": "circle"},
-        {"id": "mask-1", "image": "images/b.png", **CASE, "mask": "masks/b.png"},
-        {"id": "whole-1", "image": str(data / "images" / "a.png"), **CASE, "mode": "whole"},
-    ]) + "\n")
-    out = tmp_path / "out"
-    run = kfp_cli.run_local("batch", pipeline_root=tmp_path / "root", parallelism=2, manifest_uri=str(manifest),
-                            output_uri=str(out), preset="tiny", prompt_iters=2, lora_iters=3, seed=5)
-    assert run.run_dir is not None and run.run_dir.is_dir()
-    log = calls(stubbed)
-    prepared = {c["prompt"] and c["mode"]: c for c in log if c["stage"] == "prepare"}
-    assert set(prepared) == {"auto", "mask", "whole"}
-    assert all(c["image_exists"] and c["models"] == {"preset": "tiny", "weights": None, "text_encoder": True}
-               for c in prepared.values())
-    assert prepared["auto"]["target_word"] == "circle" and prepared["auto"]["mask"] is None
-    assert prepared["mask"]["mask"].endswith("b.png") and prepared["mask"]["target_word"] is None
-    assert prepared["whole"]["mask"] is None and prepared["whole"]["resolution"] is None
-    by_stage = {}
-    for c in log:
-        by_stage.setdefault(c["stage"], []).append(c)
-    assert len(by_stage["attention"]) == 1  # auto only
-    assert sorted(c["attention_dir"] for c in by_stage["make_mask"]) == [False, True]  # mask, auto
-    assert sorted(c["mask_dir"] for c in by_stage["generate"]) == [False, True, True]  # whole, auto, mask
-    assert all(c["iters"] == 2 and c["seed"] == 5 for c in by_stage["tune_prompt"])
-    # the pods after prepare load no T5: the prompts' features travel in the case artifact
-    for stage in ("tune_prompt", "train_lora", "attention", "generate"):
-        assert all(c["models"]["text_encoder"] is False for c in by_stage[stage]), stage
-    assert all(c["iters"] == 3 for c in by_stage["train_lora"])
-    summaries = sorted(by_stage["summarize"], key=lambda c: (c["mask_dir"], c["attention_dir"]))
-    assert [(c["mask_dir"], c["attention_dir"]) for c in summaries] == [(False, False), (True, False), (True, True)]
-    # Timings travel through artifact metadata: generate carries the upstream stages to the summary.
-    auto_timings = summaries[-1]["timings"]
-    assert set(auto_timings) == {"prepare", "tune_prompt", "train_lora", "attention", "mask", "generate"}
-
-    for case_id, stages in [("auto-1", {"generate", "mask", "attention"}), ("mask-1", {"generate", "mask"}),
-                            ("whole-1", {"generate"})]:
-        case_out = out / case_id
-        assert (case_out / "_MANIFEST.json").is_file(), case_id  # published atomically through storage
-        assert {p.name for p in (case_out / "stages").iterdir()} == stages
-        assert (case_out / "report.html").is_file() and (case_out / "edited.png").is_file()
-    page = (out / "index.html").read_text()
-    assert all(case_id in page for case_id in ("auto-1", "mask-1", "whole-1"))
-    rows = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
-    assert [r["case_id"] for r in rows] == ["auto-1", "mask-1", "whole-1"]
-    # each row carries its own case's published summary (the stub's values differ per case)
-    for row in rows:
-        assert row["output_uri"] == str(out / row["case_id"])
-        assert row["metrics"] == json.loads((out / row["case_id"] / "summary.json").read_text())["metrics"]
-    assert len({row["metrics"]["psnr"] for row in rows}) == len(rows)
-
-
 def test_fused_run_splits_artifacts_and_skips_what_the_mode_skips(stubbed, tmp_path):
     image = source_image(tmp_path / "in" / "src.png")
     mask = source_image(tmp_path / "in" / "mask.png")
@@ -239,16 +181,6 @@ def test_failing_stage_reports_the_task(stubbed, tmp_path):
     assert "\x1b[" not in str(err.value)
 
 
-def test_bad_manifest_fails_in_read_manifest(stubbed, tmp_path):
-    manifest = tmp_path / "cases.jsonl"
-    manifest.write_text(json.dumps({"image": "a.png", "prompt": "p"}) + "\n")
-    with pytest.raises(PipelineRunError, match="read-manifest"):
-        kfp_cli.run_local("batch", pipeline_root=tmp_path / "root", manifest_uri=str(manifest),
-                          output_uri=str(tmp_path / "out"))
-    assert calls(stubbed) == []
-
-
-@pytest.mark.integration
 def test_edit_through_s3_on_moto(stubbed, tmp_path, monkeypatch):
     """Input image and weights by s3:// URI, outputs published to s3:// (moto on 127.0.0.1)."""
     boto3 = pytest.importorskip("boto3")
@@ -292,7 +224,7 @@ def test_edit_through_s3_on_moto(stubbed, tmp_path, monkeypatch):
 # -- runtime helpers, in-process --------------------------------------------------------------------------------
 
 
-def test_parse_manifest_normalises_and_resolves_paths():
+def test_parse_cases_normalises_and_resolves_paths():
     text = "\n".join([
         "# comment",
         json.dumps({"image": "img/a.png", **CASE, "target_word": "circle"}),
@@ -300,7 +232,7 @@ def test_parse_manifest_normalises_and_resolves_paths():
         json.dumps({"id": "b", "image": "gs://other/b.png", **CASE, "mask": "m/b.png"}),
         json.dumps({"image": "c.png", **CASE}),
     ])
-    cases = batch_cases.parse_manifest(text, manifest_uri="s3://bucket/batch/cases.jsonl", output_uri="s3://bucket/out/")
+    cases = batch_cases.parse_cases(text, cases_uri="s3://bucket/batch/cases.jsonl", output_uri="s3://bucket/out/")
     assert [c["id"] for c in cases] == ["case-0000", "b", "case-0002"]
     assert [c["mode"] for c in cases] == ["auto", "mask", "whole"]
     assert cases[0]["image"] == "s3://bucket/batch/img/a.png"
@@ -318,22 +250,14 @@ def test_parse_manifest_normalises_and_resolves_paths():
     ([json.dumps({"image": "a", **CASE, "mode": "most"})], "mode must be"),
     (["", "# only comments"], "no cases"),
 ])
-def test_parse_manifest_errors_name_the_line(lines, message):
+def test_parse_cases_errors_name_the_line(lines, message):
     from editinfinity.errors import InvalidCaseError
 
     with pytest.raises(InvalidCaseError, match=re.escape(message)):
-        batch_cases.parse_manifest("\n".join(lines), manifest_uri="cases.jsonl")
+        batch_cases.parse_cases("\n".join(lines), cases_uri="cases.jsonl")
 
 
-def test_batch_report_and_metrics():
-    results = [runtime.case_result(cid, f"s3://b/out/{cid}", {"spec": {"mode": m, "prompt": "p|q"},
-                                                               "metrics": {"psnr": v, "region": "bg"},
-                                                               "seconds": {"total": 10.0}})
-               for cid, m, v in [("z", "auto", 30.0), ("a", "whole", 20.0)]]
-    report = batch_summary.batch_report(results)
-    assert [r["case_id"] for r in report.rows] == ["a", "z"]
-    assert report.metrics == {"cases": 2.0, "mean_psnr": 25.0}
-    assert 'href="s3://b/out/a/report.html"' in report.html and "p/q" in report.markdown
+def test_summary_metrics():
     assert runtime.summary_metrics({"metrics": {"psnr": 30.5, "ssim": 0.9, "region": "x", "ok": True},
                                     "seconds": {"train_lora": 12}}, {"generate": 3.0}) == {
         "psnr": 30.5, "seconds_generate": 3.0, "seconds_train_lora": 12.0, "ssim": 0.9}

@@ -15,21 +15,21 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def _join_uri(base_dir: str, ref: str) -> str:
-    """Resolve a manifest entry against the manifest's folder (URIs and absolute paths stay as they are)."""
+    """Resolve a path of a case against the cases file's folder (URIs and absolute paths stay as they are)."""
     if not ref or _has_scheme(ref) or os.path.isabs(ref):
         return ref
     return posixpath.join(base_dir, ref) if _has_scheme(base_dir) else os.path.join(base_dir, ref)
 
 
-def parse_manifest(text: str, *, manifest_uri: str = "manifest", output_uri: str = "") -> list[dict[str, str]]:
+def parse_cases(text: str, *, cases_uri: str = "cases", output_uri: str = "") -> list[dict[str, str]]:
     """Validate JSONL cases; each becomes a dict of strings (the ParallelFor item). Errors name the line."""
-    base = posixpath.dirname(manifest_uri) if _has_scheme(manifest_uri) else os.path.dirname(manifest_uri)
+    base = posixpath.dirname(cases_uri) if _has_scheme(cases_uri) else os.path.dirname(cases_uri)
     cases: list[dict[str, str]] = []
     seen: set[str] = set()
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        where = f"{manifest_uri} line {lineno}"
+        where = f"{cases_uri} line {lineno}"
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -56,13 +56,13 @@ def parse_manifest(text: str, *, manifest_uri: str = "manifest", output_uri: str
         case["output_uri"] = f"{output_uri.rstrip('/')}/{case['id']}" if output_uri else ""
         cases.append(case)
     if not cases:
-        raise InvalidCaseError(f"{manifest_uri}: no cases (one JSON object per line)")
+        raise InvalidCaseError(f"{cases_uri}: no cases (one JSON object per line)")
     return cases
 
 
-def read_manifest(manifest_uri: str, output_uri: str = "") -> list[dict[str, str]]:
-    """Read a JSONL manifest by URI and validate it (see ``parse_manifest``)."""
+def read_cases(cases_uri: str, output_uri: str = "") -> list[dict[str, str]]:
+    """Read a JSONL cases file by path or URI and validate it (see ``parse_cases``)."""
     from .. import storage
 
-    return parse_manifest(storage.read_bytes(manifest_uri).decode("utf-8"), manifest_uri=manifest_uri,
+    return parse_cases(storage.read_bytes(cases_uri).decode("utf-8"), cases_uri=cases_uri,
                           output_uri=output_uri)

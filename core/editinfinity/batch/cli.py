@@ -11,13 +11,6 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def read_cases(cases_uri: str, output_uri: str) -> list[dict]:
-    """Read a JSONL cases file by path or URI (one case per line; see the batch pipeline's docs)."""
-    from .cases import read_manifest
-
-    return read_manifest(cases_uri, output_uri)
-
-
 def _parts(text: str) -> tuple[int, int]:
     i, sep, n = text.partition("/")
     if not sep or not i.isdigit() or not n.isdigit() or not 0 <= int(i) < int(n):
@@ -55,6 +48,7 @@ def add_batch_parser(sub) -> None:
     c.add_argument("--devices", default=None,
                    help="one worker process per entry, e.g. cuda:0,cuda:1 (a device may repeat)")
     c.add_argument("--learned-cache", default=None, help="learned-state cache folder (shared by re-runs)")
+    c.add_argument("--local-weights", default=None, help="copy the weights to this node-local folder first")
     c.set_defaults(handler=_cmd_work)
 
     c = cmds.add_parser("summary", help="publish the summary page (index.html) over every case's outcome")
@@ -76,6 +70,7 @@ def _settings(args):
 
 
 def _make_plan(args):
+    from .cases import read_cases
     from .plan import make_plan
 
     return make_plan(read_cases(args.cases, args.output_uri), output_uri=args.output_uri, shards=args.shards,
@@ -96,10 +91,11 @@ def _cmd_plan(args) -> int:
 def _work(plan_path, plan, shard: int, args) -> list[dict]:
     from .worker import run_processes, run_shard
 
+    kw = {"learned_cache": args.learned_cache, "local_weights": getattr(args, "local_weights", None)}
     if args.devices:
-        return run_processes(plan_path, shard, args.devices.split(","), learned_cache=args.learned_cache)
+        return run_processes(plan_path, shard, args.devices.split(","), **kw)
     return run_shard(plan, shard, device=getattr(args, "device", None), part=getattr(args, "part", (0, 1)),
-                     learned_cache=args.learned_cache, progress=not args.quiet)
+                     progress=not args.quiet, **kw)
 
 
 def _counts(statuses: list[dict]) -> dict:

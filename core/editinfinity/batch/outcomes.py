@@ -16,6 +16,8 @@ from .plan import BatchPlan
 from .worker import case_uri, is_done, read_status
 
 OUTCOMES = ("done", "failed", "invalid", "not run")
+#: Figures of a case's metrics that are counts, not quality measures (not shown or averaged).
+COUNTS = frozenset({"pixels"})
 
 
 def outcomes(plan: BatchPlan) -> list[dict]:
@@ -66,7 +68,7 @@ def summarize_batch(plan: BatchPlan) -> BatchSummary:
     rows = outcomes(plan)
     counts = {o: sum(r["status"] == o for r in rows) for o in OUTCOMES}
     metric_names = sorted({k for r in rows for k, v in (r.get("metrics") or {}).items()
-                           if isinstance(v, (int, float)) and not isinstance(v, bool)})
+                           if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in COUNTS})
     head = ["case", "outcome", "mode", "edit prompt", *metric_names, "seconds", "result or error"]
     body, md = [], ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -76,11 +78,11 @@ def summarize_batch(plan: BatchPlan) -> BatchSummary:
                  *[f"{metrics[m]:.4g}" if m in metrics else "" for m in metric_names],
                  f"{seconds:.1f}" if isinstance(seconds, (int, float)) else ""]
         if r["status"] == "done":
-            link = browser_link(f"{r['output_uri']}/report.html", plan.output_uri)
-            last_html, last_md = f'<a href="{html.escape(link)}">report</a>', link
+            last_md = browser_link(f"{r['output_uri']}/report.html", plan.output_uri)
+            last_html = f'<a href="{html.escape(last_md)}">report</a>'
         else:
-            last_html = last_md = html.escape(r.get("error", "")) if r.get("error") else ""
             last_md = r.get("error", "")
+            last_html = html.escape(last_md)
         colour = {"done": "#e6f4ea", "failed": "#fce8e6", "invalid": "#fef7e0"}.get(r["status"], "#eeeeee")
         body.append(f'<tr style="background:{colour}">' + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells)
                     + f"<td>{last_html}</td></tr>")

@@ -25,6 +25,7 @@ import traceback
 from pathlib import Path
 
 from ..errors import EditInfinityError
+from ..runtime import resolve_weights
 from .plan import BatchPlan, read_plan, split
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class Worker:
     """Models loaded once for a plan's settings; :meth:`run` processes groups of cases."""
 
     def __init__(self, plan: BatchPlan, *, device: str | None = None, models=None, learned_cache=None,
-                 name: str = "worker", progress: bool = False):
+                 local_weights=None, name: str = "worker", progress: bool = False):
         from ..edit.settings import EditSettings
 
         self.plan, self.name, self.progress = plan, name, progress
@@ -90,6 +91,8 @@ class Worker:
             from ..models.bundle import load_models
 
             weights = resolve_weights(plan.weights)
+            if weights and local_weights:
+                weights = str(copy_weights(weights, local_weights))
             models = load_models(plan.preset or None, weights=weights, device=device,
                                  bias_mode=self.settings.bias_mode)
         self.models = models
@@ -183,22 +186,35 @@ class Worker:
             torch.cuda.empty_cache()
 
 
-def resolve_weights(weights: str) -> str | None:
-    """A local weights location: "" -> None (the preset's own); a gs:// / s3:// URI is fetched once into the
-    storage cache (the model-cache volume in a pod); a directory or hub id is passed through."""
-    if not weights:
-        return None
-    if weights.startswith("file://"):
-        return weights[len("file://"):]
-    if "://" in weights:
-        from .. import storage
+def copy_weights(weights: str, local_dir) -> Path:
+    """Copy a weights directory once to node-local disk (``local_dir/<name>``, published by one rename, so
+    concurrent workers of a pod copy it once and never read a half-copied folder); returns the copy."""
+    import shutil
 
-        return str(storage.cached_path(weights))
-    return weights
+    src = Path(weights)
+    if not src.is_dir():
+        return src  # a hub id or a file: nothing to copy
+    dest = Path(local_dir) / src.name
+    if dest.is_dir():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{src.name}.", dir=dest.parent))
+    try:
+        t = time.perf_counter()
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another worker's copy won
+            if not dest.is_dir():
+                raise
+        log.info("weights copied to %s (%.1f s)", dest, time.perf_counter() - t)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 def run_shard(plan: BatchPlan, shard: int, *, device: str | None = None, part: tuple[int, int] = (0, 1),
-              learned_cache=None, progress: bool = False) -> list[dict]:
+              learned_cache=None, local_weights=None, progress: bool = False) -> list[dict]:
     """Run part ``part[0]`` of ``part[1]`` of ``shard`` in this process."""
     groups = plan.shard_groups(shard)
     index, parts = part
@@ -207,22 +223,28 @@ def run_shard(plan: BatchPlan, shard: int, *, device: str | None = None, part: t
         groups = [groups[g] for g in pieces[index]] if index < len(pieces) else []
     if not groups:
         return []
-    worker = Worker(plan, device=device, learned_cache=learned_cache, name=f"shard{shard}.{index}",
-                    progress=progress)
+    worker = Worker(plan, device=device, learned_cache=learned_cache, local_weights=local_weights,
+                    name=f"shard{shard}.{index}", progress=progress)
     return worker.run(groups)
 
 
-def run_processes(plan_path, shard: int, devices: list[str], *, learned_cache=None, log_dir=None) -> list[dict]:
+def run_processes(plan_path, shard: int, devices: list[str], *, learned_cache=None, local_weights=None,
+                  log_dir=None) -> list[dict]:
     """One worker process per entry of ``devices`` (``cuda:0,cuda:1``; a device may repeat), each over its part of
     ``shard``; waits for all and returns every case's status (read back from ``_status/``; a process that died
     leaves its cases without one: they are reported ``failed`` with the process's exit code)."""
     plan = read_plan(plan_path)
+    weights = resolve_weights(plan.weights)
+    if weights and local_weights:
+        copy_weights(weights, local_weights)  # once, before the processes look for it
     procs = []
     for i, dev in enumerate(devices):
         cmd = [sys.executable, "-m", "editinfinity.cli", "-q", "batch", "work", "--plan", str(plan_path), "--shard",
                str(shard), "--part", f"{i}/{len(devices)}", "--device", dev]
         if learned_cache:
             cmd += ["--learned-cache", str(learned_cache)]
+        if local_weights:
+            cmd += ["--local-weights", str(local_weights)]
         out = open(Path(log_dir) / f"worker-{shard}-{i}.log", "w") if log_dir else None  # noqa: SIM115
         procs.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
                                        env={**os.environ, "PYTHONUNBUFFERED": "1"}), out))
