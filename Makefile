@@ -76,7 +76,9 @@ CUDA_BUILD_ARGS ?=
 GIT_REVISION ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)$(shell git diff --quiet HEAD -- 2>/dev/null || echo -dirty)
 CPU_IMAGE ?= $(IMAGE_REPO):$(VERSION)-cpu
 CUDA_IMAGE ?= $(IMAGE_REPO):$(VERSION)-cuda
+# The revision goes in as a label flag too: buildah reuses a cached LABEL layer when only the ARG changed.
 IMAGE_ARGS = --build-arg TORCH_VERSION=$(TORCH_VERSION) --build-arg GIT_REVISION=$(GIT_REVISION) \
+	--label org.opencontainers.image.revision=$(GIT_REVISION) \
 	$(if $(filter local,$(BASE)),--build-arg PYTHON_IMAGE=$(BASE_IMAGE))
 CPU_TORCH_ARGS = $(if $(TORCH_WHEELS),--build-arg TORCH_INDEX_URL=,$(if $(TORCH_INDEX_URL),--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL)))
 
