@@ -448,8 +448,8 @@ def test_toy_driver_writes_a_loadable_directory_and_the_eval_script_runs_on_it(t
                           "--lora-iters", "1", "--out", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
     assert "vae" not in report and "text_to_image" not in report and set(report["edits"]) == {"mask"}
-    assert report["passed"] == {"vae_psnr": None, "text_to_image": None, "edit_auto_present": None,
-                                "edit_auto_psnr_outside": None}
+    assert set(report["passed"]) >= {"vae_psnr", "text_to_image", "edit_auto_present", "edit_auto_mask_iou"}
+    assert set(report["passed"].values()) == {None}
 
 
 def test_lineage_keeps_the_whole_history_of_chained_init_from_runs(tmp_path):

@@ -338,16 +338,17 @@ def _evaluation_lines(ev: dict[str, Any]) -> list[str]:
                           for k, b in sorted(by.items()))
         lines.append(f"- Text to image: every object's colour and shape as prompted in "
                      f"{100 * t['objects_ok_rate']:.1f}% of {t['n']} generations ({parts}; backgrounds "
-                     f"{100 * t['background_ok_rate']:.0f}%) [>= 90%].")
+                     f"{100 * t['background_ok_rate']:.0f}%) [>= 95%, two objects >= 90%].")
     for mode, name in (("auto", "automatic mask"), ("mask", "user mask"), ("whole", "whole image")):
         e = (ev.get("edits") or {}).get(mode) or {}
         if not e.get("n"):
             continue
-        target = " [>= 80%, >= 30 dB]" if mode == "auto" else ""
+        target = " [>= 92%, >= 30 dB; mask IoU >= 0.75]" if mode == "auto" else ""
+        iou = f"; mask IoU with the true region {e['mask_iou_mean']:.2f} mean" if e.get("mask_iou_mean") else ""
         lines.append(f"- Editing, {name}, {e['n']} cases: requested attribute present in {100 * e['present_rate']:.1f}%; "
                      f"PSNR outside the dilated edit region {e['psnr_outside_mean']:.1f} dB mean, "
                      f"{e['psnr_outside_median']:.1f} dB median, {100 * e['psnr_outside_ge_30_rate']:.0f}% >= 30 dB"
-                     f"{target}; {e['seconds_per_edit']:.1f} s per edit.")
+                     f"{iou}{target}; {e['seconds_per_edit']:.1f} s per edit.")
     return lines
 
 
