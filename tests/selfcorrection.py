@@ -1,6 +1,6 @@
 """Reading the noisy chain back out of bitwise self-correction's outputs, for property tests.
 
-Bitwise self-correction (docs/method.md, "Bitwise self-correction") returns only labels and next-scale inputs; the
+Bitwise self-correction (docs/method.md, "Settings": self-correction strength and scales) returns only labels and next-scale inputs; the
 flipped codes that produced the inputs are not returned. They are recovered here from the inputs themselves: the
 input of scale k+1 is the running sum of the upsampled codes of scales <= k resized to scale k+1's grid, which is
 linear in scale k's codes, so subtracting the resized sum of the earlier (already recovered) codes leaves a linear

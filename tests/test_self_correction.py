@@ -1,5 +1,5 @@
-"""Bitwise self-correction with the noise on, as properties of its outputs (docs/method.md, "Bitwise
-self-correction"): the labels are the signs of the residual left by the *noisy* codes, flips stop at
+"""Bitwise self-correction with the noise on, as properties of its outputs (docs/method.md, "Settings": the
+self-correction rows): the labels are the signs of the residual left by the *noisy* codes, flips stop at
 ``noise_layers``, and the flip rate follows the strength. The noisy codes are read back from the inputs
 (tests/selfcorrection.py), so nothing here repeats the random draws."""
 

@@ -1,5 +1,5 @@
-"""Which text, inputs and adapter each stage gives the transformer (docs/method.md, "Stages"), read from what the
-transformer receives: prompt tuning and LoRA train on the styled source prompt plus the learned rows, with
+"""Which text, inputs and adapter each stage gives the transformer (as the published training and edit scripts run
+them), read from what the transformer receives: prompt tuning and LoRA train on the styled source prompt plus the learned rows, with
 self-corrected (flipped) inputs; attention reads the plain source prompt with no rows and no LoRA, teacher-forced
 on the source codes; generation samples from the styled edit prompt plus the rows, with the adapter applied."""
 
