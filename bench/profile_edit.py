@@ -35,7 +35,13 @@ from editinfinity.edit.lora import lora_adapter, lora_config, lora_loss, lora_pa
 from editinfinity.edit.prepare import prepare_case
 from editinfinity.edit.prompt_tuning import prompt_tuning_loss
 from editinfinity.edit.settings import EditSettings
-from editinfinity.edit.training import make_generator, on_device, stage_checkpoint_blocks, training_mode
+from editinfinity.edit.training import (
+    learning_rate,
+    make_generator,
+    on_device,
+    stage_checkpoint_blocks,
+    training_mode,
+)
 from editinfinity.models import schedules
 from editinfinity.models.bundle import load_models
 from editinfinity.models.infinity import TextConditionCache
@@ -195,7 +201,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
     ap.add_argument("--checkpointing", default="auto")
     ap.add_argument("--low-memory", action="store_true")
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                    help="torch.compile of the training blocks (auto: on CUDA); the first updates compile")
+    ap.add_argument("--only-training", action="store_true", help="profile the two updates only")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--timed", type=int, default=3)
     ap.add_argument("--row-limit", type=int, default=25)
@@ -235,7 +243,7 @@ def main() -> None:
     # 1. one prompt-tuning update (forward, backward to the rows, clip, AdamW step)
     n_ckpt = stage_checkpoint_blocks(models, case, settings)
     rows = torch.zeros(settings.style_rows, case.text["source_styled"].channels, device=device, requires_grad=True)
-    opt = torch.optim.AdamW([rows], lr=settings.lr, fused=device.type == "cuda" or None)
+    opt = torch.optim.AdamW([rows], lr=learning_rate(settings, models), fused=device.type == "cuda" or None)
     gen = make_generator(device, 0)
 
     def prompt_update():
@@ -254,7 +262,7 @@ def main() -> None:
     # 2. one LoRA update (cached text path, as the stage)
     with lora_adapter(model, lora_config(settings), seed=0) as m:
         params = lora_parameters(m)
-        lopt = torch.optim.AdamW(params, lr=settings.lr, fused=device.type == "cuda" or None)
+        lopt = torch.optim.AdamW(params, lr=learning_rate(settings, models), fused=device.type == "cuda" or None)
         cache = TextConditionCache(m, lora_text(models, case, rows, settings))
 
         def lora_update():
@@ -266,6 +274,14 @@ def main() -> None:
         with training_mode(m, settings, checkpoint_blocks=n_ckpt):
             region("lora_update", lora_update, f"{n_ckpt} blocks checkpointed")
         state = {k: v.detach().clone() for k, v in m.state_dict().items() if "lora_" in k}
+    if args.only_training:
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"profile_training_{'h200' if 'H200' in (report['gpu'] or '') else device.type}"
+        (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out_dir / f"{stem}.txt").write_text("\n".join(text_out) + "\n")
+        print("\n".join(text_out))
+        return
 
     # 3. one generation: plain (the bench/generate.py figure) and as the generate stage runs it (LoRA + blending)
     text = case.text["edit_styled"].append_rows(rows)

@@ -21,12 +21,13 @@ from editinfinity.edit.lora import lora_adapter, lora_config, lora_parameters, t
 from editinfinity.edit.prepare import prepare_case
 from editinfinity.edit.prompt_tuning import tune_prompt_embedding
 from editinfinity.edit.run import run_edit
-from editinfinity.edit.settings import EditSettings, parse_checkpointing
-from editinfinity.edit.training import attention_backend, checkpoint_block_count, optimize
+from editinfinity.edit.settings import EditSettings, compile_enabled, parse_checkpointing
+from editinfinity.edit.training import attention_backend, checkpoint_block_count, optimize, training_mode
 from editinfinity.errors import InvalidCaseError
 from editinfinity.models import schedules
 from editinfinity.models.bundle import load_models, resolve_frozen_dtype
 from editinfinity.models.infinity import Infinity, TextConditionCache, bit_loss
+from editinfinity.models.layers import key_padding_mask
 from editinfinity.models.quantizer import inputs_from_bits
 from editinfinity.models.text import TextFeatures
 
@@ -401,13 +402,73 @@ def test_settings_parse_and_round_trip():
     s = EditSettings.from_profile("default", checkpointing="8", low_memory=True)
     assert s.checkpointing == 8 and s.low_memory and s.effective_checkpointing == 8
     assert EditSettings(low_memory=True).effective_checkpointing == "all"
-    assert EditSettings().effective_checkpointing == "auto" and not EditSettings().compile
+    assert EditSettings().effective_checkpointing == "auto" and EditSettings().compile == "auto"
     assert EditSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
     with pytest.raises(InvalidCaseError):
         EditSettings.from_profile("default", checkpointing="lots")
     assert EditSettings.from_profile("default", attention_backend="cudnn").attention_backend == "cudnn"
     with pytest.raises(InvalidCaseError, match="attention_backend"):
         EditSettings.from_profile("default", attention_backend="fast")
+
+
+def test_compile_setting_is_on_for_cuda_only_by_default():
+    assert compile_enabled(EditSettings().compile, "cuda") and not compile_enabled(EditSettings().compile, "cpu")
+    for value, on in ((True, True), ("on", True), ("TRUE", True), (False, False), ("off", False), ("0", False)):
+        s = EditSettings.from_profile("default", compile=value)
+        assert s.compile in ("on", "off")
+        assert compile_enabled(s.compile, "cpu") is on and compile_enabled(s.compile, "cuda") is on
+        assert EditSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    with pytest.raises(InvalidCaseError, match="compile"):
+        EditSettings.from_profile("default", compile="fast")
+
+
+def test_training_mode_compiles_only_where_the_setting_says():
+    m = make_model()
+    seen = []
+    m.set_block_compile = lambda enabled: seen.append(enabled)  # record, compile nothing
+    for setting, expected in (("auto", False), ("on", True), ("off", False)):
+        seen.clear()
+        with training_mode(m, EditSettings(compile=setting)):
+            assert m.training
+        assert seen == [expected, False], setting
+
+
+def test_compile_cache_folder_and_portable_file(tmp_path, monkeypatch):
+    """The cache folder follows EDITINFINITY_CACHE unless TORCHINDUCTOR_CACHE_DIR is set; a process that compiled
+    nothing writes no portable file."""
+    from editinfinity.models import compile_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("EDITINFINITY_CACHE", str(tmp_path / "cache"))
+    assert compile_cache.compile_cache_dir() == tmp_path / "cache" / compile_cache.SUBDIR
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    assert compile_cache.compile_cache_dir() == tmp_path / "inductor"
+    monkeypatch.setitem(compile_cache._state, "prepared", False)
+    monkeypatch.setitem(compile_cache._state, "loaded", [])
+    (tmp_path / "inductor").mkdir()
+    (tmp_path / "inductor" / f"{compile_cache.MEGA_PREFIX}{compile_cache._torch_tag()}-broken.bin").write_bytes(b"x")
+    assert compile_cache.prepare_compile_cache() == tmp_path / "inductor"  # a bad file is skipped, not fatal
+    assert compile_cache._state["loaded"] == []
+    stats = compile_cache.compile_cache_stats()
+    monkeypatch.setitem(compile_cache._state, "misses_saved", stats["fxgraph_cache_miss"] + stats["autograd_cache_miss"])
+    assert compile_cache.save_compile_cache() is None
+
+
+def test_text_padding_reads_nothing_back_from_the_device(monkeypatch):
+    """Padding a text batch and its SDPA mask come from the lengths (host), not from tensors read back per step."""
+    text = TextFeatures(torch.randn(9, 4), [4, 5])
+    rows, mask = text.padded()
+    assert mask.tolist() == [[True] * 4 + [False], [True] * 5]
+    assert torch.equal(rows[0, :4], text.features[:4]) and torch.equal(rows[1], text.features[4:])
+    assert not rows[0, 4].any()
+    same = TextFeatures(torch.randn(6, 4), [3, 3])
+    same_mask = same.padded()[1]  # first use of these lengths: the index is built once, on the host
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda *a, **k: pytest.fail("nonzero per step"))
+    monkeypatch.setattr(torch.Tensor, "all", lambda *a, **k: pytest.fail("mask read back"))
+    again, mask2 = text.padded()
+    assert torch.equal(again, rows) and mask2 is mask
+    assert key_padding_mask(mask, text.lens).shape == (2, 1, 1, 5)
+    assert key_padding_mask(same.padded()[1], same.lens) is None and same.padded()[1] is same_mask
 
 
 def test_attention_backend_context_restores_the_kernel_switches():

@@ -7,8 +7,9 @@ updates, LoRA effective batch 2. Condition dropout and DropPath are on in both, 
 Speed/memory settings change how the training stages run, not what they compute: ``checkpointing`` (activation
 checkpointing of the transformer blocks: ``"auto"`` sizes it to the GPU memory, see
 :func:`editinfinity.edit.training.checkpoint_block_count`), ``low_memory`` (every block checkpointed, T5 offloaded
-after prepare, cached GPU memory released between stages), ``compile`` (``torch.compile`` of the training blocks)
-and ``attention_backend`` (the SDPA kernel the training stages prefer on CUDA).
+after prepare, cached GPU memory released between stages), ``compile`` (``torch.compile`` of the training blocks:
+``"auto"`` = on CUDA only, see :func:`compile_enabled`) and ``attention_backend`` (the SDPA kernel the training stages
+prefer on CUDA).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from ..errors import InvalidCaseError
 
 CHECKPOINTING_MODES = ("auto", "none", "all")
+COMPILE_MODES = ("auto", "on", "off")
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 
@@ -36,6 +38,25 @@ def parse_checkpointing(value: str | int) -> str | int:
     if text.isdigit():
         return int(text)
     raise InvalidCaseError(f"checkpointing must be auto, none, all or a number of blocks, got {value!r}")
+
+
+def parse_compile(value: str | bool) -> str:
+    """``"auto"``, ``"on"``/``True`` or ``"off"``/``False`` (also ``"true"``/``"false"``/``"1"``/``"0"``) -> canonical."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    text = str(value).strip().lower()
+    text = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}.get(text, text)
+    if text not in COMPILE_MODES:
+        raise InvalidCaseError(f"compile must be auto, on or off, got {value!r}")
+    return text
+
+
+def compile_enabled(value: str | bool, device_type: str) -> bool:
+    """Whether the training blocks run through ``torch.compile``: ``"auto"`` on CUDA (the first update of a process
+    compiles, or loads the persistent compile cache), never on the CPU (compiling there costs more than it saves
+    at the tiny and toy sizes, and keeps CI fast); ``"on"``/``"off"`` everywhere."""
+    mode = parse_compile(value)
+    return mode == "on" or (mode == "auto" and device_type == "cuda")
 
 
 @dataclass
@@ -84,10 +105,11 @@ class EditSettings:
     # q/v biases: "upstream" uses them (the weights were trained with them), "editinfinity" ignores them.
     bias_mode: str = "upstream"
     # Speed and memory (module docstring): activation checkpointing of the training blocks, the low-memory setting
-    # and torch.compile of the training blocks (the first update then compiles, tens of seconds at 2B).
+    # and torch.compile of the training blocks ("auto": on CUDA; a process's first update compiles, or loads the
+    # persistent cache under $EDITINFINITY_CACHE: see models/compile_cache.py).
     checkpointing: str | int = "auto"
     low_memory: bool = False
-    compile: bool = False
+    compile: str | bool = "auto"
     # SDPA kernel preferred by the training stages on CUDA ("auto": PyTorch's choice); others fall back if unusable.
     attention_backend: str = "auto"
     profile: str = "default"
@@ -125,6 +147,7 @@ class EditSettings:
         if self.lora_batch < 1:
             raise InvalidCaseError("lora_batch must be >= 1")
         self.checkpointing = parse_checkpointing(self.checkpointing)
+        self.compile = parse_compile(self.compile)
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise InvalidCaseError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                                    f"got {self.attention_backend!r}")

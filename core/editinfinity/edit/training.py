@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 
 from ..models import schedules
 from ..models.bundle import ModelBundle
+from ..models.compile_cache import save_compile_cache
 from ..models.quantizer import bitwise_self_correction
 from ..models.text import TextFeatures
 from .prepare import CaseData
-from .settings import EditSettings, parse_checkpointing
+from .settings import EditSettings, compile_enabled, parse_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +120,16 @@ def stage_checkpoint_blocks(models: ModelBundle, case: CaseData, settings: EditS
 @contextlib.contextmanager
 def training_mode(transformer: torch.nn.Module, settings: EditSettings, *, checkpoint_blocks: int = 0):
     """Train mode with the settings' condition dropout and DropPath rates, ``checkpoint_blocks`` blocks
-    checkpointed, ``settings.compile`` and ``settings.attention_backend`` applied; restores eval mode (and no
-    checkpointing/compile, the default attention kernels) afterwards."""
+    checkpointed, ``settings.compile`` (:func:`compile_enabled` on the model's device) and
+    ``settings.attention_backend`` applied; restores eval mode (and no checkpointing/compile, the default attention
+    kernels) afterwards, and writes what was newly compiled to the persistent compile cache."""
     previous = (transformer.cond_drop_rate, transformer.drop_path_rate)
     speed = hasattr(transformer, "set_activation_checkpointing")
+    compiled = speed and compile_enabled(settings.compile, transformer.device.type)
     transformer.set_regularization(cond_drop_rate=settings.cond_drop_rate, drop_path_rate=settings.drop_path_rate)
     if speed:
         transformer.set_activation_checkpointing(checkpoint_blocks)
-        transformer.set_block_compile(settings.compile)
+        transformer.set_block_compile(compiled)
     transformer.train()
     try:
         with attention_backend(getattr(settings, "attention_backend", "auto"), transformer.device):
@@ -137,6 +140,8 @@ def training_mode(transformer: torch.nn.Module, settings: EditSettings, *, check
         if speed:
             transformer.set_activation_checkpointing(0)
             transformer.set_block_compile(False)
+        if compiled:
+            save_compile_cache()
 
 
 def on_device(case: CaseData, device: torch.device, variants: Iterable[str] = ()) -> CaseData:

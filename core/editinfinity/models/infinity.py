@@ -308,10 +308,14 @@ class Infinity(ModelMixin, ConfigMixin):
         Generation (KV cache, a new shape every scale), eval-mode forwards and attention probes stay eager. The
         blocks share their compiled graphs (same code, parameters are graph inputs; a few variants: the first
         block's input has no gradient, LoRA or not); the first update of a process compiles. Random ops (LoRA
-        dropout) stay eager kernels (``fallback_random``), so their draws equal the eager ones.
+        dropout) stay eager kernels (``fallback_random``), so their draws equal the eager ones. Compiled code is
+        cached on disk (:mod:`.compile_cache`), so a later process starts warm.
         """
         self._compile_blocks = bool(enabled)
         if enabled and self._compiled_block is None:
+            from .compile_cache import prepare_compile_cache
+
+            prepare_compile_cache()
             self._compiled_block = torch.compile(_run_block, dynamic=False, options={"fallback_random": True})
 
     def _schedule_tensor(self, kind: str, sched, device: torch.device, build: Callable) -> torch.Tensor:
@@ -359,7 +363,7 @@ class Infinity(ModelMixin, ConfigMixin):
         with torch.autocast(device_type=self.device.type, enabled=False):
             normed = self.text_norm(feats)
             rows, mask = TextFeatures(normed, text.lens).padded()
-            attn_mask = key_padding_mask(mask)
+            attn_mask = key_padding_mask(mask, text.lens)
             cond_BD = self.text_proj_for_sos(rows, attn_mask).float()
             memory, _ = TextFeatures(self.text_proj_for_ca(normed), text.lens).padded()
             gss = self.shared_ada_lin(cond_BD).view(cond_BD.shape[0], 1, 6, -1)

@@ -37,9 +37,14 @@ def layer_norm32(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
 
 
-def key_padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(B, T) bool (True = real row) -> (B, 1, 1, T) for SDPA; None when nothing is padded (keeps flash usable)."""
-    if mask is None or bool(mask.all()):
+def key_padding_mask(mask: torch.Tensor | None, lens: Sequence[int] | None = None) -> torch.Tensor | None:
+    """(B, T) bool (True = real row) -> (B, 1, 1, T) for SDPA; None when nothing is padded (keeps flash usable).
+
+    ``lens`` (rows per sample, when known) decides that on the host, without reading the mask back from the device.
+    """
+    if mask is None:
+        return None
+    if (min(lens) == max(lens)) if lens is not None else bool(mask.all()):
         return None
     return mask[:, None, None, :]
 

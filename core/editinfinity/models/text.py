@@ -51,6 +51,23 @@ def style_prompt(prompt: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+_PADDING_INDEX: dict = {}
+
+
+def _padding_index(lens: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, max_len)`` bool mask (True = real row) and the flat padded positions of the compacted rows, built on
+    the host and kept on ``device`` per length tuple: no host copy or sync when a training step pads its text."""
+    key = (lens, str(device))
+    found = _PADDING_INDEX.get(key)
+    if found is None:
+        mask = torch.arange(max(lens))[None, :] < torch.tensor(lens)[:, None]
+        dest = mask.reshape(-1).nonzero().squeeze(1)
+        if len(_PADDING_INDEX) > 256:  # lengths vary with prompts; keep the table small
+            _PADDING_INDEX.clear()
+        found = _PADDING_INDEX[key] = (mask.to(device), dest.to(device))
+    return found
+
+
 @dataclass
 class TextFeatures:
     """A batch of prompts as compacted T5 rows.
@@ -101,10 +118,8 @@ class TextFeatures:
     def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, max_len, C)`` features (zeros after each sample's rows) and a ``(B, max_len)`` bool mask, True = real row."""
         b, m = self.batch_size, self.max_len
-        lens = torch.tensor(self.lens, device=self.features.device)
-        mask = torch.arange(m, device=self.features.device)[None, :] < lens[:, None]
+        mask, dest = _padding_index(tuple(self.lens), self.features.device)
         # index_copy keeps the graph to `features` (learned rows need their gradient) without a Python loop.
-        dest = mask.reshape(-1).nonzero().squeeze(1)
         flat = self.features.new_zeros(b * m, self.channels).index_copy(0, dest, self.features)
         return flat.view(b, m, self.channels), mask
 
