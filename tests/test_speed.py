@@ -262,6 +262,10 @@ def test_checkpoint_block_count():
     assert checkpoint_block_count("auto", **two_b, device="cuda", allocated_bytes=7 * gib, free_bytes=3 * gib) == 32
     assert checkpoint_block_count("auto", **two_b, batch=2, device="cuda", allocated_bytes=7 * gib,
                                   free_bytes=130 * gib) > n
+    # Compiled blocks keep fewer bytes: fewer blocks to checkpoint for the same budget.
+    compiled = checkpoint_block_count("auto", **two_b, device="cuda", allocated_bytes=7 * gib, free_bytes=130 * gib,
+                                      compiled=True)
+    assert 0 < compiled < n
     small = dict(depth=32, tokens=schedules.num_tokens(schedules.get_schedule(1.0, "0.25M")), width=2048)
     assert checkpoint_block_count("auto", **small, device="cuda", allocated_bytes=7 * gib, free_bytes=130 * gib) == 0
 

@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 #: (peak 55.0 GiB with float32 weights: 8.2 GiB transformer + 4.6 GiB T5 + 4.0 GiB bf16 weight copies kept by
 #: autograd + ~0.3 GiB VAE leave ~37.9 GiB for 32 blocks of 10521 tokens x 2048 channels = 59 bytes), rounded up.
 ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 64
+#: The same when the blocks run through torch.compile: the fused elementwise chains keep fewer intermediates. From
+#: the 2B at 1M on an H200 (bench/results/edit_h200.json): compiled, 12 blocks checkpointed peaked at 28.24 GiB and
+#: none at 38.63 GiB, so a plain block keeps 43.2 bytes more than a checkpointed one (4): 47.2, rounded up.
+COMPILED_ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 48
 #: What a checkpointed block still keeps: its float32 input.
 CHECKPOINTED_BYTES_PER_TOKEN_CHANNEL = 4
 #: Peak GPU memory that ``checkpointing="auto"`` aims at (below the 40 GB goal in either unit).
@@ -49,11 +53,13 @@ def make_generator(device: torch.device, seed: int) -> torch.Generator:
 
 def checkpoint_block_count(setting: str | int, *, depth: int, tokens: int, width: int, batch: int = 1,
                            device: torch.device | str = "cpu", allocated_bytes: int | None = None,
-                           free_bytes: int | None = None, peak_bytes: int = AUTO_PEAK_BYTES) -> int:
+                           free_bytes: int | None = None, peak_bytes: int = AUTO_PEAK_BYTES,
+                           compiled: bool = False) -> int:
     """How many blocks (from the first) to checkpoint: ``"none"`` 0, ``"all"`` depth, an int as given (clamped),
     ``"auto"`` the fewest that keep the estimated training peak under ``peak_bytes``.
 
-    Auto's estimate: each plain block keeps ``tokens * batch * width * ACTIVATION_BYTES_PER_TOKEN_CHANNEL`` bytes,
+    Auto's estimate: each plain block keeps ``tokens * batch * width * ACTIVATION_BYTES_PER_TOKEN_CHANNEL`` bytes
+    (``COMPILED_ACTIVATION_BYTES_PER_TOKEN_CHANNEL`` when ``compiled``: the blocks run through torch.compile),
     a checkpointed one ``... * CHECKPOINTED_BYTES_PER_TOKEN_CHANNEL``; on top of what is allocated now (weights,
     T5, VAE: ``torch.cuda.memory_allocated`` unless given) plus ``AUTO_RESERVE_BYTES``. The budget is also capped
     by the free device memory (``torch.cuda.mem_get_info``). On the CPU "auto" checkpoints nothing.
@@ -72,7 +78,8 @@ def checkpoint_block_count(setting: str | int, *, depth: int, tokens: int, width
         allocated_bytes = torch.cuda.memory_allocated(device)
     if free_bytes is None and device.type == "cuda":
         free_bytes = torch.cuda.mem_get_info(device)[0]
-    per_block = tokens * batch * width * ACTIVATION_BYTES_PER_TOKEN_CHANNEL
+    per_token_channel = COMPILED_ACTIVATION_BYTES_PER_TOKEN_CHANNEL if compiled else ACTIVATION_BYTES_PER_TOKEN_CHANNEL
+    per_block = tokens * batch * width * per_token_channel
     per_checkpointed = tokens * batch * width * CHECKPOINTED_BYTES_PER_TOKEN_CHANNEL
     budget = peak_bytes - allocated_bytes - AUTO_RESERVE_BYTES
     if free_bytes is not None:
@@ -111,7 +118,7 @@ def stage_checkpoint_blocks(models: ModelBundle, case: CaseData, settings: EditS
     t = models.transformer
     n = checkpoint_block_count(settings.effective_checkpointing, depth=len(t.blocks),
                                tokens=schedules.num_tokens(case.schedule), width=t.config.embed_dim, batch=batch,
-                               device=models.device)
+                               device=models.device, compiled=compile_enabled(settings.compile, models.device.type))
     log.info("activation checkpointing: %d of %d blocks (setting %r)", n, len(t.blocks),
              settings.effective_checkpointing)
     return n
