@@ -49,6 +49,7 @@ from editinfinity.models.quantizer import scale_codes_on_grid
 
 #: Kernel name patterns -> category (first match wins; names are lower-cased).
 CATEGORIES = [
+    ("compiled (triton)", r"^triton_"),  # first: fused kernel names list their ops ("to_copy", "add", ...)
     ("attention", r"flash|fmha|attention|sdpa|softmax"),
     ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|sm90_|sm80_|matmul|dot_|aten::(mm|addmm|bmm|linear)$"),
     ("convolution", r"conv|implicit|winograd|cudnn"),
@@ -56,7 +57,6 @@ CATEGORIES = [
     ("copy/memset", r"memcpy|memset|copy_|catarray|cat_|to_copy"),
     ("dropout/random", r"dropout|bernoulli|philox|rand|uniform"),
     ("norm/reduction", r"norm|reduce|mean|sum|welford"),
-    ("compiled (triton)", r"^triton_"),
     ("elementwise", r"elementwise|vectorized|unrolled|pointwise|gelu|mul|add|where|index"),
 ]
 

@@ -495,6 +495,7 @@ def test_cli_speed_flags():
     s = _settings(build_parser().parse_args([*base, "--checkpointing", "6", "--low-memory"]))
     assert s.checkpointing == 6 and s.low_memory is True
     assert _settings(build_parser().parse_args([*base, "--checkpointing", "none"])).checkpointing == "none"
+    assert s.compile == "auto" and _settings(build_parser().parse_args([*base, "--compile", "off"])).compile == "off"
 
 
 def test_run_edit_low_memory_records_its_settings(tmp_path):

@@ -65,6 +65,9 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpointing", default=None, metavar="auto|none|all|N",
                    help="activation checkpointing of the training blocks: auto (default: as many as keep the GPU "
                         "peak near 36 GiB), none, all, or the number of blocks")
+    p.add_argument("--compile", default=None, choices=("auto", "on", "off"),
+                   help="torch.compile of the training blocks: auto (default: on CUDA, off on the CPU), on, off; "
+                        "compiled code is cached under $EDITINFINITY_CACHE/torch-compile")
     p.add_argument("--low-memory", action="store_true",
                    help="smallest GPU footprint: checkpoint every block, move T5 off the GPU after prepare, release "
                         "cached memory between stages (slower)")
@@ -78,4 +81,5 @@ def settings_from_args(args):
                                      lora_iters=args.lora_iters, threshold=args.threshold, band=args.band,
                                      core=args.core, fill_holes=args.fill_holes, min_region=args.min_region,
                                      checkpointing=getattr(args, "checkpointing", None),
-                                     low_memory=True if getattr(args, "low_memory", False) else None)
+                                     low_memory=True if getattr(args, "low_memory", False) else None,
+                                     compile=getattr(args, "compile", None))

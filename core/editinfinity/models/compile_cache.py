@@ -29,7 +29,7 @@ _state: dict = {"prepared": False, "loaded": [], "misses_saved": 0, "file": None
 
 def compile_cache_dir() -> Path:
     """Inductor's cache folder: ``TORCHINDUCTOR_CACHE_DIR`` when set, else ``<editinfinity cache>/torch-compile``."""
-    from ..storage import cache_root
+    from ..storage.cache import cache_root
 
     found = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     return Path(found) if found else cache_root() / SUBDIR
