@@ -14,13 +14,15 @@ What the pods run is plain library code (``editinfinity.runtime``, ``editinfinit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
+import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -132,43 +134,199 @@ def run_local(pipeline: str = "edit", *, pipeline_root: str | os.PathLike = "kfp
 # ---------------------------------------------------------------------------------------------------------------
 
 
+#: States a run does not leave (KFP v2beta1 ``V2beta1RuntimeState``).
+FINAL_STATES = ("SUCCEEDED", "FAILED", "SKIPPED", "CANCELED")
+
+
+class RunFailedError(EditInfinityError):
+    """A submitted run ended in another state than SUCCEEDED, or did not end in time (``submit --wait``)."""
+
+    exit_code = 1
+
+
+@dataclass
+class Auth:
+    """How to authenticate to the KFP endpoint (at most one of them; none for an open endpoint).
+
+    ``token_env``: a variable holding a bearer token; ``in_cluster``: the service account's projected token file
+    (``KF_PIPELINES_SA_TOKEN_PATH`` or ``/var/run/secrets/kubeflow/pipelines/token``, kept fresh by the kubelet);
+    ``cookies_env``: a variable holding the cookie header of a Dex / oauth2-proxy session
+    (``authservice_session=...``); ``ca_cert``: the CA bundle of the endpoint's TLS certificate.
+    """
+
+    token_env: str | None = None
+    in_cluster: bool = False
+    cookies_env: str | None = None
+    ca_cert: str | None = None
+
+    def client_kwargs(self) -> dict[str, Any]:
+        chosen = [n for n, v in (("--token-env", self.token_env), ("--in-cluster", self.in_cluster),
+                                 ("--cookies-env", self.cookies_env)) if v]
+        if len(chosen) > 1:
+            raise EditInfinityError(f"choose one way to authenticate, not {' and '.join(chosen)}")
+        kw: dict[str, Any] = {}
+        if self.token_env:
+            kw["existing_token"] = _env_secret(self.token_env, "the KFP bearer token", "--token-env")
+        if self.cookies_env:
+            kw["cookies"] = _env_secret(self.cookies_env, "the session cookie (e.g. authservice_session=...)",
+                                        "--cookies-env")
+        if self.in_cluster:
+            from kfp.client import KF_PIPELINES_SA_TOKEN_ENV, KF_PIPELINES_SA_TOKEN_PATH
+            from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
+
+            path = os.environ.get(KF_PIPELINES_SA_TOKEN_ENV) or KF_PIPELINES_SA_TOKEN_PATH
+            if not Path(path).is_file():
+                raise EditInfinityError(f"--in-cluster: no service-account token at {path}; run in a pod with the "
+                                        f"projected KFP token volume, or set ${KF_PIPELINES_SA_TOKEN_ENV} to its path")
+            kw["credentials"] = ServiceAccountTokenVolumeCredentials(path)
+        if self.ca_cert:
+            if not Path(self.ca_cert).is_file():
+                raise EditInfinityError(f"--ca-cert {self.ca_cert} does not exist; give the PEM file of the CA that "
+                                        "signed the endpoint's certificate")
+            kw["ssl_ca_cert"] = str(self.ca_cert)
+        return kw
+
+
+def _env_secret(name: str, what: str, flag: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise EditInfinityError(f"${name} is empty or unset; export {what} in it (or drop {flag})")
+    return value
+
+
+@dataclass
+class SubmittedRun:
+    run_id: str
+    state: str | None = None  # the final state when waited for
+    pipeline_id: str | None = None
+    version_id: str | None = None
+    client: Any = field(default=None, repr=False, compare=False)
+
+
 def submit(host: str, experiment: str, package_path: str | os.PathLike, params: Mapping[str, Any] | None = None,
            namespace: str | None = None, token_env: str | None = None, *, run_name: str | None = None,
-           service_account: str | None = None, enable_caching: bool | None = None) -> str:
-    """Create a run of the compiled ``package_path`` in ``experiment`` (created when missing); returns the run id.
+           service_account: str | None = None, enable_caching: bool | None = None, auth: Auth | None = None,
+           version: str | None = None, wait: bool = False, timeout: float | None = None,
+           poll_seconds: float = 10.0) -> SubmittedRun:
+    """Create a run of the compiled ``package_path`` in ``experiment`` (created when missing).
 
-    ``token_env`` names an environment variable holding a bearer token (sent as ``Authorization: Bearer``);
-    ``namespace`` is the user's profile namespace on multi-user Kubeflow.
+    ``version``: upload the package as that version of its pipeline (the pipeline is created on first use; a
+    version name already taken is refused) and run the version, so runs keep a history and can be scheduled.
+    ``enable_caching=False`` turns caching off for every task of the run. ``wait``: poll the run until it ends
+    (or ``timeout`` seconds pass) and raise :class:`RunFailedError` unless it SUCCEEDED. ``namespace`` is the
+    user's profile namespace on multi-user Kubeflow; ``auth`` (or the older ``token_env``) how to authenticate.
     """
-    import kfp
 
-    token = None
-    if token_env:
-        token = os.environ.get(token_env)
-        if not token:
-            raise EditInfinityError(f"${token_env} is empty or unset; export the KFP bearer token in it "
-                                    "(or drop --token-env for an endpoint without authentication)")
+    auth = auth or Auth(token_env=token_env)
     if not Path(package_path).is_file():
         raise EditInfinityError(f"pipeline package {package_path} does not exist; run `editinfinity pipeline compile`")
+    client_kwargs: dict[str, Any] = {"host": host, **auth.client_kwargs()}
+    if namespace:
+        client_kwargs["namespace"] = namespace
+    with contextlib.ExitStack() as stack:
+        if enable_caching is False:
+            # kfp.Client's enable_caching rewrites only the root DAG's tasks; tasks in condition branches, loops and
+            # nested pipelines would still be cached. Turn it off in every DAG of a copy of the package instead.
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="editinfinity-submit-")))
+            package_path = without_caching(package_path, tmp / Path(package_path).name)
+            enable_caching = None
+        run = _create(client_kwargs, host, package_path, version, experiment, namespace, params, run_name,
+                      enable_caching, service_account)
+    log.info("submitted run %s to %s (experiment %s)", run.run_id, host, experiment)
+    if wait:
+        run.state = wait_for_run(run.client, run.run_id, host=host, timeout=timeout, poll_seconds=poll_seconds)
+    return run
+
+
+def without_caching(package_path, out_path) -> Path:
+    """A copy of a compiled package with caching off for every task of every DAG."""
+    import yaml
+
+    docs = list(yaml.safe_load_all(Path(package_path).read_text()))
+    spec = docs[0]
+    for dag in [spec["root"], *spec.get("components", {}).values()]:
+        for task in dag.get("dag", {}).get("tasks", {}).values():
+            task["cachingOptions"] = {}
+    Path(out_path).write_text(yaml.safe_dump_all(docs, sort_keys=True))
+    return Path(out_path)
+
+
+def _create(client_kwargs, host, package_path, version, experiment, namespace, params, run_name, enable_caching,
+            service_account) -> SubmittedRun:
+    import kfp
+
+    with _api_errors(host):
+        client = kfp.Client(**client_kwargs)
+        if version is None:
+            result = client.create_run_from_pipeline_package(
+                str(package_path), arguments=dict(params or {}), run_name=run_name, experiment_name=experiment,
+                namespace=namespace, enable_caching=enable_caching, service_account=service_account)
+            run = SubmittedRun(run_id=result.run_id)
+        else:
+            run = _run_version(client, package_path, version, experiment, namespace, params, run_name,
+                               enable_caching, service_account)
+    run.client = client
+    return run
+
+
+def _run_version(client, package_path, version: str, experiment: str, namespace: str | None, params,
+                 run_name: str | None, enable_caching: bool | None, service_account: str | None) -> SubmittedRun:
+    import yaml
+
+    name = next(yaml.safe_load_all(Path(package_path).read_text()))["pipelineInfo"]["name"]
+    pipeline_id = client.get_pipeline_id(name)
+    if pipeline_id is None:
+        pipeline_id = client.upload_pipeline(str(package_path), pipeline_name=name, namespace=namespace).pipeline_id
+    try:
+        uploaded = client.upload_pipeline_version(str(package_path), pipeline_version_name=version,
+                                                  pipeline_id=pipeline_id)
+    except Exception as exc:  # kfp_server_api.ApiException: 409 when the name is taken
+        if getattr(exc, "status", None) == 409:
+            raise EditInfinityError(f"pipeline {name!r} already has a version {version!r}; choose another "
+                                    "--version (e.g. the commit or tag)") from None
+        raise
+    exp = client.create_experiment(experiment, namespace=namespace)
+    created = client.run_pipeline(exp.experiment_id, run_name or f"{name} {version}", params=dict(params or {}),
+                                  pipeline_id=pipeline_id, version_id=uploaded.pipeline_version_id,
+                                  enable_caching=enable_caching, service_account=service_account)
+    return SubmittedRun(run_id=created.run_id, pipeline_id=pipeline_id, version_id=uploaded.pipeline_version_id)
+
+
+def wait_for_run(client, run_id: str, *, host: str = "", timeout: float | None = None,
+                 poll_seconds: float = 10.0) -> str:
+    """Poll ``run_id`` until it reaches a final state; returns it, raising :class:`RunFailedError` unless it is
+    SUCCEEDED (or when ``timeout`` seconds pass first)."""
+    import time
+
+    start = time.monotonic()
+    with _api_errors(host):
+        while True:
+            state = str(client.get_run(run_id).state or "").upper()
+            if state in FINAL_STATES:
+                break
+            if timeout is not None and time.monotonic() - start > timeout:
+                raise RunFailedError(f"run {run_id} is still {state or 'unknown'} after {timeout:g} s (--timeout); "
+                                     "it goes on on the cluster")
+            time.sleep(poll_seconds)
+    if state != "SUCCEEDED":
+        raise RunFailedError(f"run {run_id} ended {state}; see its page in the KFP UI for the failing task's log")
+    log.info("run %s succeeded", run_id)
+    return state
+
+
+@contextlib.contextmanager
+def _api_errors(host: str):
     import kfp_server_api
     import urllib3
 
-    client_kwargs: dict[str, Any] = {"host": host, "existing_token": token}
-    if namespace:
-        client_kwargs["namespace"] = namespace
     try:
-        client = kfp.Client(**client_kwargs)
-        result = client.create_run_from_pipeline_package(
-            str(package_path), arguments=dict(params or {}), run_name=run_name, experiment_name=experiment,
-            namespace=namespace, enable_caching=enable_caching, service_account=service_account)
+        yield
     except kfp_server_api.ApiException as exc:
         hint = " (check the token and --namespace)" if exc.status in (401, 403) else ""
         raise SubmitError(f"KFP endpoint {host} answered {exc.status} {exc.reason}{hint}: {exc.body}") from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         raise SubmitError(f"cannot reach the KFP endpoint {host}: {exc.__class__.__name__}; check --host "
                           "(e.g. https://kubeflow.example.com/pipeline) and the network") from None
-    log.info("submitted run %s to %s (experiment %s)", result.run_id, host, experiment)
-    return result.run_id
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,9 +390,13 @@ def _cmd_run_local(args: argparse.Namespace) -> int:
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     params = _params(args.param, _package_parameter_types(args.package))
-    run_id = submit(args.host, args.experiment, args.package, params, namespace=args.namespace,
-                    token_env=args.token_env, run_name=args.run_name, service_account=args.service_account)
-    print(run_id)
+    auth = Auth(token_env=args.token_env, in_cluster=args.in_cluster, cookies_env=args.cookies_env,
+                ca_cert=args.ca_cert)
+    run = submit(args.host, args.experiment, args.package, params, namespace=args.namespace, auth=auth,
+                 run_name=args.run_name, service_account=args.service_account,
+                 enable_caching=False if args.no_cache else None, version=args.version, wait=args.wait,
+                 timeout=args.timeout, poll_seconds=args.poll_seconds)
+    print(run.run_id if run.state is None else f"{run.run_id} {run.state}")
     return 0
 
 
@@ -269,6 +431,17 @@ def add_pipeline_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--experiment", default="editinfinity")
     s.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user)")
     s.add_argument("--token-env", default=None, metavar="VAR", help="environment variable holding a bearer token")
+    s.add_argument("--in-cluster", action="store_true",
+                   help="authenticate with this pod's projected KFP service-account token")
+    s.add_argument("--cookies-env", default=None, metavar="VAR",
+                   help="environment variable holding a Dex / oauth2-proxy session cookie (authservice_session=...)")
+    s.add_argument("--ca-cert", default=None, metavar="PEM", help="CA bundle of the endpoint's TLS certificate")
+    s.add_argument("--version", default=None, metavar="NAME",
+                   help="upload the package as this version of its pipeline and run that version")
+    s.add_argument("--no-cache", action="store_true", help="run every task, whatever the compiled caching options")
+    s.add_argument("--wait", action="store_true", help="wait for the run to end; exit 1 unless it succeeded")
+    s.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="with --wait: give up after this")
+    s.add_argument("--poll-seconds", type=float, default=10.0, help=argparse.SUPPRESS)
     s.add_argument("--run-name", default=None)
     s.add_argument("--service-account", default=None, help="e.g. editinfinity-runner (manifests/base)")
     s.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")

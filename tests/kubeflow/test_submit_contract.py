@@ -29,9 +29,13 @@ CREATED = "2026-01-01T00:00:00Z"
 class FakeKFP:
     """Records every request; answers healthz, experiments list/create, runs create/get."""
 
-    def __init__(self, experiments: list[dict] | None = None):
+    def __init__(self, experiments: list[dict] | None = None, states: list[str] | None = None,
+                 pipelines: list[dict] | None = None, taken_versions: tuple[str, ...] = ()):
         self.requests: list[dict] = []
         self.experiments = list(experiments or [])
+        self.states = list(states or ["RUNNING"])  # what successive GETs of the run answer (the last repeats)
+        self.pipelines = list(pipelines or [])
+        self.taken_versions = set(taken_versions)
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -50,9 +54,10 @@ class FakeKFP:
                 url = urllib.parse.urlsplit(self.path)
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
+                multipart = self.headers.get("Content-Type", "").startswith("multipart/")
                 req = {"method": self.command, "path": url.path, "query": urllib.parse.parse_qs(url.query),
                        "headers": {k.lower(): v for k, v in self.headers.items()},
-                       "body": json.loads(raw) if raw else None}
+                       "body": raw if multipart else json.loads(raw) if raw else None}
                 fake.requests.append(req)
                 return req
 
@@ -67,8 +72,14 @@ class FakeKFP:
                     found = [e for e in fake.experiments if not wanted or e["display_name"] in wanted]
                     return self._reply({"experiments": found, "total_size": len(found)} if found else {})
                 if req["path"].startswith("/apis/v2beta1/runs/"):
-                    return self._reply({"run_id": req["path"].rsplit("/", 1)[1], "state": "RUNNING",
+                    state = fake.states.pop(0) if len(fake.states) > 1 else fake.states[0]
+                    return self._reply({"run_id": req["path"].rsplit("/", 1)[1], "state": state,
                                         "created_at": CREATED})
+                if req["path"] == "/apis/v2beta1/pipelines":
+                    flt = json.loads(req["query"].get("filter", ["{}"])[0])
+                    wanted = [p.get("stringValue") for p in flt.get("predicates", []) if p.get("key") == "display_name"]
+                    found = [p for p in fake.pipelines if p["display_name"] in wanted]
+                    return self._reply({"pipelines": found, "total_size": len(found)} if found else {})
                 return self._reply({"error": "not found"}, 404)
 
             def do_POST(self):  # noqa: N802
@@ -80,6 +91,17 @@ class FakeKFP:
                 if req["path"] == "/apis/v2beta1/runs":
                     return self._reply({**req["body"], "run_id": "run-123", "state": "PENDING",
                                         "created_at": CREATED})
+                if req["path"] == "/apis/v2beta1/pipelines/upload":
+                    pipeline = {"pipeline_id": f"pl-{len(fake.pipelines) + 1}", "display_name": req["query"]["name"][0],
+                                "created_at": CREATED}
+                    fake.pipelines.append(pipeline)
+                    return self._reply(pipeline)
+                if req["path"] == "/apis/v2beta1/pipelines/upload_version":
+                    name = req["query"]["name"][0]
+                    if name in fake.taken_versions:
+                        return self._reply({"error": "version name exists"}, 409)
+                    return self._reply({"pipeline_id": req["query"]["pipelineid"][0], "pipeline_version_id": "v-1",
+                                        "display_name": name, "created_at": CREATED})
                 return self._reply({"error": "not found"}, 404)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -110,9 +132,9 @@ PARAMS = {"image_uri": "gs://bucket/in/cat.png", "prompt": "a cat on a bench", "
 def test_submit_creates_experiment_and_run(package, monkeypatch):
     monkeypatch.setenv("KFP_TEST_TOKEN", "s3cr3t-token")
     with FakeKFP() as fake:
-        run_id = kfp_cli.submit(fake.url, "editinfinity-ci", package, PARAMS, namespace="team-vision",
-                                token_env="KFP_TEST_TOKEN", run_name="ci-run", service_account="editinfinity-runner")
-    assert run_id == "run-123"
+        run = kfp_cli.submit(fake.url, "editinfinity-ci", package, PARAMS, namespace="team-vision",
+                             token_env="KFP_TEST_TOKEN", run_name="ci-run", service_account="editinfinity-runner")
+    assert run.run_id == "run-123" and run.state is None  # not waited for
     assert not fake.calls("GET", "/apis/v2beta1/healthz")  # a namespace was given: no multi-user probe
     for req in fake.requests:
         assert req["headers"].get("authorization") == "Bearer s3cr3t-token", req["path"]
@@ -216,3 +238,99 @@ def test_submit_reports_an_http_error(package):
     with FakeKFP() as fake:
         with pytest.raises(SubmitError, match=r"answered 404"):
             kfp_cli.submit(fake.url + "/nowhere", "x", package, {}, namespace="ns")
+
+
+# -- CI gating: --wait, --version, --no-cache, authentication ---------------------------------------------------
+
+
+def _cli_submit(fake, package, *extra):
+    from editinfinity.cli import main
+
+    return main(["pipeline", "submit", str(package), "--host", fake.url, "--namespace", "ns", "--poll-seconds", "0.01",
+                 "-p", "image_uri=s3://b/a.png", "-p", "prompt=p", "-p", "edit_prompt=q", *extra])
+
+
+@pytest.mark.parametrize("states, code, needle", [
+    (["PENDING", "RUNNING", "SUCCEEDED"], 0, "run-123 SUCCEEDED"),
+    (["RUNNING", "FAILED"], 1, "ended FAILED"),
+    (["RUNNING", "CANCELED"], 1, "ended CANCELED"),
+    (["RUNNING"], 1, "after 0.2 s (--timeout)"),
+])
+def test_wait_exits_non_zero_unless_the_run_succeeds(package, capsys, states, code, needle):
+    with FakeKFP(states=states) as fake:
+        assert _cli_submit(fake, package, "--wait", "--timeout", "0.2") == code
+    out = capsys.readouterr()
+    assert needle in (out.out if code == 0 else out.err)
+    gets = fake.calls("GET", "/apis/v2beta1/runs/run-123")
+    assert len(gets) >= min(len(states), 2)  # polled until a final state (or the timeout)
+
+
+def test_version_uploads_the_package_and_runs_that_version(package):
+    with FakeKFP() as fake:
+        run = kfp_cli.submit(fake.url, "ci", package, PARAMS, namespace="ns", version="v1.2.3")
+    name = yaml.safe_load(package.read_text().split("\n---")[0])["pipelineInfo"]["name"]
+    (upload,) = fake.calls("POST", "/apis/v2beta1/pipelines/upload")
+    assert upload["query"]["name"] == [name] and b"pipelineInfo" in upload["body"]
+    (version,) = fake.calls("POST", "/apis/v2beta1/pipelines/upload_version")
+    assert version["query"]["name"] == ["v1.2.3"] and version["query"]["pipelineid"] == ["pl-1"]
+    (create_run,) = fake.calls("POST", "/apis/v2beta1/runs")
+    body = create_run["body"]
+    assert body["pipeline_version_reference"] == {"pipeline_id": "pl-1", "pipeline_version_id": "v-1"}
+    assert "pipeline_spec" not in body and body["runtime_config"]["parameters"] == PARAMS
+    assert (run.pipeline_id, run.version_id) == ("pl-1", "v-1")
+    # a second version of the same pipeline: no new pipeline; a taken name is refused with the fix
+    with FakeKFP(pipelines=[{"pipeline_id": "pl-7", "display_name": name, "created_at": CREATED}],
+                 taken_versions=("v1",)) as fake:
+        kfp_cli.submit(fake.url, "ci", package, PARAMS, namespace="ns", version="v2")
+        assert not fake.calls("POST", "/apis/v2beta1/pipelines/upload")
+        assert fake.calls("POST", "/apis/v2beta1/pipelines/upload_version")[0]["query"]["pipelineid"] == ["pl-7"]
+        with pytest.raises(EditInfinityError, match="already has a version 'v1'"):
+            kfp_cli.submit(fake.url, "ci", package, PARAMS, namespace="ns", version="v1")
+
+
+def test_no_cache_turns_caching_off_for_every_task(package):
+    spec = next(yaml.safe_load_all(package.read_text()))
+    assert any(t.get("cachingOptions", {}).get("enableCache") for c in [spec["root"], *spec["components"].values()]
+               for t in c.get("dag", {}).get("tasks", {}).values())  # the package caches some tasks
+    with FakeKFP() as fake:
+        assert _cli_submit(fake, package, "--no-cache") == 0
+    (create_run,) = fake.calls("POST", "/apis/v2beta1/runs")
+    sent = create_run["body"]["pipeline_spec"]["pipeline_spec"]
+    tasks = [t for c in [sent["root"], *sent["components"].values()] for t in c.get("dag", {}).get("tasks", {}).values()]
+    assert tasks and not any(t.get("cachingOptions", {}).get("enableCache") for t in tasks)
+
+
+def test_in_cluster_token_and_dex_cookies(package, tmp_path, monkeypatch):
+    token = tmp_path / "token"
+    token.write_text("projected-sa-token")
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token))
+    with FakeKFP() as fake:
+        assert _cli_submit(fake, package, "--in-cluster") == 0
+    assert all(r["headers"].get("authorization") == "Bearer projected-sa-token" for r in fake.requests)
+    monkeypatch.setenv("DEX_COOKIE", "authservice_session=abc123")
+    with FakeKFP() as fake:
+        assert _cli_submit(fake, package, "--cookies-env", "DEX_COOKIE") == 0
+    assert all(r["headers"].get("cookie") == "authservice_session=abc123" for r in fake.requests)
+    assert all("authorization" not in r["headers"] for r in fake.requests)
+
+
+@pytest.mark.parametrize("auth, needle", [
+    (kfp_cli.Auth(in_cluster=True), "no service-account token"),
+    (kfp_cli.Auth(ca_cert="/nonexistent/ca.pem"), "--ca-cert"),
+    (kfp_cli.Auth(cookies_env="UNSET_COOKIE_VAR"), "UNSET_COOKIE_VAR"),
+    (kfp_cli.Auth(token_env="X", cookies_env="Y"), "choose one way"),
+])
+def test_bad_auth_is_refused_before_any_request(package, monkeypatch, auth, needle):
+    monkeypatch.delenv("KF_PIPELINES_SA_TOKEN_PATH", raising=False)
+    monkeypatch.setattr("kfp.client.KF_PIPELINES_SA_TOKEN_PATH", "/nonexistent/token")
+    monkeypatch.delenv("UNSET_COOKIE_VAR", raising=False)
+    with FakeKFP() as fake:
+        with pytest.raises(EditInfinityError, match=re.escape(needle)):
+            kfp_cli.submit(fake.url, "x", package, PARAMS, namespace="ns", auth=auth)
+    assert fake.requests == []
+
+
+def test_ca_cert_reaches_the_client(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert kfp_cli.Auth(ca_cert=str(ca)).client_kwargs() == {"ssl_ca_cert": str(ca)}
