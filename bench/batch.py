@@ -169,7 +169,7 @@ def several_processes(args, settings: EditSettings, cases: list[dict], tmp: Path
     devices = [f"cuda:{i}" for i in range(n)] if visible >= n else [args.device if visible == 0 else "cuda:0"] * n
     with GpuSampler(visible > 0) as sampler:
         t = time.perf_counter()
-        statuses = run_processes(path, 0, devices, log_dir=tmp)
+        statuses = run_processes(path, 0, devices, log_dir=args.log_dir or tmp)
         wall = time.perf_counter() - t
     done = sum(s["status"] == "done" for s in statuses)
     return {"processes": n, "devices": devices, "processes_share_one_device": len(set(devices)) < n,
@@ -190,6 +190,7 @@ def main() -> None:
     ap.add_argument("--prompt-iters", type=int, default=10)
     ap.add_argument("--lora-iters", type=int, default=50)
     ap.add_argument("--compile", default=None, help="EditSettings.compile for the run (default: the settings')")
+    ap.add_argument("--log-dir", default=None, help="where the worker processes' logs go (default: a temp folder)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     resolution = args.resolution or get_preset(args.preset).resolution
