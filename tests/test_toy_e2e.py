@@ -1,6 +1,6 @@
 """End to end with the trained `toy` preset (the default) on CPU: the CLI edits held-out pictures as asked.
 
-The cases are the first held-out colour-change cases of the toy evaluation (``train.evaluate.edit_cases``, seeds
+The cases are the first held-out colour-change cases of the toy evaluation (``evaluation.toy_judge.edit_cases``, seeds
 from ``EDIT_SEED_BASE``, which training never draws), judged by the pixel analyser of ``toyworld``: the edited
 object must carry the new colour (and keep its kind), and outside the true edit region dilated by one latent cell
 the picture must keep PSNR >= 30 dB against the source. The model is small and trained for minutes: the evaluation
@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from editinfinity.cli import main
+from editinfinity.evaluation.toy_judge import edit_cases, judge_edit
 from editinfinity.models.presets import default_preset_name
-from editinfinity.train.evaluate import edit_cases, judge_edit
 
 CASES = 4
 REQUIRED = 3

@@ -4,7 +4,6 @@ driver's weights directory, and the evaluation script. Everything runs on the CP
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from safetensors import safe_open
 
 from editinfinity import toyworld as tw
 from editinfinity.edit.case import image_to_tensor
+from editinfinity.evaluation.toy_judge import keep_region
 from editinfinity.models.bsq_vae import BSQVAE
 from editinfinity.models.bundle import bundled_tokenizer_dir, load_models
 from editinfinity.models.quantizer import multiscale_quantize
@@ -22,7 +22,6 @@ from editinfinity.models.text import STYLE_SUFFIX, TextFeatures, encode_prompts
 from editinfinity.train import common
 from editinfinity.train.cli import add_train_parser
 from editinfinity.train.data import SceneStream, render_batch, scene_batch, stream_rng
-from editinfinity.train.evaluate import keep_region
 from editinfinity.train.transformer import (
     TransformerConfig,
     append_rows,
@@ -405,9 +404,7 @@ def test_toy_driver_writes_a_loadable_directory_and_the_eval_script_runs_on_it(t
     assert "--init-from" in (out2 / "MODEL_CARD.md").read_text()
     assert not (tmp_path / "toy2.work" / "vae").exists()
 
-    spec = importlib.util.spec_from_file_location("toy_eval", ROOT / "bench" / "toy_eval.py")
-    toy_eval = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(toy_eval)
+    from editinfinity.evaluation import toy_eval
     report_path = tmp_path / "eval.json"
     assert toy_eval.main(["--weights", str(out), "--device", "cpu", "--limit", "2", "--prompt-iters", "1",
                           "--lora-iters", "1", "--out", str(report_path)]) == 0

@@ -171,7 +171,7 @@ def grow_within(seeds: torch.Tensor, allowed: torch.Tensor, connectivity: int = 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# automatic mask cleanup: holes and small regions (measured on the toy model, bench/toy_eval.py --mask-variants)
+# automatic mask cleanup: holes and small regions (measured on the toy model, python -m editinfinity.evaluation.toy_eval --variant)
 
 
 def connected_components(mask, connectivity: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

@@ -286,7 +286,7 @@ Weights on disk: {weight_mb:.1f} MB in total.
 ## Training
 
 - Data: random scenes rendered on the fly (`toyworld.sample_scene`), seeded per step; no external data. Seeds of
-  the evaluation (`bench/toy_eval.py`) are never drawn in training (see `editinfinity/train/data.py`).
+  the evaluation (`python -m editinfinity.evaluation.toy_eval`) are never drawn in training (see `editinfinity/train/data.py`).
 - VAE: L1 + MSE reconstruction of the decode of the multi-scale quantised latent (0.06M schedule,
   straight-through BSQ), commitment 0.25; pixel noise std ~ U(0, {noise_max}); {vae_steps} steps of batch
   {vae_batch} in {vae_minutes:.1f} min.{vae_from}{vae_decoder}
@@ -299,7 +299,7 @@ Weights on disk: {weight_mb:.1f} MB in total.
 
 {checks}
 
-The full evaluation (held-out text-to-image accuracy, editing in all three modes) is `bench/toy_eval.py`; its
+The full evaluation (held-out text-to-image accuracy, editing in all three modes) is `python -m editinfinity.evaluation.toy_eval`; its
 results are in `bench/results/`.
 """
 
@@ -324,8 +324,8 @@ def _started_from_text(tcfg: dict, tr: dict) -> str:
 
 
 def _evaluation_lines(ev: dict[str, Any]) -> list[str]:
-    """The ``evaluation`` entry of the record (a ``bench/toy_eval.py`` JSON) as model-card lines."""
-    lines = [f"`{ev.get('command', 'python bench/toy_eval.py')}` on {ev.get('gpu') or ev.get('device')}, seeds never "
+    """The ``evaluation`` entry of the record (a ``python -m editinfinity.evaluation.toy_eval`` JSON) as model-card lines."""
+    lines = [f"`{ev.get('command', 'python -m editinfinity.evaluation.toy_eval')}` on {ev.get('gpu') or ev.get('device')}, seeds never "
              "used in training (targets from the toy-model issue in brackets):", ""]
     if ev.get("vae"):
         v = ev["vae"]

@@ -458,7 +458,7 @@ def train_transformer(config: TransformerConfig, run_dir: str | Path, vae: BSQVA
             on_save(transformer, text_encoder, True)
         by_cfg: dict[str, Any] = {}
         if config.sample_images > 0:
-            from .evaluate import text_to_image_eval
+            from ..evaluation.toy_judge import text_to_image_eval
 
             for cfg in (config.cfg, *config.extra_cfgs):
                 t0 = time.perf_counter()

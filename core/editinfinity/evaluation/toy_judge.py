@@ -23,8 +23,8 @@ from .. import toyworld
 from ..metrics import psnr
 from ..models import schedules
 from ..models.text import encode_prompts
-from .common import autocast
-from .data import EDIT_SEED_BASE, heldout_scenes, to_uint8
+from ..train.common import autocast
+from ..train.data import EDIT_SEED_BASE, heldout_scenes, to_uint8
 
 log = logging.getLogger(__name__)
 

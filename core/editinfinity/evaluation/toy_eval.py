@@ -1,10 +1,10 @@
 """Evaluation of the trained `toy` model on seeds never used in training (model-free judge: toyworld.analyse).
 
-    python bench/toy_eval.py --weights build/toy --device cuda --out bench/results/toy_eval_h200.json
-    python bench/toy_eval.py --limit 2 --prompt-iters 2 --lora-iters 2 --out /tmp/toy_eval.json   # smoke run
+    python -m editinfinity.evaluation.toy_eval --weights build/toy --device cuda --out bench/results/toy_eval_h200.json
+    python -m editinfinity.evaluation.toy_eval --limit 2 --prompt-iters 2 --lora-iters 2 --out /tmp/toy_eval.json   # smoke run
     # mask cleanup variants (each case learned once, edited with every variant), 4 processes, then merged:
-    python bench/toy_eval.py --variant holes:fill_holes=1 --variant small:min_region=0.008 --shard 0/4 ...
-    python bench/toy_eval.py --merge shard0.json shard1.json shard2.json shard3.json --out toy_eval.json
+    python -m editinfinity.evaluation.toy_eval --variant holes:fill_holes=1 --variant small:min_region=0.008 --shard 0/4 ...
+    python -m editinfinity.evaluation.toy_eval --merge shard0.json shard1.json shard2.json shard3.json --out toy_eval.json
 
 Targets: VAE reconstruction PSNR >= 30 dB on 200 held-out pictures; text to image: every object's colour and
 shape as prompted in >= 95% of 200 generations (>= 90% of those with two objects); automatic-mask editing of 100
@@ -29,11 +29,11 @@ import torch
 
 from editinfinity import __version__
 from editinfinity.edit.settings import EditSettings
+from editinfinity.evaluation.toy_judge import edit_cases, edit_eval, summarise_edits, text_to_image_eval
 from editinfinity.models.bundle import load_models
 from editinfinity.models.schedules import get_schedule
 from editinfinity.pipeline import EditInfinityPipeline
 from editinfinity.train.data import EDIT_SEED_BASE, HELDOUT_SEED_BASE, heldout_scenes
-from editinfinity.train.evaluate import edit_cases, edit_eval, summarise_edits, text_to_image_eval
 from editinfinity.train.vae import heldout_psnr
 
 TARGETS = {"vae_psnr_db": 30.0, "text_to_image_objects_ok": 0.95, "text_to_image_two_objects_ok": 0.90,
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     models = load_models("toy", weights=args.weights, device=args.device)
     load_s = time.perf_counter() - t0
     schedule = get_schedule(1.0, "0.06M")
-    report: dict = {"command": " ".join(["python bench/toy_eval.py", *(argv if argv is not None else sys.argv[1:])]),
+    report: dict = {"command": " ".join(["python -m editinfinity.evaluation.toy_eval", *(argv if argv is not None else sys.argv[1:])]),
                     "weights": models.source, "device": str(models.device), "editinfinity": __version__,
                     "torch": torch.__version__, "python": platform.python_version(), "targets": TARGETS,
                     "seeds": {"scenes_from": HELDOUT_SEED_BASE, "edit_cases_from": EDIT_SEED_BASE},
