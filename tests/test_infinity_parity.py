@@ -238,13 +238,13 @@ def test_sampling(model, io, manifest, name):
 
 def test_sample_argmax_image(model, io, manifest, parity_dir):
     bsq_vae = pytest.importorskip("editinfinity.models.bsq_vae")
+    from editinfinity.models.checkpoints import load_vae_state_dict
     settings = manifest["settings"]
     vcfg = settings["models"]["vae"]
     vae = bsq_vae.BSQVAE(base_ch=vcfg["base_ch"], ch_mult=tuple(vcfg["ch_mult"]), codebook_dim=vcfg["codebook_dim"],
                          patch_size=vcfg["patch_size"]).eval()
     state = {k: v.float() for k, v in load_file(str(parity_dir / "vae_weights.safetensors")).items()}
-    loader = getattr(bsq_vae, "load_vae_state_dict", None)
-    loader(vae, state) if loader is not None else vae.load_state_dict(state, strict=True)
+    load_vae_state_dict(vae, state)
     n_rows = sum(settings["text"]["infinity_io_006M_sampling_text_lens"])
     text = TextFeatures(io["text/kv_compact"][:n_rows], settings["text"]["infinity_io_006M_sampling_text_lens"])
     sampling = settings["sampling"]

@@ -26,7 +26,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from editinfinity.errors import CheckpointError
-from editinfinity.models.bsq_vae import BSQVAE, load_vae_state_dict
+from editinfinity.models.bsq_vae import BSQVAE
+from editinfinity.models.checkpoints import load_vae_state_dict
 from editinfinity.models.quantizer import (
     area_resize,
     bitwise_self_correction,
@@ -346,7 +347,7 @@ def test_missing_key_is_reported(manifest, weights):
     msg = str(err.value)
     shape = "(" + ", ".join(str(s) for s in weights[key].shape) + ")"
     assert "vae.safetensors" in msg and "missing keys (1)" in msg and f"{key} {shape}" in msg
-    assert "unexpected" not in msg and "wrong shapes" not in msg
+    assert "unexpected" not in msg and "wrongly shaped" not in msg
 
 
 def test_unexpected_key_is_reported(manifest, weights):
@@ -356,7 +357,7 @@ def test_unexpected_key_is_reported(manifest, weights):
         load_vae_state_dict(_fresh(manifest), sd)
     msg = str(err.value)
     assert "unexpected keys (1)" in msg and "encoder.mid.attn_1.q.weight (96, 96, 1, 1)" in msg
-    assert "missing" not in msg and "wrong shapes" not in msg
+    assert "missing" not in msg and "wrongly shaped" not in msg
 
 
 def test_wrong_shape_is_reported(manifest, weights):
@@ -368,7 +369,7 @@ def test_wrong_shape_is_reported(manifest, weights):
         load_vae_state_dict(_fresh(manifest), sd)
     msg = str(err.value)
     want = "(" + ", ".join(str(s) for s in weights[key].shape) + ")"
-    assert "wrong shapes (1)" in msg
+    assert "wrongly shaped keys (1)" in msg
     assert f"{_flat_name(key)}: checkpoint (3, 24, 1, 1) vs model {want}" in msg
     assert "missing" not in msg and "unexpected" not in msg
 

@@ -26,20 +26,22 @@ class StageError(EditInfinityError):
 
 
 def format_key_problems(what: str, missing: list[str], unexpected: list[str],
-                        wrong_shape: list[tuple[str, tuple, tuple]]) -> str:
+                        wrong_shape: list[tuple[str, tuple, tuple]], *, model: str = "the model configuration",
+                        hint: str = "Check that the preset matches the checkpoint (e.g. --preset 2b for "
+                                    "infinity_2b_reg.pth).") -> str:
     """One ``CheckpointError`` message listing every key problem, shortened to a readable length."""
 
     def short(items: list, n: int = 12) -> str:
         head = ", ".join(str(i) for i in items[:n])
         return head + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
-    parts = [f"{what} does not match the model configuration:"]
+    parts = [f"{what} does not match {model}:"]
     if missing:
         parts.append(f"  missing keys ({len(missing)}): {short(missing)}")
     if unexpected:
         parts.append(f"  unexpected keys ({len(unexpected)}): {short(unexpected)}")
     if wrong_shape:
         parts.append(f"  wrongly shaped keys ({len(wrong_shape)}): "
-                     + short([f"{k} checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in wrong_shape], 6))
-    parts.append("  Check that the preset matches the checkpoint (e.g. --preset 2b for infinity_2b_reg.pth).")
+                     + short([f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in wrong_shape], 6))
+    parts.append(f"  {hint}")
     return "\n".join(parts)

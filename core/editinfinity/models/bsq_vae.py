@@ -2,7 +2,7 @@
 multi-scale quantiser of :mod:`editinfinity.models.quantizer`.
 
 Module tree and parameter names equal the reference's (``encoder.down.0.block.0.norm1.norm.weight``, ...), where
-every convolution is wrapped as ``.conv`` and every GroupNorm as ``.norm``; :func:`load_vae_state_dict` also takes
+every convolution is wrapped as ``.conv`` and every GroupNorm as ``.norm``; :func:`editinfinity.models.checkpoints.load_vae_state_dict` also takes
 the flat spelling of official checkpoints. The quantiser has no parameters (its ``lfq.mask`` constant is dropped).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,6 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from editinfinity.errors import CheckpointError
 from editinfinity.models.quantizer import (
     MultiScaleCodes,
     _autocast_off,
@@ -26,12 +25,10 @@ from editinfinity.models.quantizer import (
     scale_codes_on_grid,
 )
 
-__all__ = ["BSQVAE", "group_norm_groups", "load_vae_state_dict"]
+__all__ = ["BSQVAE", "group_norm_groups"]
 
 logger = logging.getLogger(__name__)
 
-#: Checkpoint keys that hold constants of the reference quantiser (``2**[d-1..0]``), not weights.
-IGNORED_KEYS = ("quantizer.lfq.mask", "quantize.lfq.mask")
 
 
 def group_norm_groups(channels: int) -> int:
@@ -274,79 +271,3 @@ class BSQVAE(ModelMixin, ConfigMixin):
         for s in scale_codes_on_grid(bits_list, schedule):
             summed = s if summed is None else summed + s
         return self.decode(summed)
-
-
-def _unwrap(state_dict: Mapping) -> Mapping:
-    if "vae" in state_dict and isinstance(state_dict["vae"], Mapping):
-        return state_dict["vae"]
-    return state_dict
-
-
-def _candidates(key: str) -> list[str]:
-    """The model names a checkpoint key may stand for: itself, or the flat spelling of a wrapped conv / norm."""
-    out = [key]
-    stem, _, leaf = key.rpartition(".")
-    if stem and leaf in ("weight", "bias"):
-        out += [f"{stem}.conv.{leaf}", f"{stem}.norm.{leaf}"]
-    return out
-
-
-def _fmt_shape(shape) -> str:
-    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
-
-
-def _fmt_list(items: list[str], limit: int = 20) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
-
-
-def load_vae_state_dict(model: BSQVAE, state_dict: Mapping, *, source: str = "checkpoint") -> BSQVAE:
-    """Load a BSQ VAE state dict strictly; returns ``model``.
-
-    Accepts the reference's wrapped names (``...conv_in.conv.weight``, ``...norm1.norm.weight``), the flat names of
-    official checkpoints (``...conv_in.weight``, ``...norm1.weight``), a dict with a top-level ``'vae'`` entry, and
-    drops the quantiser constants ``quantizer.lfq.mask`` / ``quantize.lfq.mask``. Tensors are cast to the model's
-    dtypes (the parity weights are stored in float16). Raises :class:`CheckpointError` listing missing, unexpected
-    and wrongly shaped keys unless every model tensor is loaded exactly once.
-    """
-    if not isinstance(state_dict, Mapping):
-        raise CheckpointError(f"{source}: expected a mapping of tensor names to tensors, got {type(state_dict).__name__}")
-    state_dict = _unwrap(state_dict)
-    target = model.state_dict()
-    mapped: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
-    unexpected: list[str] = []
-    wrong: list[str] = []
-    for key, value in state_dict.items():
-        if key in IGNORED_KEYS:
-            continue
-        if not isinstance(value, torch.Tensor):
-            unexpected.append(f"{key} (not a tensor: {type(value).__name__})")
-            continue
-        name = next((c for c in _candidates(key) if c in target), None)
-        if name is None:
-            unexpected.append(f"{key} {_fmt_shape(value.shape)}")
-        elif name in origin:
-            unexpected.append(f"{key} (duplicates {origin[name]} -> {name})")
-        elif tuple(value.shape) != tuple(target[name].shape):
-            origin[name] = key
-            wrong.append(f"{key}: checkpoint {_fmt_shape(value.shape)} vs model {_fmt_shape(target[name].shape)}")
-        else:
-            origin[name] = key
-            mapped[name] = value.to(dtype=target[name].dtype)
-    missing = [f"{k} {_fmt_shape(v.shape)}" for k, v in target.items() if k not in origin]
-    if missing or unexpected or wrong:
-        cfg = ", ".join(f"{k}={v}" for k, v in model.config.items() if not k.startswith("_"))
-        parts = [f"{source} does not match BSQVAE({cfg}):"]
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {_fmt_list(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {_fmt_list(unexpected)}")
-        if wrong:
-            parts.append(f"wrong shapes ({len(wrong)}): {_fmt_list(wrong)}")
-        parts.append("Use the VAE file that belongs to this config, or build BSQVAE with the checkpoint's config.")
-        raise CheckpointError("\n  ".join(parts))
-    model.load_state_dict(mapped, strict=True)
-    renamed = sum(1 for name, key in origin.items() if name != key)
-    logger.debug("loaded %d VAE tensors from %s (%d under flat names)", len(mapped), source, renamed)
-    return model

@@ -7,7 +7,7 @@ sees scales <= k); generation runs scale by scale with a KV cache and classifier
 
 Precision: the text path, AdaLN, norms, q/k normalisation + RoPE, the head and the losses run in float32; under
 bf16 autocast (GPU) the block matmuls and attention run in bf16. Names of parameters equal the official keys
-except ``blocks.{i}`` (see :mod:`.infinity_state` for the mapping).
+except ``blocks.{i}`` (see :mod:`.checkpoints.infinity` for the mapping).
 
 Speed and memory (training): :meth:`Infinity.cast_frozen` stores the block matmul weights in bf16 (identical results
 under bf16 autocast, half the memory, no per-call weight casts); :meth:`Infinity.set_activation_checkpointing`
@@ -31,7 +31,7 @@ from torch import nn
 from . import schedules
 from .attention_maps import AttentionMapCollector
 from .bit_outputs import bit_loss, sample_bits, summed_bit_ce
-from .infinity_state import (
+from .checkpoints.infinity import (
     LoadReport,
     chunked_block_key,
     flat_block_key,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, format_key_problems
+from ...errors import CheckpointError, format_key_problems
 
 #: Buffers of older reference versions; the current model has none of them.
 LEGACY_KEYS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..errors import CheckpointError
+from ...errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,11 @@ def convert_official(out_dir: str | os.PathLike, *, preset: str = "2b", transfor
     """
     from transformers import AutoTokenizer, T5EncoderModel
 
-    from .bsq_vae import BSQVAE, load_vae_state_dict
-    from .infinity import Infinity, load_infinity_state_dict
-    from .presets import get_preset
+    from ..bsq_vae import BSQVAE
+    from ..infinity import Infinity
+    from ..presets import get_preset
+    from .infinity import load_infinity_state_dict
+    from .vae import load_vae_state_dict
 
     spec = get_preset(preset)
     out_dir = Path(out_dir)
@@ -101,7 +103,7 @@ def convert_official(out_dir: str | os.PathLike, *, preset: str = "2b", transfor
             model.save_pretrained(tmp / "vae")
             del model
         if text_encoder:
-            from .text import resolve_pretrained
+            from ..text import resolve_pretrained
 
             t5_dir = resolve_pretrained(text_encoder)
             T5EncoderModel.from_pretrained(t5_dir).save_pretrained(tmp / "text_encoder")
