@@ -12,16 +12,9 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from editinfinity.edit.case import (
-    CaseSpec,
-    align_mask,
-    choose_schedule,
-    cover_geometry,
-    load_image,
-    load_user_mask,
-    preprocess_image,
-    read_mask,
-)
+from editinfinity.edit.case import CaseSpec
+from editinfinity.edit.images import choose_schedule, cover_geometry, load_image, preprocess_image
+from editinfinity.edit.user_mask import align_mask, load_user_mask, read_mask
 from editinfinity.edit.mask import cell_fractions_from_pixels
 from editinfinity.errors import InvalidCaseError
 from editinfinity.models import schedules
@@ -269,7 +262,7 @@ def test_mask_covering_everything_or_nothing(tmp_path):
 def test_mostly_edit_mask_warns_about_polarity(tmp_path, caplog):
     arr = np.full((64, 64), 255)
     arr[20:40, 20:40] = 0  # black object on white: with white-edit the background is edited
-    with caplog.at_level(logging.WARNING, logger="editinfinity.edit.case"):
+    with caplog.at_level(logging.WARNING, logger="editinfinity.edit.user_mask"):
         load_user_mask(_mask_png(tmp_path, arr, "inv.png"), (64, 64), (8, 8), "white-edit")
     assert "--mask-polarity black-edit" in caplog.text
 
@@ -308,8 +301,8 @@ def _spec(image_file, **kw) -> CaseSpec:
 
 def test_valid_spec(image_file):
     spec = _spec(image_file).validate()
-    assert spec.prompt_iters == 10 and spec.lora_iters == 50 and spec.threshold == 0.5
     assert CaseSpec.field_names() == list(spec.to_dict())
+    assert "seed" not in spec.to_dict() and "preset" not in spec.to_dict()  # settings are not case fields
 
 
 @pytest.mark.parametrize("field_name", ["prompt", "edit_prompt"])
@@ -338,9 +331,6 @@ def test_equal_prompts_warn_not_fail(image_file, caplog):
         (dict(target_word="cat"), r"`target_word` 'cat' does not occur in `prompt`.*glass, of, red, drink"),
         (dict(mask_polarity="white"), r"`mask_polarity` must be one of white-edit, black-edit"),
         (dict(resolution="4K"), r"`resolution` must be one of"),
-        (dict(seed=-1), r"`seed` must be a non-negative integer"),
-        (dict(lora_iters=2.5), r"`lora_iters` must be a non-negative integer"),
-        (dict(threshold=1.0), r"`threshold` must be a number in \[0, 1\)"),
         (dict(image="missing.png"), r"`image` file not found: missing\.png"),
     ],
 )
@@ -370,10 +360,14 @@ def test_from_yaml_and_json(tmp_path, image_file):
     mask = _mask_png(tmp_path, np.pad(np.full((20, 20), 255), 22), "m.png")
     yaml_path = tmp_path / "case.yaml"
     yaml_path.write_text(
-        "image: img.png\nprompt: a cup on a table\nedit_prompt: a candle on a table\nmask: m.png\nseed: 3\n"
+        "image: img.png\nprompt: a cup on a table\nedit_prompt: a candle on a table\nmask: m.png\n"
     )
     spec = CaseSpec.from_file(yaml_path)
-    assert spec.mode == "mask" and spec.mask == str(mask) and spec.image == str(image_file) and spec.seed == 3
+    assert spec.mode == "mask" and spec.mask == str(mask) and spec.image == str(image_file)
+    # A method setting in a case file is refused, not silently ignored.
+    yaml_path.write_text(yaml_path.read_text() + "seed: 3\n")
+    with pytest.raises(InvalidCaseError, match=r"unknown field\(s\) seed; allowed: image, prompt"):
+        CaseSpec.from_file(yaml_path)
     json_path = tmp_path / "case.json"
     json_path.write_text(json.dumps({"image": str(image_file), "prompt": "a cup", "edit_prompt": "a mug",
                                      "mode": "whole", "resolution": "0.25M"}))
@@ -419,8 +413,8 @@ def test_reference_dir_modes(tmp_path):
     spec = CaseSpec.from_reference_dir(_reference_case(tmp_path / "ex3"))
     assert (spec.mode, spec.target_word, spec.mask) == ("auto", "drink", None)
     assert spec.prompt == "a glass of red drink on the beach"
-    spec = CaseSpec.from_reference_dir(_reference_case(tmp_path / "ex2", word=None, mask=True), seed=7)
-    assert spec.mode == "mask" and spec.mask_polarity == "black-edit" and spec.seed == 7
+    spec = CaseSpec.from_reference_dir(_reference_case(tmp_path / "ex2", word=None, mask=True), resolution="0.25M")
+    assert spec.mode == "mask" and spec.mask_polarity == "black-edit" and spec.resolution == "0.25M"
     assert spec.mask.endswith("mask.png")
     # The reference's mask.png is black = edit: the black square is what we edit.
     pix, _ = load_user_mask(spec.mask, (64, 64), (4, 4), spec.mask_polarity)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from editinfinity.edit.case import load_user_mask, read_mask
+from editinfinity.edit.user_mask import load_user_mask, read_mask
 from editinfinity.edit.mask import (
     attention_threshold_value,
     cell_fractions_from_pixels,

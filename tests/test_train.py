@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from editinfinity import toyworld as tw
-from editinfinity.edit.case import image_to_tensor
+from editinfinity.edit.images import image_to_tensor
 from editinfinity.evaluation.toy_judge import keep_region
 from editinfinity.models.bsq_vae import BSQVAE
 from editinfinity.models.bundle import bundled_tokenizer_dir, load_models

@@ -94,7 +94,9 @@ def check_case(case: dict, *, resolution: str, mask_polarity: str) -> str:
     Raises :class:`InvalidCaseError` (or a storage error) naming the problem.
     """
     from .. import storage
-    from ..edit.case import CaseSpec, choose_schedule, load_image, read_mask
+    from ..edit.case import CaseSpec
+    from ..edit.images import choose_schedule, load_image
+    from ..edit.user_mask import read_mask
     from ..edit.learned import image_digest
 
     spec = CaseSpec(image=case["image"], prompt=case["prompt"], edit_prompt=case["edit_prompt"], mode=case["mode"],

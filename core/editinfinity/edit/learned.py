@@ -39,7 +39,8 @@ from ..models import schedules
 from ..models.bundle import ModelBundle
 from ..models.text import TextFeatures
 from .artifacts import read_stage, stage_output, write_json
-from .case import CaseSpec, load_image
+from .case import CaseSpec
+from .images import load_image
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, save_adapter, train_lora_adapter
 from .prepare import CaseData, SourceData, case_from_source, encode_source
 from .prompt_tuning import EMBEDDING_FILE, save_embedding, tune_prompt_embedding

@@ -25,7 +25,9 @@ from ..models.bundle import ModelBundle
 from ..models.quantizer import multiscale_quantize
 from ..models.text import TextFeatures, encode_prompts, style_prompt, target_token_range
 from .artifacts import read_stage, stage_output
-from .case import CaseSpec, choose_schedule, load_image, load_user_mask, preprocess_image
+from .case import CaseSpec
+from .images import choose_schedule, load_image, preprocess_image
+from .user_mask import load_user_mask
 from .settings import EditSettings
 
 log = logging.getLogger(__name__)
