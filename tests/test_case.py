@@ -14,8 +14,8 @@ from PIL import Image, ImageFile
 
 from editinfinity.edit.case import CaseSpec
 from editinfinity.edit.images import choose_schedule, cover_geometry, load_image, preprocess_image
-from editinfinity.edit.user_mask import align_mask, load_user_mask, read_mask
 from editinfinity.edit.mask import cell_fractions_from_pixels
+from editinfinity.edit.user_mask import align_mask, load_user_mask, read_mask
 from editinfinity.errors import InvalidCaseError
 from editinfinity.models import schedules
 

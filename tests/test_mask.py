@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from editinfinity.edit.user_mask import load_user_mask, read_mask
 from editinfinity.edit.mask import (
     attention_threshold_value,
     cell_fractions_from_pixels,
@@ -23,6 +22,7 @@ from editinfinity.edit.mask import (
     weights_from_edit_mask,
     weights_from_pixel_mask,
 )
+from editinfinity.edit.user_mask import load_user_mask, read_mask
 from editinfinity.errors import InvalidCaseError
 
 # The reference's mask files mark the edit region in black (README "Other files": masks/*.png, black = edit).

@@ -96,8 +96,8 @@ def check_case(case: dict, *, resolution: str, mask_polarity: str) -> str:
     from .. import storage
     from ..edit.case import CaseSpec
     from ..edit.images import choose_schedule, load_image
-    from ..edit.user_mask import read_mask
     from ..edit.learned import image_digest
+    from ..edit.user_mask import read_mask
 
     spec = CaseSpec(image=case["image"], prompt=case["prompt"], edit_prompt=case["edit_prompt"], mode=case["mode"],
                     target_word=case.get("target_word") or None, mask=case.get("mask") or None,

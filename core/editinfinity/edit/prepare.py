@@ -27,8 +27,8 @@ from ..models.text import TextFeatures, encode_prompts, style_prompt, target_tok
 from .artifacts import read_stage, stage_output
 from .case import CaseSpec
 from .images import choose_schedule, load_image, preprocess_image
-from .user_mask import load_user_mask
 from .settings import EditSettings
+from .user_mask import load_user_mask
 
 log = logging.getLogger(__name__)
 
