@@ -14,7 +14,6 @@ from components import fused_edit, generate, mask, prepare, summarize, train_lor
 from .profiles import Profile, cpu_task, gpu_task
 
 EDIT_PIPELINE = "editinfinity-edit"
-MODES = ("auto", "mask", "whole")
 
 
 def _gpu(task: PipelineTask, profile: Profile | None, name: str, cache: bool = True) -> PipelineTask:

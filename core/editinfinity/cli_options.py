@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-MODES = ("auto", "mask", "whole")
+from .edit.modes import MASK_POLARITIES, MODES  # noqa: F401  (MODES: re-exported for the CLI)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -25,7 +25,7 @@ def add_case_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     g.add_argument("--target-word", help="word (or words) of --prompt to edit: automatic-mask mode")
     g.add_argument("--mask", help="mask image (white = edit unless --mask-polarity black-edit): user-mask mode")
     g.add_argument("--whole-image", action="store_true", help="edit the whole image (no mask)")
-    p.add_argument("--mask-polarity", default="white-edit", choices=("white-edit", "black-edit"))
+    p.add_argument("--mask-polarity", default="white-edit", choices=MASK_POLARITIES)
     p.add_argument("--resolution", default=None, choices=("0.06M", "0.25M", "0.60M", "1M"),
                    help="pixel budget (default: the preset's)")
 

@@ -35,6 +35,7 @@ from .edit.learned import (
 )
 from .edit.lora import train_lora_adapter
 from .edit.masking import edit_weights
+from .edit.modes import infer_mode
 from .edit.prepare import CaseData, prepare_case
 from .edit.prompt_tuning import tune_prompt_embedding
 from .edit.settings import EditSettings
@@ -106,9 +107,9 @@ class EditInfinityPipeline(DiffusionPipeline):
         training: the same pixels as the one-shot edit with the same settings. ``overrides`` then change only
         edit settings (mask, sampling, seed of the sampling).
         """
-        from .models.presets import PRESETS
+        from .models.presets import default_resolution
 
-        mode = "auto" if target_word else "mask" if mask is not None else "whole"
+        mode = infer_mode(mask=mask, target_word=target_word)
         models = self.bundle()
         seconds, losses = {}, {}
         t = time.perf_counter()
@@ -120,16 +121,15 @@ class EditInfinityPipeline(DiffusionPipeline):
             settings = settings or edit_settings(state, overrides)
             check_compatible(state, models, settings)
             spec = edit_spec(state, edit_prompt=edit_prompt, mode=mode, target_word=target_word, mask=mask,
-                             mask_polarity=mask_polarity, preset=self.preset)
+                             mask_polarity=mask_polarity)
             case = edit_case(models, state, spec, settings)
             rows, lora_state, losses = state.rows, state.adapter, dict(state.losses)
             seconds["prepare"] = time.perf_counter() - t
         else:
             settings = settings or EditSettings.from_profile("default", **overrides)
-            default_res = PRESETS[self.preset].resolution if self.preset in PRESETS else "1M"
             spec = CaseSpec(image=image, prompt=prompt, edit_prompt=edit_prompt, mode=mode, target_word=target_word,
-                            mask=mask, mask_polarity=mask_polarity, resolution=resolution or default_res,
-                            preset=self.preset)
+                            mask=mask, mask_polarity=mask_polarity,
+                            resolution=resolution or default_resolution(self.preset))
             case = prepare_case(models, spec, settings)
             seconds["prepare"] = time.perf_counter() - t
             t = time.perf_counter()

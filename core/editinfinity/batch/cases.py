@@ -7,6 +7,7 @@ import os
 import posixpath
 import re
 
+from ..edit.modes import MODES, infer_mode
 from ..errors import InvalidCaseError
 from ..runtime import _has_scheme
 
@@ -44,12 +45,12 @@ def parse_cases(text: str, *, cases_uri: str = "cases", output_uri: str = "") ->
             raise InvalidCaseError(f"{where}: missing {', '.join(missing)}")
         case = {k: str(entry.get(k) or "") for k in sorted(_CASE_KEYS)}
         case["id"] = case["id"] or f"case-{len(cases):04d}"
-        case["mode"] = case["mode"] or ("mask" if case["mask"] else "auto" if case["target_word"] else "whole")
+        case["mode"] = case["mode"] or infer_mode(mask=case["mask"], target_word=case["target_word"])
         if not _ID.match(case["id"]):
             raise InvalidCaseError(f"{where}: id {case['id']!r} must be letters, digits, '.', '_' or '-'")
         if case["id"] in seen:
             raise InvalidCaseError(f"{where}: duplicate id {case['id']!r}")
-        if case["mode"] not in ("auto", "mask", "whole"):
+        if case["mode"] not in MODES:
             raise InvalidCaseError(f"{where}: mode must be auto, mask or whole, got {case['mode']!r}")
         seen.add(case["id"])
         case["image"], case["mask"] = _join_uri(base, case["image"]), _join_uri(base, case["mask"])

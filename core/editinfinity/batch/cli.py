@@ -19,13 +19,13 @@ def _parts(text: str) -> tuple[int, int]:
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
-    from ..cli_options import add_model_args, add_settings_args, add_speed_args
+    from ..cli_options import MASK_POLARITIES, add_model_args, add_settings_args, add_speed_args
 
     p.add_argument("--cases", required=True, help="JSONL cases file (path or gs:// / s3:// URI)")
     p.add_argument("--output-uri", required=True, help="results root: <output-uri>/<id>/ per case, index.html")
     p.add_argument("--shards", type=int, default=1, help="number of shards (one worker pod each)")
     p.add_argument("--resolution", default="", help="pixel budget (default: the preset's)")
-    p.add_argument("--mask-polarity", default="white-edit", choices=("white-edit", "black-edit"))
+    p.add_argument("--mask-polarity", default="white-edit", choices=MASK_POLARITIES)
     add_model_args(p)
     add_settings_args(p)
     add_speed_args(p)

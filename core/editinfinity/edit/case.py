@@ -16,14 +16,13 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from editinfinity.edit.user_mask import MASK_POLARITIES
+from editinfinity.edit.modes import MASK_POLARITIES, MODES, infer_mode
 from editinfinity.errors import InvalidCaseError
 from editinfinity.models import schedules
 
 logger = logging.getLogger(__name__)
 
 
-MODES = ("auto", "mask", "whole")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -50,7 +49,8 @@ class CaseSpec:
         target_word: word or phrase of ``prompt`` naming what to edit (mode auto only).
         mask: user mask file (mode mask only); see ``mask_polarity``.
         mask_polarity: ``"white-edit"`` (default) or ``"black-edit"`` (the reference's files).
-        resolution: pixel budget, one of ``schedules.BUDGETS``.
+        resolution: pixel budget, one of ``schedules.BUDGETS``; None (not given): the preset's
+            (``models.presets.default_resolution``), chosen when the case is prepared.
 
     The method's settings (seed, updates, threshold, ...) are not part of a case: they are ``EditSettings``, given
     on the command line or in Python. A case file naming them is refused (unknown field), not silently ignored.
@@ -63,7 +63,7 @@ class CaseSpec:
     target_word: str | None = None
     mask: str | None = None
     mask_polarity: str = "white-edit"
-    resolution: str = "0.06M"
+    resolution: str | None = None
 
     def __post_init__(self) -> None:
         # Paths are kept as strings so that the spec stays JSON-able (``to_dict``).
@@ -95,7 +95,7 @@ class CaseSpec:
             raise InvalidCaseError(
                 f"`mask_polarity` must be one of {', '.join(MASK_POLARITIES)}, got {self.mask_polarity!r}"
             )
-        if self.resolution not in schedules.BUDGETS:
+        if self.resolution is not None and self.resolution not in schedules.BUDGETS:
             raise InvalidCaseError(
                 f"`resolution` must be one of {', '.join(schedules.BUDGETS)}, got {self.resolution!r}"
             )
@@ -183,7 +183,7 @@ class CaseSpec:
                 raise InvalidCaseError(f"{source}: missing required field `{name}`")
         kwargs = dict(data)
         if "mode" not in kwargs:
-            kwargs["mode"] = "mask" if kwargs.get("mask") else "auto" if kwargs.get("target_word") else "whole"
+            kwargs["mode"] = infer_mode(mask=kwargs.get("mask"), target_word=kwargs.get("target_word"))
             logger.info("%s: no `mode` given, using %r", source, kwargs["mode"])
         for name in ("image", "mask"):
             value = kwargs.get(name)

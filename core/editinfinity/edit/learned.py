@@ -131,8 +131,7 @@ class LearnedState:
 
 def training_case(source: SourceData, prompt: str, resolution: str, preset: str) -> CaseData:
     """``source`` as the case the training stages read (they use the codes and the source prompt only)."""
-    spec = CaseSpec(image=source.image, prompt=prompt, edit_prompt=prompt, mode="whole", resolution=resolution,
-                    preset=preset)
+    spec = CaseSpec(image=source.image, prompt=prompt, edit_prompt=prompt, mode="whole", resolution=resolution)
     return CaseData(spec=spec, schedule=source.schedule, image=source.image, raw_features=source.raw_features,
                     bits=source.bits, text=dict(source.text), target_range=None, user_cells=None, user_pixels=None,
                     run_id="learn", preset=preset)
@@ -279,11 +278,11 @@ def edit_case(models: ModelBundle, state: LearnedState, spec: CaseSpec,
 
 
 def edit_spec(state: LearnedState, *, edit_prompt: str, mode: str, target_word: str | None = None,
-              mask: str | None = None, mask_polarity: str = "white-edit", preset: str = "") -> CaseSpec:
+              mask: str | None = None, mask_polarity: str = "white-edit") -> CaseSpec:
     """The case description of an edit of ``state`` (validated; files not re-read for the image)."""
     spec = CaseSpec(image=state.image or f"learned:{state.key}", prompt=state.prompt, edit_prompt=edit_prompt,
                     mode=mode, target_word=target_word, mask=mask, mask_polarity=mask_polarity,
-                    resolution=state.resolution, preset=preset or state.identity["preset"])
+                    resolution=state.resolution)
     spec.validate(check_files=False)  # the image was read when it was learned
     if mask is not None:
         CaseSpec._check_file("mask", mask)

@@ -8,6 +8,7 @@ serves the codes, training and reports (METHOD.md Q3).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import InvalidCaseError, StageError
 from ..models import schedules
 from ..models.bundle import ModelBundle
+from ..models.presets import default_resolution
 from ..models.quantizer import multiscale_quantize
 from ..models.text import TextFeatures, encode_prompts, style_prompt, target_token_range
 from .artifacts import read_stage, stage_output
@@ -137,6 +139,8 @@ def case_from_source(models: ModelBundle, source: SourceData, spec: CaseSpec,
 
 def prepare_case(models: ModelBundle, spec: CaseSpec, settings: EditSettings | None = None) -> CaseData:
     """Encode one case: preprocess the image, quantise it exactly, encode the prompts, map the target word."""
+    if spec.resolution is None:  # the preset's budget (CaseSpec: None = not given)
+        spec = dataclasses.replace(spec, resolution=_default_resolution(models))
     spec.validate()
     source = encode_source(models, spec.image, spec.prompt, spec.resolution, settings)
     return case_from_source(models, source, spec, settings)
@@ -201,7 +205,7 @@ def prepare(out_dir, *, image, prompt: str, edit_prompt: str, mode: str = "auto"
     started = time.perf_counter()  # after loading: the stage's own work
     spec = CaseSpec(image=image, prompt=prompt, edit_prompt=edit_prompt, mode=mode, target_word=target_word,
                     mask=mask, mask_polarity=mask_polarity,
-                    resolution=resolution or _default_resolution(models), preset=models.preset)
+                    resolution=resolution or _default_resolution(models))
     case = prepare_case(models, spec, settings)
     with stage_output(out_dir, "prepare", run_id=case.run_id, overwrite=overwrite, started=started,
                       settings={"resolution": spec.resolution, "preset": models.preset}) as (tmp, record):
@@ -211,10 +215,7 @@ def prepare(out_dir, *, image, prompt: str, edit_prompt: str, mode: str = "auto"
 
 
 def _default_resolution(models: ModelBundle) -> str:
-    from ..models.presets import PRESETS
-
-    spec = PRESETS.get(models.preset)
-    return spec.resolution if spec else "1M"
+    return default_resolution(models.preset)
 
 
 def require_mode(case: CaseData, *modes: str, stage: str) -> None:

@@ -25,6 +25,7 @@ from PIL import Image
 
 from ..metrics import background_metrics
 from ..models.bundle import ModelBundle, load_models
+from ..models.presets import default_resolution
 from ..report import side_by_side, write_report_html
 from .artifacts import check_output_dir, read_stage, versions, write_json
 from .attention import attention
@@ -111,7 +112,7 @@ def run_edit(out_dir, *, image=None, prompt: str | None = None, edit_prompt: str
     # Validate the case before paying for model loading.
     if learned is None:
         CaseSpec(image=image, prompt=prompt, edit_prompt=edit_prompt, mode=mode, target_word=target_word, mask=mask,
-                 mask_polarity=mask_polarity, resolution=resolution or "1M").validate()
+                 mask_polarity=mask_polarity, resolution=resolution or default_resolution(preset)).validate()
     else:
         spec = edit_spec(learned, edit_prompt=edit_prompt, mode=mode, target_word=target_word, mask=mask,
                          mask_polarity=mask_polarity)

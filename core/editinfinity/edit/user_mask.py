@@ -20,12 +20,12 @@ from PIL import Image
 
 from editinfinity.edit.images import cover_resize_crop, open_fully, to_uint8
 from editinfinity.edit.mask import PARTITIONS, cell_fractions_from_pixels
+from editinfinity.edit.modes import MASK_POLARITIES
 from editinfinity.errors import InvalidCaseError
 
 logger = logging.getLogger(__name__)
 
 
-MASK_POLARITIES = ("white-edit", "black-edit")
 #: 8-bit luminance at or below which a mask pixel is dark (the reference's ``> 128`` = light rule).
 DARK_MAX = 128
 #: The fraction of the image an edit region may cover before we warn that the polarity may be inverted.

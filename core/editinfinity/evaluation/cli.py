@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..edit.modes import MODES
 from ..errors import InvalidCaseError
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                         description=__doc__.split("\n\n")[1])
     p.add_argument("--data", required=True, help="PIE-Bench folder holding mapping_file.json and annotation_images/ "
                                                  "(local path, gs:// or s3://)")
-    p.add_argument("--mode", required=True, choices=("auto", "mask", "whole"),
+    p.add_argument("--mode", required=True, choices=MODES,
                    help="auto: attention mask from the target word (whole image when an entry has none); "
                         "mask: the annotation mask; whole: no mask")
     p.add_argument("--out", required=True, help="output folder; an existing one is resumed")

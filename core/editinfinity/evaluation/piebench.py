@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ..edit.modes import MODES
 from ..errors import InvalidCaseError
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,6 @@ EDIT_TYPES: dict[int, str] = {
     8: "change background",
     9: "change style",
 }
-MODES = ("auto", "mask", "whole")
 
 _REQUIRED = ("image_path", "original_prompt", "editing_prompt", "editing_type_id", "mask")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

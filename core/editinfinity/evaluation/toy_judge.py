@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from .. import toyworld
+from ..edit.modes import MODES
 from ..metrics import psnr
 from ..models import schedules
 from ..models.text import encode_prompts
@@ -28,7 +29,6 @@ from ..train.data import EDIT_SEED_BASE, heldout_scenes, to_uint8
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "mask", "whole")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -111,6 +111,13 @@ def default_preset_name() -> str:
     return "toy" if bundled_weights_dir("toy") is not None else "tiny"
 
 
+def default_resolution(preset: str | None = None) -> str:
+    """The pixel budget an edit uses when none is given: the preset's (``None``: the default preset's); ``"1M"``
+    (the paper's) for a converted checkpoint directory that is not a preset. The one rule for every caller."""
+    name = preset or default_preset_name()
+    return PRESETS[name].resolution if name in PRESETS else "1M"
+
+
 def bundled_weights_dir(name: str) -> Path | None:
     """The package-data directory of bundled weights, or None when they are not shipped."""
     root = resources.files("editinfinity") / "presets" / name
