@@ -8,6 +8,7 @@ reconstruction. Whole-image mode skips blending (plain generation with the learn
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,8 +106,7 @@ def generate(case_dir, prompt_dir, lora_dir, out_dir, *, mask_dir=None, seed: in
         _, weights = load_weights(mask_dir, run_id=case.run_id)
     models = models or load_models(case.preset)
     started = time.perf_counter()  # after loading: the stage's own work
-    settings = settings or EditSettings()
-    settings.seed = seed
+    settings = dataclasses.replace(settings or EditSettings(), seed=seed)  # the caller's settings stay as they are
     result = generate_edit(models, case, rows, adapter, weights, settings, adapter_settings)
     with stage_output(out_dir, "generate", run_id=case.run_id, overwrite=overwrite, started=started,
                       settings=settings.to_dict()) as (tmp, record):

@@ -9,6 +9,7 @@ by every stage of a process, so adapters are injected for the duration of a ``wi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -233,8 +234,7 @@ def train_lora(case_dir, prompt_dir, out_dir, *, iters: int = 50, seed: int = 0,
     rows = load_embedding(prompt_dir, run_id=case.run_id)
     models = models or load_models(case.preset)
     started = time.perf_counter()  # after loading: the stage's own work
-    settings = settings or EditSettings()
-    settings.lora_iters, settings.seed = iters, seed
+    settings = dataclasses.replace(settings or EditSettings(), lora_iters=iters, seed=seed)  # caller's untouched
     info: dict = {}
     state, losses = train_lora_adapter(models, case, rows, settings, progress, info=info)
     with stage_output(out_dir, "train_lora", run_id=case.run_id, overwrite=overwrite, started=started,

@@ -6,6 +6,7 @@ parameterises them (METHOD.md §3); everything else is frozen and only the rows 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -84,8 +85,7 @@ def tune_prompt(case_dir, out_dir, *, iters: int = 10, seed: int = 0, models: Mo
     case = load_case(case_dir)
     models = models or load_models(case.preset)
     started = time.perf_counter()  # after loading: the stage's own work
-    settings = settings or EditSettings()
-    settings.prompt_iters, settings.seed = iters, seed
+    settings = dataclasses.replace(settings or EditSettings(), prompt_iters=iters, seed=seed)  # caller's untouched
     info: dict = {}
     rows, losses = tune_prompt_embedding(models, case, settings, progress, info=info)
     with stage_output(out_dir, "tune_prompt", run_id=case.run_id, overwrite=overwrite, started=started,
