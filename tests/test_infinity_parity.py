@@ -117,7 +117,7 @@ def test_block_outputs_logits_and_loss(model, io, train_outputs):
         io.check(f"train/block{i}_out_sample0", blocks[i][0])
     io.check("train/logits", logits)
     loss = model.bit_loss(logits, io["train/gt_bits"], io["scale_schedule"])
-    assert loss.dtype == torch.float64  # the reference's weights are float64, so is its loss (README Q10)
+    assert loss.dtype == torch.float64  # the reference's weights are float64, so is its loss (the parity fixtures' README.md, Q10)
     io.check("train/loss", loss)
 
 
@@ -253,7 +253,7 @@ def test_sample_argmax_image(model, io, manifest, parity_dir):
                          generator=torch.Generator("cpu").manual_seed(sampling["g_seed"]))
     with torch.no_grad():
         img = vae.decode(out.summed_codes)
-    # The reference's output convention (README Q17): ((x+1)/2*255) truncated to uint8, channels flipped to BGR.
+    # The reference's output convention (the parity fixtures' README.md, Q17): ((x+1)/2*255) truncated to uint8, channels flipped to BGR.
     img_bgr = ((img + 1) / 2).permute(0, 2, 3, 1).mul(255).to(torch.uint8).flip(dims=(3,))
     io.check("sample_argmax/image_bgr_uint8", img_bgr)
 

@@ -98,7 +98,7 @@ def test_exact_partition_on_non_multiple_size_follows_geometry(parity_dir, manif
         oy = np.clip(np.minimum(ys[1:], geo["y1"]) - np.maximum(ys[:-1], geo["y0"]), 0, None) / (h / grid[0])
         ox = np.clip(np.minimum(xs[1:], geo["x1"]) - np.maximum(xs[:-1], geo["x0"]), 0, None) / (w / grid[1])
         np.testing.assert_allclose(fine.numpy(), np.outer(oy, ox), atol=1e-12)
-        # ... which is not what the reference's clipped round(H/N) blocks give (METHOD.md Q4).
+        # ... which is not what the reference's clipped round(H/N) blocks give (docs/method.md, section 5).
         assert not torch.equal(_coord(fine, ratio), fx[f"{name}/coord64"])
 
 

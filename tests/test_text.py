@@ -114,7 +114,7 @@ def test_t5_features_per_variant(t5, text_io, pad_to_max_length):
 
 @pytest.mark.parity
 def test_t5_features_batched_per_sample_rows(t5, text_io, manifest):
-    """All prompts in one padded batch; learned rows go after *each* sample (the reference only handles B = 1, Q17)."""
+    """All prompts in one padded batch; learned rows go after *each* sample (the reference only handles B = 1; docs/method.md)."""
     tokenizer, encoder = t5
     offset = text_io["language_style_offset"]
     names = list(_variants(text_io))
@@ -324,7 +324,7 @@ def test_encode_rejects_empty_prompt(t5):
 
 
 def test_prompt_length_limit_with_learned_rows(t5):
-    """Q22: T5 tokens + learned rows must fit the 512-row text table; the error names the prompt and the limit."""
+    """T5 tokens + learned rows must fit the 512-row text table; the error names the prompt and the limit."""
     tokenizer, encoder = t5
     per_word = len(tokenizer("ball ball")["input_ids"]) - len(tokenizer("ball")["input_ids"])
     assert per_word == 1  # "ball" is one piece of the tiny vocabulary

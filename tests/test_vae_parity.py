@@ -248,7 +248,7 @@ def test_summed_codes_from_bits(run256, io256):
 
 
 def test_summed_codes_vs_straight_through_output(run256, io256, parity_dir):
-    # quantized_out carries the straight-through value, a few 1e-8 off the exact codes (README Q16).
+    # quantized_out carries the straight-through value, a few 1e-8 off the exact codes (the parity fixtures' README.md, Q16).
     atol = _atol(parity_dir, IO_256, "quantized_out")
     torch.testing.assert_close(run256["codes"].summed_codes, io256["quantized_out"], rtol=0, atol=atol)
 

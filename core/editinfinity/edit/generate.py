@@ -30,7 +30,7 @@ from .training import make_generator, styled_text
 
 
 def to_pil(img: torch.Tensor) -> Image.Image:
-    """(1, 3, H, W) in [-1, 1] -> RGB PIL, rounding to the nearest byte (the reference truncates, Q27)."""
+    """(1, 3, H, W) in [-1, 1] -> RGB PIL, rounding to the nearest byte (the reference truncates; docs/method.md "Output encoding")."""
     arr = ((img[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(np.ascontiguousarray(arr))
 

@@ -1,8 +1,9 @@
-"""Edit masks and the smoothing weight map ``W`` on the final latent grid (METHOD.md §6, §7).
+"""Edit masks and the smoothing weight map ``W`` on the final latent grid (docs/method.md, sections 5 and 6).
 
-Conventions (METHOD.md §10 Q5): an *edit mask* is boolean, ``True`` = the region to edit; the *keep weight*
+Conventions (docs/method.md): an *edit mask* is boolean, ``True`` = the region to edit; the *keep weight*
 ``W`` is float32 in ``[0, 1]``, ``1`` = keep the source code, ``0`` = take the generated code. Everything lives on
-the final latent grid ``(h_K, w_K)`` of the case's schedule; no PNG round trip (Q4), no per-cell Python loops (Q8).
+the final latent grid ``(h_K, w_K)`` of the case's schedule; no PNG round trip (the published code renders the mask through a plotting figure), no per-cell
+Python loops.
 
 Pipeline:
 
@@ -18,7 +19,7 @@ Partition of a pixel mask into cells
 latent cell) these are the integer blocks of ``round(H/N)`` pixels that the reference's ``mask_to_coord`` uses, and the
 fractions are bit-identical to the reference's. When ``N`` does not divide the size, the reference's blocks do not
 tile the image (``round(300/64) = 5`` px rows cover 320 rows: the last blocks re-read the last pixel line, and the
-mask drifts by up to a few cells, METHOD.md Q4); ``partition="exact"`` stays geometrically correct there, and
+mask drifts by up to a few cells, docs/method.md section 5); ``partition="exact"`` stays geometrically correct there, and
 ``partition="reference"`` reproduces the reference's blocks exactly for parity checks.
 """
 
@@ -80,7 +81,7 @@ def _grid(grid, name: str = "grid") -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# attention map -> edit mask (METHOD.md §6)
+# attention map -> edit mask (docs/method.md, section 5)
 
 
 def attention_threshold_value(attn, threshold: float = 0.5) -> torch.Tensor:
@@ -258,7 +259,7 @@ def clean_mask(mask, *, holes: bool = False, min_region: float = 0.0) -> torch.T
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# pixel mask -> cell fractions (METHOD.md §7 steps 1-2)
+# pixel mask -> cell fractions (docs/method.md, section 6)
 
 
 def _overlap_matrix(size: int, n: int) -> torch.Tensor:
@@ -330,7 +331,7 @@ def cell_fractions_from_pixels(pixel_edit_mask, grid, *, partition: str = "exact
 
 
 def coarse_fractions(edit_values, blocks=COARSE_BLOCKS, *, partition: str = "exact") -> torch.Tensor:
-    """Fraction of edit area in each of the ``4 x 4`` coarse blocks (the "large edit" test of METHOD.md §7).
+    """Fraction of edit area in each of the ``4 x 4`` coarse blocks (the "large edit" test, docs/method.md section 6).
 
     ``edit_values`` is either the pixel edit mask (user masks: the reference counts pixels) or the bool latent grid
     (attention masks: the mean of the block's cells). Both are the same area partition, so one function serves.
@@ -339,7 +340,7 @@ def coarse_fractions(edit_values, blocks=COARSE_BLOCKS, *, partition: str = "exa
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# cell fractions -> keep weights (METHOD.md §7 steps 3-5)
+# cell fractions -> keep weights (docs/method.md, section 6)
 
 
 def city_block_distance(selected) -> torch.Tensor:
@@ -385,7 +386,7 @@ def smoothing_weights(
     selected cell. ``W = 0`` for ``d <= zero_radius`` (the mask dilated by one cell). Small edit (fewer than
     ``large_edit_blocks`` coarse blocks with fraction ``>= coarse_threshold``): ``W`` rises linearly by
     ``1 / (ramp_end + 1 - zero_radius)`` per cell, i.e. 0.25, 0.5, 0.75 at ``d`` = 2, 3, 4 and 1 from ``d = 5``
-    on (the reference's ``(d - 1) / 4`` then 1; Q19). Large edit: no transition band, ``W = 1`` beyond
+    on (the reference's ``(d - 1) / 4`` then 1, ``generate_weighted_tensor.py``). Large edit: no transition band, ``W = 1`` beyond
     ``zero_radius``. No selected cell: ``W`` is all ones (the edit reproduces the source).
 
     Returns:
@@ -418,7 +419,7 @@ def smoothing_weights(
 
 
 #: Smoothing-band modes: "scaled" keeps the reference's band as a fraction of the image (1 and 4 cells of a 64-cell
-#: side), "reference" keeps it in cells whatever the grid (METHOD.md §7).
+#: side), "reference" keeps it in cells whatever the grid (docs/method.md, section 6).
 BANDS = ("scaled", "reference")
 #: The grid side the reference's distances (dilation 1, ramp to 4 cells) were made for (1024 px, 16 px per cell).
 REFERENCE_GRID_SIDE = 64

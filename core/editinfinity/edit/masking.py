@@ -1,7 +1,7 @@
 """Stage E, mask: the edit mask on the last scale's grid and the smoothing (keep) weights.
 
 Mode "auto" thresholds the attention map; mode "mask" uses the user's mask prepared in stage A. Both feed the
-piecewise-linear kernel directly on the latent grid — no PNG round trip (METHOD.md Q4).
+piecewise-linear kernel directly on the latent grid — no PNG round trip (docs/method.md, section 5).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .mask import (
 from .prepare import CaseData, load_case, require_mode
 
 WEIGHTS_FILE = "weights.safetensors"
-#: A latent cell belongs to the edit when at least this fraction of its pixels does (METHOD.md §7).
+#: A latent cell belongs to the edit when at least this fraction of its pixels does (docs/method.md, section 6).
 CELL_THRESHOLD = 0.2
 
 

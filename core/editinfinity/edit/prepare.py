@@ -1,9 +1,9 @@
 """Stage A, prepare: the image's exact multi-scale bit codes (BSQ VAE) and every prompt's T5 features.
 
-This is the only stage that runs the VAE encoder and T5 (DESIGN.md): later stages read ``codes.safetensors`` and
+This is the only stage that runs the VAE encoder and T5 (docs/method.md, section 1): later stages read ``codes.safetensors`` and
 ``text.safetensors`` from the case directory. The schedule comes from the image's aspect ratio (nearest template)
 and the chosen pixel budget; the image is preprocessed once (RGB, cover-resize, centre crop) and that same tensor
-serves the codes, training and reports (METHOD.md Q3).
+serves the codes, training and reports (docs/method.md, section 1).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .user_mask import load_user_mask
 
 log = logging.getLogger(__name__)
 
-#: The prompt variants later stages need (METHOD.md §2.3).
+#: The prompt variants later stages need (docs/method.md, section 1).
 TEXT_VARIANTS = ("source_styled", "edit_styled", "source_plain")
 
 

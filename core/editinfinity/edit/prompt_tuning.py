@@ -1,7 +1,7 @@
 """Stage B, prompt tuning: learn the "language style" rows appended to the styled source prompt.
 
 The rows live in raw T5 space (before the transformer's ``text_norm``) and start at zero, exactly as the reference
-parameterises them (METHOD.md §3); everything else is frozen and only the rows are clipped and optimised.
+parameterises them (docs/method.md, section 2); everything else is frozen and only the rows are clipped and optimised.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Hyperparameters of the method, with the paper's defaults, and the two settings profiles.
 
 ``default``: correct, single GPU, fast — iteration counts are optimizer updates (10 prompt-tuning, 50 LoRA).
-``reference``: reproduces the published code path where it differs (METHOD.md §10): q/v biases ignored, 9 + 49
-updates, LoRA effective batch 2. Condition dropout and DropPath are on in both, as in the published runs (Q14).
+``reference``: reproduces the published code path where it differs (docs/method.md, "Where we differ"): q/v biases ignored, 9 + 49
+updates, LoRA effective batch 2. Condition dropout and DropPath are on in both, as in the published runs.
 
 Speed/memory settings change how the training stages run, not what they compute: ``checkpointing`` (activation
 checkpointing of the transformer blocks: ``"auto"`` sizes it to the GPU memory, see
@@ -82,7 +82,7 @@ class EditSettings:
     # Bitwise self-correction of the teacher-forcing inputs: flip probability ~ U{0, .01, .., strength} per scale.
     noise_strength: float = 0.3
     noise_layers: int | None = None  # None: every scale
-    # Stochastic regularisers active in the published training (Q14).
+    # Stochastic regularisers active in the published training (its model trains in training mode).
     cond_drop_rate: float = 0.1
     drop_path_rate: float = 0.1
     # Stage E: mask threshold between min and max of the attention map; smoothing band "scaled" (the reference's

@@ -1,6 +1,6 @@
 """The optimisation loop shared by prompt tuning and LoRA: the teacher-forced bitwise loss on one image.
 
-"N iterations" means N optimizer updates (the reference performs N − 1, METHOD.md Q10). Every random draw
+"N iterations" means N optimizer updates (the reference performs N − 1, docs/method.md "Update counts"). Every random draw
 (bitwise self-correction flips, condition dropout, DropPath, LoRA dropout) comes from generators seeded by the
 stage's seed, so a stage re-run with the same inputs and seed gives the same result on the same device.
 

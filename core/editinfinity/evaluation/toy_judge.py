@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def judge_generation(image: np.ndarray | Image.Image, scene: toyworld.Scene) -> dict[str, Any]:
     """Does a picture show what ``scene``'s caption asks for?
 
-    ``objects_ok``: every prompted object is found with its colour and kind (the issue's criterion);
+    ``objects_ok``: every prompted object is found with its colour and kind (the toy model's target, see its model card);
     ``matches``: also the background colour and no extra object (``toyworld.matches``).
     """
     verdict = toyworld.analyse(image, scene)["expected"]

@@ -4,11 +4,11 @@ The transformer reads text as *compacted* rows: every sample's T5 ``last_hidden_
 (EOS included, padding dropped) stacked into one ``(N, Ct5)`` tensor, plus the per-sample lengths
 (INFINITY.md §4.2). :class:`TextFeatures` carries that pair and the views the model needs (``cu_seqlens``,
 a padded batch with its mask). EditInfinity's learned "language style" rows are appended after every sample's
-EOS row (METHOD.md §3), never after the whole batch (the reference's batch-1 shortcut, Q17).
+EOS row (docs/method.md, section 2), never after the whole batch (the reference's batch-1 shortcut).
 
 Two word -> token lookups live here: :func:`reference_word_token_mapping` reproduces the published code
 (parity), :func:`target_token_range` is the one our pipeline uses (offset based, tolerant of case and punctuation,
-errors instead of silent skips, Q18).
+errors instead of silent skips; docs/method.md "Word to token mapping").
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Appended to a prompt before T5 when a learned language-style embedding is used (reference wording, METHOD.md §3).
+#: Appended to a prompt before T5 when a learned language-style embedding is used (reference wording, docs/method.md section 1).
 STYLE_SUFFIX = ", the language style of this prompt is"
 
 #: Token budget of the reference tokenizer call and the size of the model's unconditional text table.
@@ -325,7 +325,7 @@ def validate_prompts(
     """Token counts (EOS included) of each prompt; raise :class:`InvalidCaseError` for empty or over-long prompts.
 
     A prompt longer than ``max_length - extra_rows`` tokens would be truncated by the tokenizer, or overflow the
-    model's 512-row unconditional text table once ``extra_rows`` learned rows are appended (Q22).
+    model's 512-row unconditional text table once ``extra_rows`` learned rows are appended (docs/method.md, "Learned rows per sample").
     """
     if isinstance(prompts, str) or not prompts:
         raise InvalidCaseError("prompts must be a non-empty list of strings")
@@ -385,7 +385,7 @@ def encode_prompts(
 def reference_word_token_mapping(
     tokenizer: PreTrainedTokenizerBase, prompt: str, target_words: Sequence[str] | None = None
 ) -> dict[str, tuple[int, int]]:
-    """The reference's ``get_word_token_mapping``, behaviour for behaviour (parity only; quirks Q12/Q18).
+    """The reference's ``get_word_token_mapping``, behaviour for behaviour (parity only, quirks included; docs/method.md "Word to token mapping").
 
     Words are ``prompt.split()`` named by the tokenizer's word ids; a word's half-open range runs from its first token
     to the next word's first token, the last word's to the end (EOS included); a repeated word keeps its last range.
