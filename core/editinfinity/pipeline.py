@@ -138,17 +138,22 @@ class EditInfinityPipeline(DiffusionPipeline):
             t = time.perf_counter()
             lora_state, losses["lora"] = train_lora_adapter(models, case, rows, settings, progress)
             seconds["train_lora"] = time.perf_counter() - t
+        # The same timing keys as ``run_edit``'s summary (prepare, tune_prompt, train_lora, attention, mask,
+        # generate, total).
         amap = edit_mask = weights = None
-        t = time.perf_counter()
         if mode == "auto":
+            t = time.perf_counter()
             amap = attention_map(models, case)
+            seconds["attention"] = time.perf_counter() - t
         if mode != "whole":
+            t = time.perf_counter()
             edit_mask, weights = edit_weights(case, amap, settings.threshold, settings.band, settings.core,
                                               fill_holes=settings.fill_holes, min_region=settings.min_region)
-        seconds["attention_and_mask"] = time.perf_counter() - t
+            seconds["mask"] = time.perf_counter() - t
         t = time.perf_counter()
         result = generate_edit(models, case, rows, lora_state, weights, settings)
         seconds["generate"] = time.perf_counter() - t
+        seconds["total"] = sum(seconds.values())
         return EditOutput(image=result.edited, reconstruction=result.reconstruction, case=case,
                           prompt_embedding=rows, lora_state=lora_state, attention=amap, edit_mask=edit_mask,
                           weights=weights, losses=losses, seconds=seconds)
