@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from editinfinity.edit.generate import blend_hook
-from editinfinity.edit.lora import lora_adapter, lora_config, reference_lora_to_peft
+from editinfinity.edit.lora import lora_adapter, lora_config
 from editinfinity.edit.settings import EditSettings
 from editinfinity.models import schedules
+from editinfinity.models.checkpoints import reference_lora_to_peft
 from editinfinity.models.infinity import load_infinity_state_dict
 from editinfinity.models.quantizer import inputs_from_bits, scale_codes_on_grid
 from editinfinity.models.text import TextFeatures

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from editinfinity.errors import CheckpointError
 from editinfinity.models import schedules
+from editinfinity.models.checkpoints.infinity import chunk_count
 from editinfinity.models.infinity import (
     AttentionMapCollector,
     Infinity,
@@ -26,7 +27,6 @@ from editinfinity.models.infinity import (
     summed_bit_ce,
     to_official_state_dict,
 )
-from editinfinity.models.infinity_state import chunk_count
 from editinfinity.models.quantizer import inputs_from_bits, scale_codes_on_grid
 from editinfinity.models.text import TextFeatures
 
@@ -372,7 +372,7 @@ def test_block_key_helpers():
 def test_reference_lora_chunk_count_comes_from_the_model_config(depth, chunks, present):
     """A partial LoRA dict in the reference's chunked layout maps onto the blocks the model configuration says;
     inferring the chunk count from the keys present (highest index + 1) misplaces or refuses these dicts."""
-    from editinfinity.edit.lora import reference_lora_to_peft
+    from editinfinity.models.checkpoints import reference_lora_to_peft
 
     model = make_model(depth=depth, block_chunks=chunks)
     per_chunk, rank, width = depth // chunks, 2, model.config.embed_dim

@@ -205,26 +205,6 @@ def load_adapter(lora_dir: str | Path, run_id: str | None = None) -> tuple[dict[
     return {k[len(PEFT_PREFIX):]: v for k, v in raw.items()}, settings
 
 
-def reference_lora_to_peft(tensors: dict[str, torch.Tensor], rank: int, depth: int,
-                           block_chunks: int) -> dict[str, torch.Tensor]:
-    """Map the reference's LoRA file (``block_chunks.c.module.j.ffn.fc1.lora_A``, possibly flat 1-D) to peft keys.
-
-    ``depth`` and ``block_chunks`` come from the model configuration: the file may hold any subset of the blocks.
-    """
-    from ..models.infinity import flatten_block_keys
-
-    flat, _ = flatten_block_keys(tensors, depth=depth, block_chunks=block_chunks)
-    out = {}
-    for name, t in flat.items():
-        if name.endswith("lora_A"):
-            out[name + ".weight"] = t.reshape(rank, -1).float()
-        elif name.endswith("lora_B"):
-            out[name + ".weight"] = t.reshape(-1, rank).float()
-        else:
-            raise CheckpointError(f"unexpected key {name!r} in a reference LoRA file")
-    return out
-
-
 def train_lora(case_dir, prompt_dir, out_dir, *, iters: int = 50, seed: int = 0, models: ModelBundle | None = None,
                settings: EditSettings | None = None, overwrite: bool = False, progress: bool = True) -> Path:
     """Stage C over files: reads the case and the prompt embedding, writes the peft adapter directory."""
