@@ -17,16 +17,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .storage.uri import has_scheme
+
 if TYPE_CHECKING:
     from .edit.settings import EditSettings
     from .models.bundle import ModelBundle
 
 STAGE_FILE = "stage.json"
 SKIPPED_FILE = "skipped.json"
-
-
-def _has_scheme(uri: str) -> bool:
-    return "://" in uri
 
 
 def fetch(uri: str, dest_dir: str | os.PathLike) -> str:
@@ -46,7 +44,7 @@ def resolve_weights(weights: str) -> str | None:
         return None
     if weights.startswith("file://"):
         return weights[len("file://"):]
-    if _has_scheme(weights):
+    if has_scheme(weights):
         from . import storage
 
         return str(storage.cached_path(weights))

@@ -9,7 +9,7 @@ import re
 
 from ..edit.modes import MODES, infer_mode
 from ..errors import InvalidCaseError
-from ..runtime import _has_scheme
+from ..storage.uri import has_scheme, join_uri
 
 _CASE_KEYS = {"id", "image", "prompt", "edit_prompt", "mode", "target_word", "mask"}
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -17,14 +17,14 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 def _join_uri(base_dir: str, ref: str) -> str:
     """Resolve a path of a case against the cases file's folder (URIs and absolute paths stay as they are)."""
-    if not ref or _has_scheme(ref) or os.path.isabs(ref):
+    if not ref or has_scheme(ref) or os.path.isabs(ref):
         return ref
-    return posixpath.join(base_dir, ref) if _has_scheme(base_dir) else os.path.join(base_dir, ref)
+    return join_uri(base_dir, ref)
 
 
 def parse_cases(text: str, *, cases_uri: str = "cases", output_uri: str = "") -> list[dict[str, str]]:
     """Validate JSONL cases; each becomes a dict of strings (the ParallelFor item). Errors name the line."""
-    base = posixpath.dirname(cases_uri) if _has_scheme(cases_uri) else os.path.dirname(cases_uri)
+    base = posixpath.dirname(cases_uri) if has_scheme(cases_uri) else os.path.dirname(cases_uri)
     cases: list[dict[str, str]] = []
     seen: set[str] = set()
     for lineno, line in enumerate(text.splitlines(), start=1):

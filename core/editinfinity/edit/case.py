@@ -19,6 +19,7 @@ from PIL import Image
 from editinfinity.edit.modes import MASK_POLARITIES, MODES, infer_mode
 from editinfinity.errors import InvalidCaseError
 from editinfinity.models import schedules
+from editinfinity.storage.uri import has_scheme
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +32,6 @@ logger = logging.getLogger(__name__)
 
 def _words(text: str) -> list[str]:
     return [w for w in (re.sub(r"^\W+|\W+$", "", t).casefold() for t in text.split()) if w]
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in str(path)
 
 
 @dataclass
@@ -147,7 +144,7 @@ class CaseSpec:
 
     @staticmethod
     def _check_file(name: str, path) -> None:
-        if _is_uri(path):
+        if has_scheme(path):
             return
         p = Path(path)
         if not p.is_file():
@@ -187,7 +184,7 @@ class CaseSpec:
             logger.info("%s: no `mode` given, using %r", source, kwargs["mode"])
         for name in ("image", "mask"):
             value = kwargs.get(name)
-            if value is not None and base_dir is not None and not _is_uri(value) and not Path(value).is_absolute():
+            if value is not None and base_dir is not None and not has_scheme(value) and not Path(value).is_absolute():
                 kwargs[name] = str(Path(base_dir) / value)
             elif isinstance(value, Path):
                 kwargs[name] = str(value)

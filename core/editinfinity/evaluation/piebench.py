@@ -33,6 +33,7 @@ import numpy as np
 
 from ..edit.modes import MODES
 from ..errors import InvalidCaseError
+from ..storage.uri import has_scheme, join_uri
 
 log = logging.getLogger(__name__)
 
@@ -231,10 +232,6 @@ def _check_brackets(text: str, name: str, entry_id: str) -> None:
         raise PieBenchEntryError(entry_id, f"field `{name}` has unbalanced or nested [ ] brackets: {text!r}")
 
 
-def _join(root: str, rel: str) -> str:
-    return f"{root.rstrip('/')}/{rel}" if "://" in root else str(Path(root) / rel)
-
-
 def parse_entry(entry_id: str, entry: Any, images_root: str, *, check_image: bool = True) -> PieBenchCase:
     """Validate one mapping-file entry and build its :class:`PieBenchCase`.
 
@@ -272,8 +269,8 @@ def parse_entry(entry_id: str, entry: Any, images_root: str, *, check_image: boo
     if starts.size and int(starts.max()) >= total:
         raise PieBenchEntryError(entry_id, f"`mask` has a run starting at {int(starts.max())}, outside the "
                                            f"{MASK_SHAPE[0]}x{MASK_SHAPE[1]} picture")
-    image = _join(images_root, image_path)
-    if check_image and "://" not in image and not Path(image).is_file():
+    image = join_uri(images_root, image_path)
+    if check_image and not has_scheme(image) and not Path(image).is_file():
         raise PieBenchEntryError(entry_id, f"image {image} (field `image_path`) does not exist")
     target, source = choose_target_word(original, blended)
     return PieBenchCase(
@@ -319,7 +316,7 @@ def parse_mapping(mapping: Any, root: str, *, types: str | Iterable[int] | None 
     if limit is not None and limit < 1:
         raise InvalidCaseError(f"--limit must be >= 1, got {limit}")
     wanted = parse_types(types)
-    images_root = _join(root, IMAGES_DIR)
+    images_root = join_uri(root, IMAGES_DIR)
     cases: list[PieBenchCase] = []
     errors: list[PieBenchEntryError] = []
     for key, entry in mapping.items():
@@ -346,8 +343,8 @@ def read_piebench(data_dir: str, *, types: str | Iterable[int] | None = None, li
     entries end up in ``errors``; an unreadable or non-JSON mapping file raises InvalidCaseError.
     """
     root = str(data_dir)
-    where = _join(root, MAPPING_FILE)
-    if "://" in root:
+    where = join_uri(root, MAPPING_FILE)
+    if has_scheme(root):
         from .. import storage
 
         raw = storage.read_bytes(where)

@@ -34,6 +34,7 @@ from PIL import Image
 from .. import __version__
 from ..edit.settings import EditSettings
 from ..errors import EditInfinityError, InvalidCaseError
+from ..storage.uri import has_scheme
 from .piebench import EDIT_TYPES, MASK_SHAPE, MODES, PieBenchCase, PieBenchSet, read_piebench
 from .piebench_metrics import MetricModels, score_case
 from .piebench_report import (
@@ -169,7 +170,7 @@ def _error_text(exc: BaseException) -> str:
 
 def load_pair(case: PieBenchCase, case_dir: Path) -> tuple[Image.Image, Image.Image]:
     """(source, edit) at the evaluation size; InvalidCaseError when the source is not 512x512."""
-    source = Image.open(case.image).convert("RGB") if "://" not in case.image else _open_uri(case.image)
+    source = Image.open(case.image).convert("RGB") if not has_scheme(case.image) else _open_uri(case.image)
     if (source.height, source.width) != MASK_SHAPE:
         raise InvalidCaseError(f"PIE-Bench entry {case.id!r}: source {case.image} is {source.width}x{source.height} "
                                f"px; PIE-Bench scores pictures of {MASK_SHAPE[1]}x{MASK_SHAPE[0]}")

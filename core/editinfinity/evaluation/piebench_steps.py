@@ -19,6 +19,7 @@ from typing import Any
 
 from ..edit.settings import EditSettings
 from ..errors import InvalidCaseError
+from ..storage.uri import has_scheme, join_uri
 from .piebench import IMAGES_DIR, MAPPING_FILE, parse_entry, read_piebench
 from .piebench_run import (
     CASE_FILE,
@@ -34,10 +35,6 @@ from .piebench_run import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def _join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts])
 
 
 def bench_config(*, mode: str, preset: str, weights: str, resolution: str, prompt_iters: int, lora_iters: int,
@@ -58,13 +55,13 @@ def list_cases(data_uri: str, output_uri: str, config: BenchConfig, *, types: st
 
     if not output_uri:
         raise InvalidCaseError("the piebench pipeline needs output_uri (where the edits and the table go)")
-    data = read_piebench(data_uri, types=types or None, limit=limit or None, check_images="://" not in data_uri)
+    data = read_piebench(data_uri, types=types or None, limit=limit or None, check_images=not has_scheme(data_uri))
     for err in data.errors:
         log.warning("%s", err)
     if not data.cases:
         raise InvalidCaseError(f"no well-formed PIE-Bench case selected in {data_uri} (types={types!r}, "
                                f"limit={limit}); {len(data.errors)} malformed")
-    run_file = _join(output_uri, RUN_FILE)
+    run_file = join_uri(output_uri, RUN_FILE)
     new = config.to_dict()
     if storage.exists(run_file):
         diffs = _differences(json.loads(storage.read_bytes(run_file)).get("config", {}), new)
@@ -85,24 +82,24 @@ def edit_case(data_uri: str, case_id: str, output_uri: str, config: BenchConfig,
     still needs an edit."""
     from .. import storage
 
-    case_uri = _join(output_uri, CASES_DIR, case_id)
-    if storage.exists(_join(case_uri, EDITED_FILE)):
+    case_uri = join_uri(output_uri, CASES_DIR, case_id)
+    if storage.exists(join_uri(case_uri, EDITED_FILE)):
         return json.dumps({"id": case_id, "status": "resumed"})
     with tempfile.TemporaryDirectory(prefix="piebench-") as tmp:
         local = Path(tmp) / "case"
         try:
-            mapping = json.loads(storage.read_bytes(_join(data_uri, MAPPING_FILE)))
+            mapping = json.loads(storage.read_bytes(join_uri(data_uri, MAPPING_FILE)))
             if case_id not in mapping:
-                raise InvalidCaseError(f"PIE-Bench entry {case_id!r} is not in {_join(data_uri, MAPPING_FILE)}")
-            case = parse_entry(case_id, mapping[case_id], _join(data_uri, IMAGES_DIR), check_image=False)
-            if "://" in case.image:
+                raise InvalidCaseError(f"PIE-Bench entry {case_id!r} is not in {join_uri(data_uri, MAPPING_FILE)}")
+            case = parse_entry(case_id, mapping[case_id], join_uri(data_uri, IMAGES_DIR), check_image=False)
+            if has_scheme(case.image):
                 image = storage.download(case.image, Path(tmp) / Path(case.image_path).name)
                 case = _with_image(case, str(image))
             edit_one(case, local, config, models=models_loader(), edit_fn=None)
         except Exception as exc:  # recorded, so that the other cases and the scoring step still run
             message = _error_text(exc)
             log.warning("case %s failed: %s", case_id, message)
-            storage.write_bytes(_join(case_uri, ERROR_FILE), json.dumps(
+            storage.write_bytes(join_uri(case_uri, ERROR_FILE), json.dumps(
                 {"error": message, "type": type(exc).__name__, "config": config.to_dict()}, indent=2).encode())
             return json.dumps({"id": case_id, "status": "failed", "error": message})
         edited = local / EDITED_FILE
@@ -110,7 +107,7 @@ def edit_case(data_uri: str, case_id: str, output_uri: str, config: BenchConfig,
         edited.rename(staged)
         storage.upload_dir(local, case_uri)
         # Last: marks the case done (an error.json of an earlier try is then ignored by the scoring step).
-        storage.upload(staged, _join(case_uri, EDITED_FILE))
+        storage.upload(staged, join_uri(case_uri, EDITED_FILE))
     return json.dumps({"id": case_id, "status": "done"})
 
 
@@ -136,14 +133,14 @@ def score_all(data_uri: str, output_uri: str, config: BenchConfig, *, types: str
     local = Path(local_dir or tempfile.mkdtemp(prefix="piebench-score-"))
     data = read_piebench(data_uri, types=types or None, limit=limit or None, check_images=False)
     local.mkdir(parents=True, exist_ok=True)
-    if storage.exists(_join(output_uri, RUN_FILE)):
-        storage.download(_join(output_uri, RUN_FILE), local / RUN_FILE)
+    if storage.exists(join_uri(output_uri, RUN_FILE)):
+        storage.download(join_uri(output_uri, RUN_FILE), local / RUN_FILE)
     for case in data.cases:
-        case_uri, case_dir = _join(output_uri, CASES_DIR, case.id), local / CASES_DIR / case.id
+        case_uri, case_dir = join_uri(output_uri, CASES_DIR, case.id), local / CASES_DIR / case.id
         for name in (CASE_FILE, SCORES_FILE, ERROR_FILE, EDITED_FILE):
-            if storage.exists(_join(case_uri, name)):
+            if storage.exists(join_uri(case_uri, name)):
                 case_dir.mkdir(parents=True, exist_ok=True)
-                storage.download(_join(case_uri, name), case_dir / name)
+                storage.download(join_uri(case_uri, name), case_dir / name)
         err = case_dir / ERROR_FILE
         if err.is_file() and (case_dir / EDITED_FILE).is_file():
             err.unlink()  # a later success superseded it
@@ -153,13 +150,13 @@ def score_all(data_uri: str, output_uri: str, config: BenchConfig, *, types: str
                           preset=config.preset, weights=config.weights, resolution=config.resolution,
                           settings=config.settings, metric_models=models, edit=False, progress=False)
     for name in ("results.csv", "table.md", "table.html", "summary.json"):
-        storage.upload(local / name, _join(output_uri, name))
+        storage.upload(local / name, join_uri(output_uri, name))
     for grid in sorted((local / "grids").glob("*.png")):
-        storage.upload(grid, _join(output_uri, "grids", grid.name))
+        storage.upload(grid, join_uri(output_uri, "grids", grid.name))
     for case in data.cases:  # cache the scores next to the edits
         scores = local / CASES_DIR / case.id / SCORES_FILE
         if scores.is_file():
-            storage.upload(scores, _join(output_uri, CASES_DIR, case.id, SCORES_FILE))
+            storage.upload(scores, join_uri(output_uri, CASES_DIR, case.id, SCORES_FILE))
     return result
 
 

@@ -32,7 +32,7 @@ from .cache import cache_root, cached_path, localize, staged_output
 from .objects import download, exists, list_objects, list_uri, open_uri, read_bytes, stat, upload, write_bytes
 from .publish import build_manifest, download_dir, publish_dir, read_manifest, upload_dir
 from .settings import StorageSettings
-from .uri import StorageURI, is_remote, parse_uri
+from .uri import StorageURI, has_scheme, is_remote, join_uri, parse_uri
 
 # What callers use (the CLI, stages, runtime, evaluation, tests); the backends stay inside the package.
 __all__ = [
@@ -46,7 +46,9 @@ __all__ = [
     "download",
     "download_dir",
     "exists",
+    "has_scheme",
     "is_remote",
+    "join_uri",
     "list_objects",
     "list_uri",
     "localize",

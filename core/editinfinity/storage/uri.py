@@ -104,6 +104,20 @@ def parse_uri(uri: URILike) -> StorageURI:
     return StorageURI(scheme, bucket, key)
 
 
+def has_scheme(uri: URILike) -> bool:
+    """True for ``scheme://...`` (``file://``, ``gs://``, ``s3://``, or any other), False for a plain path: the one
+    test for "is this a URI" (``is_remote`` says whether it names an object store)."""
+    return isinstance(uri, StorageURI) or "://" in str(uri)
+
+
+def join_uri(base: str | os.PathLike, *parts: str) -> str:
+    """``parts`` under ``base``: joined with '/' for a URI, as a path of this OS for a local path."""
+    base = str(base)
+    if has_scheme(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return os.path.join(base, *parts)
+
+
 def is_remote(uri: URILike) -> bool:
     """True when ``uri`` names an object store (``gs://``, ``s3://``), False for local paths and ``file://``."""
     return parse_uri(uri).is_remote
