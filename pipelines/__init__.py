@@ -5,8 +5,10 @@ All are built by factories because the scheduling profile (``profiles.yaml``) is
 with ``editinfinity pipeline compile`` or ``python -m pipelines.compile``.
 """
 
+from editinfinity.edit.modes import MODES
+
 from .batch import BATCH_PIPELINE, make_batch_pipeline
-from .edit import EDIT_PIPELINE, MODES, make_edit_pipeline
+from .edit import EDIT_PIPELINE, make_edit_pipeline
 from .piebench import PIEBENCH_PIPELINE, make_piebench_pipeline
 from .profiles import Profile, ProfileError, get_profile, load_profiles
 
