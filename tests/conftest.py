@@ -1,15 +1,10 @@
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def parity_path() -> Path:
-    return Path(os.environ.get("EDITINFINITY_PARITY_DIR", ROOT.parent / "shared" / "parity")).resolve()
+from parity import parity_path
 
 
 @pytest.fixture(scope="session")

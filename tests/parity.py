@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from conftest import parity_path
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parity_path() -> Path:
+    """``$EDITINFINITY_PARITY_DIR``, else ``../shared/parity`` beside the repository.
+
+    Defined here, not in conftest.py: with tests/kubeflow/conftest.py beside it, ``import conftest`` from a test
+    module may get that one when the whole suite is collected."""
+    return Path(os.environ.get("EDITINFINITY_PARITY_DIR", ROOT.parent / "shared" / "parity")).resolve()
 
 _SECTION = re.compile(r"^### `([^`]+)`")
 _ROW = re.compile(r"^\| `([^`]+)` \|")
