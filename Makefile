@@ -8,7 +8,7 @@ TORCH ?= torch==$(TORCH_VERSION)
 export EDITINFINITY_PARITY_DIR ?= $(abspath ../shared/parity)
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install install-base test test-gpu mutation lint demo compile images images-cpu images-cuda base-image image-test bench clean
+.PHONY: install install-base test test-gpu mutation lint demo compile images images-cpu images-cuda print-image-cuda print-image-cpu base-image image-test bench clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -83,6 +83,12 @@ IMAGE_ARGS = --build-arg TORCH_VERSION=$(TORCH_VERSION) --build-arg GIT_REVISION
 CPU_TORCH_ARGS = $(if $(TORCH_WHEELS),--build-arg TORCH_INDEX_URL=,$(if $(TORCH_INDEX_URL),--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL)))
 
 images: images-cuda images-cpu
+
+print-image-cuda:
+	@echo $(CUDA_IMAGE)
+
+print-image-cpu:
+	@echo $(CPU_IMAGE)
 
 base-image:
 	@$(DOCKER) image inspect $(BASE_IMAGE) >/dev/null 2>&1 || \

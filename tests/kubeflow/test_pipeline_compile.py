@@ -396,3 +396,25 @@ def test_cli_compile(tmp_path, capsys):
     assert "no fused variant" in capsys.readouterr().err
     assert main(["pipeline", "compile", "edit", "--profile", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown profile 'nope'" in capsys.readouterr().err
+
+
+def test_images_by_digest(tmp_path):
+    """CI compiles against the digests of the images it pushed; a malformed digest is refused at compile time."""
+    import os
+    import subprocess
+    import sys
+
+    gpu = "ghcr.io/me/editinfinity@sha256:" + "a" * 64
+    cpu = "ghcr.io/me/editinfinity@sha256:" + "b" * 64
+    env = {**os.environ, "EDITINFINITY_IMAGE": gpu, "EDITINFINITY_CPU_IMAGE": cpu}
+    proc = subprocess.run([sys.executable, "-m", "editinfinity.cli", "pipeline", "compile", "batch", "--profile",
+                           "gke-l4", "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    spec, _ = load(tmp_path / "batch-gke-l4.yaml")
+    images = {component_of(n): ex["container"]["image"] for n, ex in spec["deploymentSpec"]["executors"].items()}
+    assert images == {"batch-plan": cpu, "batch-worker": gpu, "batch-summary": cpu}
+    env["EDITINFINITY_IMAGE"] = "ghcr.io/me/editinfinity@sha256:abc"
+    proc = subprocess.run([sys.executable, "-m", "editinfinity.cli", "pipeline", "compile", "edit", "--out",
+                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "not an image reference by digest" in proc.stderr
+    assert "Traceback" not in proc.stderr
