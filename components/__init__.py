@@ -3,16 +3,16 @@
 from .batch import batch_plan, batch_summary, batch_worker
 from .fused import fused_edit
 from .images import CPU_IMAGE, GPU_IMAGE
-from .piebench import piebench_cases, piebench_edit, piebench_score
+from .piebench import piebench_cases, piebench_score, piebench_worker
 from .report import summarize
 from .stages import attention, generate, mask, prepare, train_lora, tune_prompt
 
 #: Components that request a GPU (and get the profile's node selector and tolerations).
 GPU_COMPONENTS = ("prepare", "tune-prompt", "train-lora", "attention", "generate", "fused-edit",
-                  "batch-worker", "piebench-edit", "piebench-score")
+                  "batch-worker", "piebench-worker", "piebench-score")
 #: Components that run on CPU nodes.
 CPU_COMPONENTS = ("mask", "summarize", "batch-plan", "batch-summary", "piebench-cases")
 
 __all__ = ["CPU_COMPONENTS", "CPU_IMAGE", "GPU_COMPONENTS", "GPU_IMAGE", "attention", "batch_plan", "batch_summary",
-           "batch_worker", "fused_edit", "generate", "mask", "piebench_cases", "piebench_edit", "piebench_score",
+           "batch_worker", "fused_edit", "generate", "mask", "piebench_cases", "piebench_score", "piebench_worker",
            "prepare", "summarize", "train_lora", "tune_prompt"]

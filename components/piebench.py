@@ -1,4 +1,4 @@
-"""PIE-Bench components: list the cases (CPU), edit one case (GPU, all stages in one process), score them all (GPU).
+"""PIE-Bench components: list the cases (CPU), edit a shard of cases (GPU worker, models loaded once), score them all (GPU).
 
 Thin wrappers over ``editinfinity.evaluation.piebench_steps``; every result lives under ``output_uri`` in the layout of
 ``editinfinity eval piebench --out`` (so the pipeline and the CLI resume each other's runs). The scoring step runs
@@ -13,9 +13,11 @@ from .images import CPU_IMAGE, GPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def piebench_cases(data_uri: str, output_uri: str, mode: str, types: str, limit: int, preset: str, weights: str,
-                   resolution: str, prompt_iters: int, lora_iters: int, seed: int, threshold: float) -> list:
-    """Read the mapping file, select the cases, and record (or check) the run's settings in ``bench.json``.
+def piebench_cases(data_uri: str, output_uri: str, mode: str, types: str, limit: int, shards: int, preset: str,
+                   weights: str, resolution: str, prompt_iters: int, lora_iters: int, seed: int,
+                   threshold: float) -> list:
+    """Read the mapping file, select the cases, record (or check) the run's settings in ``bench.json``, and deal
+    the cases to the GPU workers' shards.
 
     Args:
         data_uri: PIE-Bench folder holding ``mapping_file.json`` and ``annotation_images/`` (path, gs://, s3://).
@@ -23,6 +25,7 @@ def piebench_cases(data_uri: str, output_uri: str, mode: str, types: str, limit:
         mode: auto | mask | whole.
         types: Edit types to run, e.g. "0,1,9"; empty for all.
         limit: Only the first N selected entries; 0 for all.
+        shards: Number of GPU worker pods.
         preset: Model preset name; empty for the default preset.
         weights: Converted weights directory or URI.
         resolution: Pixel budget; empty for the preset's default.
@@ -32,26 +35,27 @@ def piebench_cases(data_uri: str, output_uri: str, mode: str, types: str, limit:
         threshold: Attention-mask threshold.
 
     Returns:
-        The well-formed selected cases, each ``{"id", "edit_type"}`` (malformed entries are reported by scoring).
+        One ``{"shard", "ids"}`` per worker: the well-formed selected cases' ids, comma-separated (malformed
+        entries are reported by scoring).
     """
     from editinfinity.evaluation import piebench_steps as bk
 
     config = bk.bench_config(mode=mode, preset=preset, weights=weights, resolution=resolution,
                              prompt_iters=prompt_iters, lora_iters=lora_iters, seed=seed, threshold=threshold)
-    return bk.list_cases(data_uri, output_uri, config, types=types, limit=limit)
+    return bk.shard_cases(bk.list_cases(data_uri, output_uri, config, types=types, limit=limit), shards)
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def piebench_edit(data_uri: str, case_id: str, output_uri: str, mode: str, preset: str, weights: str,
-                  resolution: str, prompt_iters: int, lora_iters: int, seed: int, threshold: float) -> str:
-    """Edit one PIE-Bench case (all stages, one model load) and publish it to ``<output_uri>/cases/<id>/``.
+def piebench_worker(data_uri: str, case_ids: str, output_uri: str, mode: str, preset: str, weights: str,
+                    resolution: str, prompt_iters: int, lora_iters: int, seed: int, threshold: float) -> str:
+    """Edit one shard of PIE-Bench cases with the models loaded once, publishing each to ``<output_uri>/cases/<id>/``.
 
-    A case already done there is skipped; a case that fails records ``error.json`` and returns status "failed"
-    (the task itself succeeds, so the other cases and the scoring step still run).
+    A case already done there is skipped; a case that fails records ``error.json`` and the worker goes on (the
+    task itself succeeds, so the other shards and the scoring step still run).
 
     Args:
         data_uri: PIE-Bench folder.
-        case_id: The entry id (12 digits in PIE-Bench).
+        case_ids: The shard's entry ids (12 digits in PIE-Bench), comma-separated.
         output_uri: Results root.
         mode: auto | mask | whole.
         preset: Model preset name.
@@ -63,14 +67,14 @@ def piebench_edit(data_uri: str, case_id: str, output_uri: str, mode: str, prese
         threshold: Attention-mask threshold.
 
     Returns:
-        JSON ``{"id", "status": "done" | "resumed" | "failed", "error"}``.
+        JSON counts of the shard's cases by status (done, resumed, failed).
     """
     from editinfinity import runtime as rt
     from editinfinity.evaluation import piebench_steps as bk
 
     config = bk.bench_config(mode=mode, preset=preset, weights=weights, resolution=resolution,
                              prompt_iters=prompt_iters, lora_iters=lora_iters, seed=seed, threshold=threshold)
-    return bk.edit_case(data_uri, case_id, output_uri, config, models_loader=lambda: rt.load_models(preset, weights))
+    return bk.edit_shard(data_uri, case_ids, output_uri, config, models_loader=lambda: rt.load_models(preset, weights))
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
@@ -82,7 +86,7 @@ def piebench_score(results: list, data_uri: str, output_uri: str, mode: str, typ
     and ``grids/`` to ``output_uri``.
 
     Args:
-        results: The per-case results of ``piebench-edit`` (collected; only waited for).
+        results: The workers' counts (collected; only waited for).
         data_uri: PIE-Bench folder.
         output_uri: Results root.
         mode: auto | mask | whole (as the edits).

@@ -68,7 +68,9 @@ def test_compiled_scheduling_and_fan_out(tmp_path, profile):
             if profile:
                 prof = PROFILES[profile]
                 assert res["accelerator"]["resourceType"] == prof.accelerator_type
-                assert k8s[name]["nodeSelector"]["labels"] == prof.node_selector
+                worker = comp == "piebench-worker"
+                assert k8s[name]["nodeSelector"]["labels"] == {**prof.node_selector,
+                                                               **(prof.spot_node_selector if worker else {})}
                 if prof.model_cache_pvc:  # the metric weights live on the model cache too
                     assert k8s[name]["pvcMount"][0]["mountPath"] == prof.model_cache_path
         else:
@@ -76,11 +78,13 @@ def test_compiled_scheduling_and_fan_out(tmp_path, profile):
             assert "accelerator" not in res and not {"nodeSelector", "tolerations"} & set(k8s.get(name, {}))
         if not profile:
             assert "accelerator" not in res
-    assert seen == {"piebench-cases", "piebench-edit", "piebench-score"}
+    assert seen == {"piebench-cases", "piebench-worker", "piebench-score"}
     root = spec["root"]["dag"]["tasks"]
     loop_name, loop = next((k, t) for k, t in root.items() if "parameterIterator" in t)
     assert loop["parameterIterator"]["items"]["inputParameter"].startswith("pipelinechannel--piebench-cases-Output")
     assert loop["iteratorPolicy"]["parallelismLimit"] == (PROFILES[profile].parallelism if profile else 4)
+    (worker,) = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"].values()
+    assert component_of(worker["componentRef"]["name"]) == "piebench-worker"  # one pod per shard, not per case
     score = root["piebench-score"]
     assert score["dependentTasks"] == [loop_name]
     assert score["inputs"]["parameters"]["results"]["taskOutputParameter"]["producerTask"] == loop_name
@@ -91,7 +95,7 @@ def test_compiled_scheduling_and_fan_out(tmp_path, profile):
         if "componentRef" in task and component_of(task["componentRef"]["name"]).startswith("piebench"):
             assert not task.get("cachingOptions", {}).get("enableCache", False), name
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert {"data_uri", "output_uri", "mode", "types", "limit", "clip", "dino", "lpips"} <= set(params)
+    assert {"data_uri", "output_uri", "mode", "types", "limit", "shards", "clip", "dino", "lpips"} <= set(params)
 
 
 def test_compile_command_and_determinism(tmp_path, capsys):
@@ -148,12 +152,20 @@ def test_pod_helpers_resume_and_record_failures(toy, tmp_path, monkeypatch):
                for c in cases]
     assert [r["status"] for r in results] == ["done", "failed", "done"] and results[1]["error"] == "stub failure"
     assert json.loads((tmp_path / "out" / "cases" / "100000000000" / "error.json").read_text())["error"] == "stub failure"
-    # Again: finished cases are not edited (nor are models loaded for them); the failed one is retried.
+    # Again, as one shard worker: finished cases are not edited, the failed one is retried, models load once.
     stub.fail.clear()
     stub.calls.clear()
-    again = [json.loads(bk.edit_case(str(toy), c["id"], out, config, models_loader=lambda: loads.append(1)))["status"]
-             for c in cases]
-    assert again == ["resumed", "done", "resumed"] and stub.calls == ["100000000000"] and len(loads) == 4
+    shards = bk.shard_cases(cases, 2)
+    assert shards == [{"shard": "0", "ids": "000000000000,200000000000"}, {"shard": "1", "ids": "100000000000"}]
+    assert bk.shard_cases(cases, 10) == [{"shard": str(i), "ids": c["id"]} for i, c in enumerate(cases)]
+    again = json.loads(bk.edit_shard(str(toy), ",".join(c["id"] for c in cases), out, config,
+                                     models_loader=lambda: loads.append(1)))
+    assert again == {"done": 1, "resumed": 2, "failed": 0} and stub.calls == ["100000000000"] and len(loads) == 4
+    fresh, shard_loads = str(tmp_path / "fresh"), []
+    bk.list_cases(str(toy), fresh, config, types="0,1,2", limit=0)
+    counts = json.loads(bk.edit_shard(str(toy), shards[0]["ids"], fresh, config,
+                                      models_loader=lambda: shard_loads.append(1)))
+    assert counts == {"done": 2, "resumed": 0, "failed": 0} and len(shard_loads) == 1  # one load per worker
     result = bk.score_all(str(toy), out, config, types="0,1,2", local_dir=tmp_path / "scoring")
     assert result.ok == 3 and result.failed == 0  # the superseded error record is ignored
     for name in ("results.csv", "table.md", "table.html", "summary.json", "grids/type_0.png"):

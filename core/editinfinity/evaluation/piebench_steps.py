@@ -111,6 +111,33 @@ def edit_case(data_uri: str, case_id: str, output_uri: str, config: BenchConfig,
     return json.dumps({"id": case_id, "status": "done"})
 
 
+def shard_cases(cases: list[dict], shards: int) -> list[dict]:
+    """Deal the cases (``list_cases``' items) to at most ``shards`` worker shards, round robin (PIE-Bench has one
+    edit per image, so every case costs about the same): ``[{"shard", "ids": "id,id,..."}]``, the ParallelFor
+    items of the pipeline's GPU workers."""
+    if shards < 1:
+        raise InvalidCaseError(f"shards must be >= 1, got {shards}")
+    bins = [[c["id"] for c in cases[i::shards]] for i in range(min(shards, len(cases)))]
+    return [{"shard": str(i), "ids": ",".join(ids)} for i, ids in enumerate(bins)]
+
+
+def edit_shard(data_uri: str, case_ids: str, output_uri: str, config: BenchConfig, *, models_loader) -> str:
+    """A GPU worker over one shard: the models are loaded once (on the first case that needs an edit) and every
+    case is edited as :func:`edit_case` does (resume, failures recorded); returns JSON counts by status."""
+    loaded: list = []
+
+    def models():
+        if not loaded:
+            loaded.append(models_loader())
+        return loaded[0]
+
+    counts = {"done": 0, "resumed": 0, "failed": 0}
+    for case_id in filter(None, case_ids.split(",")):
+        counts[json.loads(edit_case(data_uri, case_id, output_uri, config, models_loader=models))["status"]] += 1
+    log.info("shard finished: %s", counts)
+    return json.dumps(counts)
+
+
 def _with_image(case: Any, image: str) -> Any:
     from dataclasses import replace
 
