@@ -2,13 +2,16 @@
 # `make image-test`: build the CPU image and run the project inside it as its non-root user (uid 1000).
 #
 # Checks: the image's user and imports (torch CPU build, kfp 2.17.3, editinfinity), `editinfinity demo` (output
-# files and summary checked on the host). Prints the image size and the seconds of every step.
+# files and summary checked on the host), and the edit pipeline in its three modes through
+# `editinfinity pipeline run-local --runner docker` with the toy preset (every component once; outputs checked),
+# plus a deliberately broken input that must fail the run. Prints the image size and the seconds of every step.
 #
 # Environment: DOCKER (docker|podman; default: a docker whose engine answers, else podman), CPU_IMAGE (tag),
 # BASE (registry|local; default: registry when the Dockerfile's python image is present or pullable, else the
 # Debian-made base of images/base/), TORCH_INDEX_URL / TORCH_WHEELS (torch source of the CPU image; default: the
 # PyTorch index when reachable, else a local torch-X+cpu wheel found by pip), IMAGE_TEST_STRICT=1 (a machine that
-# cannot build or run containers fails instead of skipping), IMAGE_TEST_WORK (work folder, default
+# cannot build or run containers fails instead of skipping), IMAGE_TEST_REBUILD=1 (build even when the image
+# already carries this commit's revision label and the tree is clean), IMAGE_TEST_WORK (work folder, default
 # build/image-test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,11 +31,13 @@ skip() {
     [ "${IMAGE_TEST_STRICT:-0}" = 1 ] && exit 1
     exit 0
 }
-timed() {  # timed NAME CMD...: run CMD, record its seconds under NAME
-    local name=$1 start=$SECONDS rc=0
-    shift
-    "$@" || rc=$?
+timed() {  # timed NAME LIMIT CMD...: run CMD (killed after LIMIT seconds), record its seconds under NAME
+    local name=$1 limit=$2 start=$SECONDS rc=0
+    shift 2
+    if [ "$(type -t "$1")" = function ]; then STEP_LIMIT=$limit "$@" || rc=$?
+    else timeout -k 30 "$limit" "$@" || rc=$?; fi
     TIMINGS+=("$(printf '%-34s %5d s' "$name" $((SECONDS - start)))")
+    [ $rc = 124 ] && echo "image-test: $name did not finish within $limit s" >&2
     return $rc
 }
 report() {
@@ -60,54 +65,69 @@ if [ "$(basename "$DOCKER")" = podman ]; then
 fi
 export DOCKER
 
-# ---- what to build from -----------------------------------------------------------------------------------------
-PYTHON_IMAGE=$(sed -n 's/^ARG PYTHON_IMAGE=//p' images/cpu.Dockerfile)
-if [ -z "${BASE:-}" ]; then
-    if "$DOCKER" image inspect "$PYTHON_IMAGE" >/dev/null 2>&1 \
-        || timeout 300 "$DOCKER" pull -q "$PYTHON_IMAGE" >/dev/null 2>&1; then BASE=registry
-    else BASE=local; fi
-fi
-if [ "$BASE" = local ]; then
-    [ "$(id -u)" = 0 ] || skip "no registry base ($PYTHON_IMAGE cannot be pulled) and debootstrap needs root"
-    command -v debootstrap >/dev/null 2>&1 || skip "no registry base and no debootstrap (apt-get install debootstrap)"
-fi
-curl -sSf -o /dev/null --max-time 30 https://pypi.org/simple/pip/ 2>/dev/null \
-    || skip "PyPI (https://pypi.org/simple/) cannot be reached: the image builds install from it"
-TORCH_ARGS=()
-if [ -n "${TORCH_WHEELS:-}" ]; then TORCH_ARGS=(TORCH_WHEELS="$TORCH_WHEELS")
-elif [ -n "${TORCH_INDEX_URL:-}" ]; then TORCH_ARGS=(TORCH_INDEX_URL="$TORCH_INDEX_URL")
-elif ! curl -sSf -o /dev/null --max-time 30 https://download.pytorch.org/whl/cpu/torch/ 2>/dev/null; then
-    # No PyTorch index: a torch-X+cpu wheel that pip finds without an index (its find-links / wheel folders).
-    mkdir -p "$WORK/torch-wheel"
-    "$PY" -m pip download -q --no-index --no-deps --only-binary :all: -d "$WORK/torch-wheel" \
-        "torch==${TORCH_VERSION}+cpu" >/dev/null 2>&1 \
-        || skip "no torch source: download.pytorch.org is unreachable and pip finds no torch==${TORCH_VERSION}+cpu wheel locally (set TORCH_WHEELS=DIR)"
-    TORCH_ARGS=(TORCH_WHEELS="$WORK/torch-wheel")
-fi
-if [ "$BASE" = local ]; then
-    timed "base image (debootstrap, cached)" make -s base-image BASE=local BUILD_ARGS="${ENGINE_ARGS[*]}" \
-        || fail "building the Debian base image (images/base/build.sh) failed"
-fi
+# ---- build (skipped when the image was built from this very commit and the tree is clean) ----------------------
+build() {
+    PYTHON_IMAGE=$(sed -n 's/^ARG PYTHON_IMAGE=//p' images/cpu.Dockerfile)
+    if [ -z "${BASE:-}" ]; then
+        if "$DOCKER" image inspect "$PYTHON_IMAGE" >/dev/null 2>&1 \
+            || timeout 300 "$DOCKER" pull -q "$PYTHON_IMAGE" >/dev/null 2>&1; then BASE=registry
+        else BASE=local; fi
+    fi
+    if [ "$BASE" = local ]; then
+        [ "$(id -u)" = 0 ] || skip "no registry base ($PYTHON_IMAGE cannot be pulled) and debootstrap needs root"
+        command -v debootstrap >/dev/null 2>&1 || skip "no registry base and no debootstrap (apt-get install debootstrap)"
+    fi
+    curl -sSf -o /dev/null --max-time 30 https://pypi.org/simple/pip/ 2>/dev/null \
+        || skip "PyPI (https://pypi.org/simple/) cannot be reached: the image builds install from it"
+    TORCH_ARGS=()
+    if [ -n "${TORCH_WHEELS:-}" ]; then TORCH_ARGS=(TORCH_WHEELS="$TORCH_WHEELS")
+    elif [ -n "${TORCH_INDEX_URL:-}" ]; then TORCH_ARGS=(TORCH_INDEX_URL="$TORCH_INDEX_URL")
+    elif ! curl -sSf -o /dev/null --max-time 30 https://download.pytorch.org/whl/cpu/torch/ 2>/dev/null; then
+        # No PyTorch index: a torch-X+cpu wheel that pip finds without an index (its find-links / wheel folders).
+        mkdir -p "$WORK/torch-wheel"
+        "$PY" -m pip download -q --no-index --no-deps --only-binary :all: -d "$WORK/torch-wheel" \
+            "torch==${TORCH_VERSION}+cpu" >/dev/null 2>&1 \
+            || skip "no torch source: download.pytorch.org is unreachable and pip finds no torch==${TORCH_VERSION}+cpu wheel locally (set TORCH_WHEELS=DIR)"
+        TORCH_ARGS=(TORCH_WHEELS="$WORK/torch-wheel")
+    fi
+    if [ "$BASE" = local ]; then
+        timed "base image (debootstrap, cached)" 1200 make -s base-image BASE=local BUILD_ARGS="${ENGINE_ARGS[*]}" \
+            || fail "building the Debian base image (images/base/build.sh) failed"
+    fi
 
-# ---- build ------------------------------------------------------------------------------------------------------
-say "building $CPU_IMAGE (base: $BASE, torch: ${TORCH_ARGS[*]:-Dockerfile default}, engine: $DOCKER ${ENGINE_ARGS[*]})"
-timed "build CPU image (layer cache)" make -s images-cpu BASE="$BASE" "${TORCH_ARGS[@]}" BUILD_ARGS="${ENGINE_ARGS[*]}" \
-    CPU_IMAGE="$CPU_IMAGE" || fail "building $CPU_IMAGE failed (log above)"
+    say "building $CPU_IMAGE (base: $BASE, torch: ${TORCH_ARGS[*]:-Dockerfile default}, engine: $DOCKER ${ENGINE_ARGS[*]})"
+    timed "build CPU image (layer cache)" 2400 make -s images-cpu BASE="$BASE" "${TORCH_ARGS[@]}" BUILD_ARGS="${ENGINE_ARGS[*]}" \
+        CPU_IMAGE="$CPU_IMAGE" || fail "building $CPU_IMAGE failed (log above)"
+}
+head=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+built_from=$("$DOCKER" image inspect -f '{{index .Config.Labels "org.opencontainers.image.revision"}}' "$CPU_IMAGE" \
+    2>/dev/null || true)
+if [ "${IMAGE_TEST_REBUILD:-0}" != 1 ] && [ "$head" != unknown ] && [ "$built_from" = "$head" ] \
+    && git diff --quiet HEAD -- 2>/dev/null; then
+    say "reusing $CPU_IMAGE: built from $head, the tree is clean (IMAGE_TEST_REBUILD=1 builds anyway)"
+else
+    build
+fi
 size=$("$DOCKER" image inspect -f '{{.Size}}' "$CPU_IMAGE")
 revision=$("$DOCKER" image inspect -f '{{index .Config.Labels "org.opencontainers.image.revision"}}' "$CPU_IMAGE")
 say "$CPU_IMAGE: $((size / 1000000)) MB, revision label $revision"
-head=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 case "$revision" in "$head"|"$head-dirty") ;; *) fail "the image's revision label is $revision, the checkout is $head";; esac
 
 # ---- inside the image, as its non-root user -----------------------------------------------------------------
-drun() { "$DOCKER" run --rm "${ENGINE_ARGS[@]}" "${RUN_ARGS[@]}" "$@"; }
+drun() { timeout -k 30 "${STEP_LIMIT:-1800}" "$DOCKER" run --rm "${ENGINE_ARGS[@]}" "${RUN_ARGS[@]}" "$@"; }
 rm -rf "$WORK/demo"
 mkdir -p "$WORK/demo"
 chmod 0777 "$WORK/demo"   # the image's uid 1000 writes here
 
 say "user and imports"
-timed "imports (uid 1000)" drun "$CPU_IMAGE" python -c '
-import os, editinfinity, kfp, torch
+# Every module of the three packages (a file missing from the wheel shows here), then the versions.
+timed "imports (uid 1000)" 300 drun "$CPU_IMAGE" python -c '
+import importlib, os, pkgutil, sys
+import components, editinfinity, kfp, pipelines, torch
+names = [m.name for p in (editinfinity, components, pipelines) for m in pkgutil.walk_packages(p.__path__, p.__name__ + ".")]
+for name in names:
+    importlib.import_module(name)
+print(len(names), "modules imported", file=sys.stderr)
 print(os.getuid(), os.getgid(), editinfinity.__version__, kfp.__version__, torch.__version__, torch.cuda.is_available())
 ' >"$WORK/imports.txt" || fail "the import check failed inside $CPU_IMAGE"
 cat "$WORK/imports.txt"
@@ -119,11 +139,69 @@ read -r uid gid ei_version kfp_version torch_version cuda <"$WORK/imports.txt"
 case "$torch_version" in "$TORCH_VERSION"*) ;; *) fail "torch $torch_version in the image, expected $TORCH_VERSION";; esac
 [ "$cuda" = False ] || fail "torch.cuda.is_available() is $cuda in the CPU image"
 
+say "pipeline compile in the image = on the host"
+rm -rf "$WORK/compile" && mkdir -p "$WORK/compile/host" "$WORK/compile/image" && chmod 0777 "$WORK/compile/image"
+timed "pipeline compile (uid 1000)" 300 drun -v "$WORK/compile/image:/out" "$CPU_IMAGE" \
+    editinfinity pipeline compile edit --profile gke-l4 --out /out >/dev/null || fail "pipeline compile failed in the image"
+"$ROOT/.venv/bin/editinfinity" pipeline compile edit --profile gke-l4 --out "$WORK/compile/host" >/dev/null
+cmp "$WORK/compile/host/edit-gke-l4.yaml" "$WORK/compile/image/edit-gke-l4.yaml" \
+    || fail "the pipeline compiled in the image differs from the host's (diff -r $WORK/compile/host $WORK/compile/image)"
+
 say "editinfinity demo"
-timed "editinfinity demo (uid 1000)" drun -v "$WORK/demo:/out" "$CPU_IMAGE" editinfinity demo --out /out/demo \
+timed "editinfinity demo (uid 1000)" 2400 drun -v "$WORK/demo:/out" "$CPU_IMAGE" editinfinity demo --out /out/demo -q \
     || fail "editinfinity demo failed inside $CPU_IMAGE"
 "$PY" tests/image_outputs.py "$WORK/demo/demo" auto \
     --case core/editinfinity/assets/examples/shapes/case.json || fail "the demo's output is wrong (above)"
+
+# ---- the edit pipeline, every task in a container (run-local --runner docker) -----------------------------------
+if [ "$(basename "$DOCKER")" = podman ]; then
+    # podman's Docker-compatible API on a socket of our own; the runtime is chosen here (podman 4.3's API ignores a
+    # per-container one).
+    sock="$WORK/podman.sock"
+    rm -f "$sock"
+    podman "${ENGINE_ARGS[@]}" system service --time=0 "unix://$sock" >"$WORK/podman-service.log" 2>&1 &
+    service_pid=$!
+    trap 'kill "$service_pid" 2>/dev/null || true' EXIT
+    for _ in $(seq 60); do [ -S "$sock" ] && break; sleep 0.5; done
+    [ -S "$sock" ] || fail "podman system service did not start (log: $WORK/podman-service.log)"
+    export DOCKER_HOST="unix://$sock"
+fi
+kfp_root="$WORK/kfp"
+# (Files the containers wrote belong to their uid: a non-root caller may be unable to remove an old root.)
+rm -rf "$kfp_root" 2>/dev/null || kfp_root="$WORK/kfp-$$"
+mkdir -p "$kfp_root"
+ex=core/editinfinity/assets/examples/shapes
+pipeline() {  # pipeline NAME MODE [run-local args...]: run the toy edit in containers, then check its output
+    local name=$1 mode=$2
+    shift 2
+    say "edit pipeline: $name"
+    timed "pipeline $name" 1800 "$ROOT/.venv/bin/editinfinity" pipeline run-local edit --runner docker \
+        --image "$CPU_IMAGE" --pipeline-root "$kfp_root" -p image_uri="$ex/image.png" \
+        -p prompt="a red circle and a blue square on a gray background" \
+        -p edit_prompt="a green circle and a blue square on a gray background" \
+        -p preset=toy -p prompt_iters=2 -p lora_iters=2 -p mode="$mode" \
+        -p output_uri="$kfp_root/out/$name" "$@" >"$WORK/$name.log" 2>&1 \
+        || { tail -40 "$WORK/$name.log" >&2; fail "run-local --runner docker ($name) failed (log: $WORK/$name.log)"; }
+    grep -E "Executing task|finished with status" "$WORK/$name.log" | sed 's/\x1b\[[0-9;]*m//g' >&2 || true
+    "$PY" tests/image_outputs.py "$kfp_root/out/$name" "$mode" || fail "pipeline $name: wrong output (above)"
+}
+# Per-stage pods for auto (prepare, tune-prompt, train-lora, attention, mask, generate, summary) and mask (the user
+# mask's own mask task); the fused pod (+ summary) for whole: every component of the edit pipeline runs once.
+pipeline auto auto -p target_word=circle
+pipeline mask mask -p mask_uri="$ex/mask.png"
+pipeline whole-fused whole --fused
+
+say "a failing task must fail the run (kubeflow/pipelines#13332 reports it as SUCCESS)"
+printf 'this is not a PNG\n' >"$WORK/bad.png"
+rc=0
+timed "pipeline with a broken input" 900 "$ROOT/.venv/bin/editinfinity" pipeline run-local edit --runner docker --fused \
+    --image "$CPU_IMAGE" --pipeline-root "$kfp_root" -p image_uri="$WORK/bad.png" -p prompt="a red circle" \
+    -p edit_prompt="a green circle" -p mode=whole -p preset=toy -p prompt_iters=1 -p lora_iters=1 \
+    -p output_uri="$kfp_root/out/bad" >"$WORK/bad.log" 2>&1 || rc=$?
+tail -3 "$WORK/bad.log" | sed 's/\x1b\[[0-9;]*m//g' >&2
+[ "$rc" != 0 ] || fail "a pipeline whose task failed exited 0 (log: $WORK/bad.log)"
+grep -q "finished with status FAILURE" "$WORK/bad.log" || fail "the failed run does not say which task failed"
+[ ! -e "$kfp_root/out/bad" ] || fail "the failed run published output to $kfp_root/out/bad"
 
 report
 say "passed"

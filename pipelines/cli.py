@@ -5,7 +5,8 @@ Contributed to the core ``editinfinity`` command through the ``editinfinity.cli`
 so the library itself never imports kfp.
 
 * ``compile_pipeline(pipeline, profile, out_dir, fused=False)``: a deterministic KFP YAML (same bytes every time).
-* ``run_local(pipeline, **params)``: the pipeline under ``kfp.local`` (SubprocessRunner, this interpreter).
+* ``run_local(pipeline, **params)``: the pipeline under ``kfp.local`` (SubprocessRunner, this interpreter; or
+  ``runner="docker"``: every task in its image, ``pipelines.docker_local``).
 * ``submit(host, experiment, package_path, params, ...)``: create a run on a KFP endpoint through ``kfp.Client``.
 
 What the pods run is plain library code (``editinfinity.runtime``, ``editinfinity.batch``).
@@ -100,22 +101,49 @@ class LocalRun:
     run_dir: Path | None
 
 
-def run_local(pipeline: str = "edit", *, pipeline_root: str | os.PathLike = "kfp-local", fused: bool = False,
-              parallelism: int | None = None, **params: Any) -> LocalRun:
-    """Run ``pipeline`` with ``kfp.local`` (one subprocess per task, this interpreter: ``use_venv=False``).
+RUNNERS = ("subprocess", "docker")
 
+
+def _task_images(graph) -> list[str]:
+    """The images the tasks of ``graph`` name (its deployment spec's executors)."""
+    from google.protobuf import json_format
+
+    spec = json_format.MessageToDict(graph.pipeline_spec)
+    return sorted({e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values() if "container" in e})
+
+
+def run_local(pipeline: str = "edit", *, pipeline_root: str | os.PathLike = "kfp-local", fused: bool = False,
+              parallelism: int | None = None, runner: str = "subprocess", image: str | None = None,
+              **params: Any) -> LocalRun:
+    """Run ``pipeline`` with ``kfp.local``.
+
+    ``runner="subprocess"``: one subprocess per task with this interpreter (``use_venv=False``). ``"docker"``: one
+    container per task through the Docker API, in the images the tasks name or all in ``image`` (see
+    ``pipelines.docker_local``: real exit codes, the images' non-root user, local inputs staged under the root).
     Artifacts stay under ``pipeline_root`` (a local folder: kfp.local cannot write to a bucket); inputs and the
     final outputs still go through the object store by URI (``image_uri``, ``mask_uri``, ``output_uri``,
     ``manifest_uri``). ``params`` are the pipeline's parameters.
     """
     from kfp import local
 
+    if runner not in RUNNERS:
+        raise EditInfinityError(f"unknown runner {runner!r}; choose one of {', '.join(RUNNERS)}")
+    if image and runner != "docker":
+        raise EditInfinityError("--image only applies to --runner docker")
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     graph = build_pipeline(pipeline, None, fused=fused, parallelism=parallelism)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    tasks: Any = contextlib.nullcontext()
+    if runner == "docker":
+        from . import docker_local
+
+        kfp_runner, params = docker_local.prepare(root, params, image, _task_images(graph))
+        tasks = docker_local.container_tasks(image)
+    else:
+        kfp_runner = local.SubprocessRunner(use_venv=False)
+    local.init(runner=kfp_runner, pipeline_root=str(root), raise_on_error=True)
     try:
-        with warnings.catch_warnings():  # display names etc. are for the KFP UI; kfp.local says so per task
+        with tasks, warnings.catch_warnings():  # display names etc. are for the KFP UI; kfp.local says so per task
             warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
             # Tasks run with this interpreter on purpose (use_venv=False), not in the images named in the spec.
             warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
@@ -382,7 +410,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 def _cmd_run_local(args: argparse.Namespace) -> int:
     graph = build_pipeline(args.pipeline, None, fused=args.fused)
     types = {name: spec.type for name, spec in graph.component_spec.inputs.items()}
-    run = run_local(args.pipeline, pipeline_root=args.pipeline_root, fused=args.fused, **_params(args.param, types))
+    run = run_local(args.pipeline, pipeline_root=args.pipeline_root, fused=args.fused, runner=args.runner,
+                    image=args.image, **_params(args.param, types))
     print(json.dumps({"pipeline_root": str(run.pipeline_root), "run_dir": str(run.run_dir or ""),
                       "output": run.output}, indent=2, sort_keys=True))
     return 0
@@ -417,10 +446,15 @@ def add_pipeline_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", default="build/pipelines", help="output folder")
     c.set_defaults(handler=_cmd_compile)
 
-    r = cmds.add_parser("run-local", help="run a pipeline here with kfp.local (subprocesses)")
+    r = cmds.add_parser("run-local", help="run a pipeline here with kfp.local (subprocesses or containers)")
     r.add_argument("pipeline", nargs="?", default="edit", choices=PIPELINES)
     r.add_argument("--pipeline-root", default="kfp-local", help="local folder for the artifacts")
     r.add_argument("--fused", action="store_true")
+    r.add_argument("--runner", default="subprocess", choices=RUNNERS,
+                   help="subprocess: tasks in this virtualenv; docker: each task in its image through the Docker "
+                        "API (DOCKER_HOST; podman's service works: docs/kubeflow.md)")
+    r.add_argument("--image", default=None, help="--runner docker: run every task in this image (e.g. the CPU "
+                                                 "image with preset=toy) instead of the ones the tasks name")
     r.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="pipeline parameter, e.g. -p image_uri=cat.png -p mode=auto (repeatable)")
     r.set_defaults(handler=_cmd_run_local)
