@@ -133,3 +133,27 @@ def test_generation_samples_the_styled_edit_prompt_plus_rows_with_the_adapter(ti
     assert call["lora"].keys() == adapter.keys()
     assert all(torch.equal(call["lora"][k], adapter[k]) for k in adapter)
     assert not any(isinstance(m, LoraLayer) for m in models.transformer.modules())  # removed afterwards
+
+
+def test_generation_with_the_adapter_runs_without_lora_dropout_and_repeats_exactly(tiny):
+    """An adapter applied for generation takes the model's eval mode (peft builds its dropout in train mode): no
+    LoRA dropout at inference, so the same seed gives the same codes every call."""
+    models, case = tiny
+    settings = EditSettings(lora_iters=1, style_rows=4, seed=1, lora_dropout=0.5)
+    rows = 0.1 * torch.randn(4, case.text["edit_styled"].channels, generator=torch.Generator().manual_seed(2))
+    adapter, _ = train_lora_adapter(models, case, rows, settings, progress=False)
+    adapter = {k: v + 0.05 for k, v in adapter.items()}  # an adapter that changes the outputs
+    modes = []
+    original = models.transformer.generate
+
+    def generate(*args, **kwargs):
+        modes.append({m.training for m in models.transformer.modules()})
+        return original(*args, **kwargs)
+
+    models.transformer.generate = generate
+    try:
+        runs = [generate_edit(models, case, rows, adapter, torch.zeros(case.grid), settings) for _ in range(2)]
+    finally:
+        del models.transformer.generate
+    assert modes == [{False}, {False}]
+    assert torch.equal(runs[0].edited_codes, runs[1].edited_codes)

@@ -100,6 +100,10 @@ def lora_adapter(model: torch.nn.Module, config: LoraConfig, state: dict | None 
             remove_lora(model)
             torch.manual_seed(seed)
             inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    # peft builds the adapter's modules (its dropout included) in train mode; give them the model's mode, so an
+    # adapter applied to a model in eval mode (generation) runs without LoRA dropout, as the reference's inference
+    # does, and the same seed gives the same pixels. The training stages switch the model to train mode themselves.
+    model.train(model.training)
     try:
         for name, p in model.named_parameters():
             if "lora_" in name:
