@@ -14,9 +14,45 @@ from kfp.dsl import Artifact, Dataset, Input, Model, Output
 from .images import CPU_IMAGE, GPU_IMAGE
 
 
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def check_case(image_uri: str, prompt: str, edit_prompt: str, mode: str, target_word: str, mask_uri: str,
+               mask_polarity: str, resolution: str, preset: str, weights: str, prompt_iters: int, lora_iters: int,
+               seed: int, threshold: float) -> str:
+    """Validate the inputs on a CPU before any GPU pod starts (bad input fails here, once, without retries) and
+    return the key of their content, which keys the cache of the GPU stages.
+
+    Args:
+        image_uri: Source image: local path, gs:// or s3:// URI.
+        prompt: Source prompt.
+        edit_prompt: Target prompt.
+        mode: auto | mask | whole.
+        target_word: Word(s) of the source prompt to edit (mode auto).
+        mask_uri: User mask image URI (mode mask).
+        mask_polarity: white-edit | black-edit.
+        resolution: Pixel budget; empty for the preset's default.
+        preset: Model preset name.
+        weights: Converted weights directory or URI.
+        prompt_iters: Prompt-tuning updates.
+        lora_iters: LoRA updates.
+        seed: Random seed.
+        threshold: Attention-mask threshold.
+
+    Returns:
+        The content key (image pixels, mask bytes, prompts, mode fields, settings).
+    """
+    from editinfinity import runtime as rt
+
+    return rt.case_content_key(image_uri=image_uri, prompt=prompt, edit_prompt=edit_prompt, mode=mode,
+                               target_word=target_word, mask_uri=mask_uri, mask_polarity=mask_polarity,
+                               resolution=resolution, preset=preset, weights=weights,
+                               settings={"prompt_iters": prompt_iters, "lora_iters": lora_iters, "seed": seed,
+                                         "threshold": threshold})
+
+
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def prepare(image_uri: str, prompt: str, edit_prompt: str, mode: str, target_word: str, mask_uri: str,
-            mask_polarity: str, resolution: str, preset: str, weights: str, case: Output[Dataset]):
+            mask_polarity: str, resolution: str, preset: str, weights: str, case: Output[Dataset],
+            content_key: str = ""):
     """Fetch the source image (and user mask) by URI and build the case: codes, prompt features, schedule.
 
     Args:
@@ -31,6 +67,8 @@ def prepare(image_uri: str, prompt: str, edit_prompt: str, mode: str, target_wor
         preset: Model preset name ("tiny", "toy", "2b", ...); empty for the default preset.
         weights: Converted weights directory or URI (gs://, s3://), fetched once per pod; empty for the preset's.
         case: Output case folder (``case.json``, ``image.png``, codes and text features).
+        content_key: The inputs' content key (``check_case``); not read here: as a parameter it keys KFP's cache,
+            so a run with the same content reuses this case and every cached stage after it.
     """
     import tempfile
 

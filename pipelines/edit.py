@@ -9,7 +9,7 @@ from kfp import dsl
 from kfp.dsl import PipelineTask
 
 from components import attention as attention_op
-from components import fused_edit, generate, mask, prepare, summarize, train_lora, tune_prompt
+from components import check_case, fused_edit, generate, mask, prepare, summarize, train_lora, tune_prompt
 
 from .profiles import Profile, cpu_task, gpu_task
 
@@ -27,9 +27,10 @@ def _cpu(task: PipelineTask, profile: Profile | None, name: str, cache: bool = T
 def make_edit_pipeline(profile: Profile | None = None, fused: bool = False):
     """Build the ``edit`` pipeline for ``profile`` (None: no Kubernetes settings, for kfp.local).
 
-    Caching: prepare reads URIs whose content may change and the summary publishes to ``output_uri``, so both
-    (and the fused task) always run; tune-prompt, train-lora, attention, mask and generate are cached, their
-    outputs being determined by their input artifacts and parameters.
+    Caching: check-case (CPU) reads the inputs by URI and always runs; it returns their content key, a parameter of
+    prepare, so prepare is cached by content (a changed file behind the same URI misses, the same content hits),
+    and tune-prompt, train-lora, attention, mask and generate, determined by their input artifacts and parameters,
+    hit after it. The summary publishes to ``output_uri`` and the fused task is one pod: both always run.
     """
     default_preset = profile.preset if profile else ""
     default_weights = profile.weights if profile else ""
@@ -64,16 +65,21 @@ def make_edit_pipeline(profile: Profile | None = None, fused: bool = False):
                       target_word=target_word, mask_uri=mask_uri, mask_polarity=mask_polarity,
                       resolution=resolution, preset=preset, weights=weights)
         model = dict(preset=preset, weights=weights)
+        # Bad input fails here, on a CPU, once (no retries); the key of the inputs' content keys the GPU stages'
+        # cache, so a run on the same content reuses every stage up to the summary.
+        check = cpu_task(check_case(**inputs, prompt_iters=prompt_iters, lora_iters=lora_iters, seed=seed,
+                                    threshold=threshold).set_display_name("check inputs").set_caching_options(False),
+                         profile, retries=False)
         if fused:
             run = _gpu(fused_edit(**inputs, prompt_iters=prompt_iters, lora_iters=lora_iters, seed=seed,
-                                  threshold=threshold), profile, "fused edit", cache=False)
+                                  threshold=threshold).after(check), profile, "fused edit", cache=False)
             out = run.outputs
             report = _cpu(summarize(case=out["case"], edited=out["edited"], edit_mask=out["edit_mask"],
                                     attention_map=out["attention_map"], output_uri=output_uri, case_id=case_id),
                           profile, "summary", cache=False)
             return report.outputs["Output"]
 
-        case = _gpu(prepare(**inputs), profile, "prepare", cache=False).outputs["case"]
+        case = _gpu(prepare(**inputs, content_key=check.output), profile, "prepare").outputs["case"]
         prompt_embedding = _gpu(tune_prompt(case=case, iters=prompt_iters, seed=seed, **model), profile,
                                 "tune prompt").outputs["prompt_embedding"]
         lora = _gpu(train_lora(case=case, prompt_embedding=prompt_embedding, iters=lora_iters, seed=seed, **model),

@@ -12,7 +12,8 @@ from PIL import Image
 
 from editinfinity.cli import main
 from editinfinity.demo import example_dir
-from editinfinity.edit.learned import LEARNED_FILE, image_digest, load_learned
+from editinfinity.edit.images import image_digest
+from editinfinity.edit.learned import LEARNED_FILE, load_learned
 from editinfinity.models.bundle import load_models
 
 ITERS = ["--prompt-iters", "2", "--lora-iters", "2"]

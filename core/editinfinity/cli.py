@@ -318,7 +318,8 @@ def _learn(args, progress: bool) -> int:
 
 def _edit_learned(args, progress: bool) -> int:
     from .edit import stages
-    from .edit.learned import edit_settings, image_digest, load_learned
+    from .edit.images import image_digest
+    from .edit.learned import edit_settings, load_learned
 
     state = load_learned(args.learned)
     ident = state.identity

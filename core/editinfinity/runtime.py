@@ -201,3 +201,25 @@ def case_result(case_id: str, output_uri: str, summary: Mapping[str, Any]) -> st
                        "metrics": _numbers(summary.get("metrics")), "seconds": _numbers(summary.get("seconds"))},
                       sort_keys=True)
 
+
+
+def case_content_key(*, image_uri: str, prompt: str, edit_prompt: str, mode: str, target_word: str, mask_uri: str,
+                     mask_polarity: str, resolution: str, preset: str, weights: str, settings: Mapping[str, Any]) -> str:
+    """Validate one edit's inputs on the CPU (as the batch plan does: image readable and large enough, target word in
+    the prompt, mask readable, mode consistent; InvalidCaseError otherwise) and return a key of their content: the
+    image's pixel digest, the mask file's sha256, the prompts, the mode's fields and the settings. Given to a cached
+    step as a parameter, it makes KFP's cache hit when the same content comes again (under any URI) and miss when
+    the content behind a URI changed."""
+    import hashlib
+
+    from . import storage
+    from .batch.plan import check_case, default_resolution
+
+    case = {"id": "case", "image": image_uri, "prompt": prompt, "edit_prompt": edit_prompt, "mode": mode,
+            "target_word": target_word, "mask": mask_uri}
+    digest = check_case(case, resolution=resolution or default_resolution(preset), mask_polarity=mask_polarity)
+    mask_digest = storage.sha256_file(storage.cached_path(mask_uri)) if mask_uri and mode == "mask" else ""
+    record = {"image": digest, "mask": mask_digest, "prompt": prompt, "edit_prompt": edit_prompt, "mode": mode,
+              "target_word": target_word, "mask_polarity": mask_polarity, "resolution": resolution,
+              "preset": preset, "weights": weights, "settings": dict(settings)}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:32]

@@ -243,11 +243,20 @@ def test_retries_and_caching(compiled):
         if comp.startswith("condition"):
             continue
         seen.add(comp)
-        assert task["retryPolicy"]["maxRetryCount"] == PROFILES["gke-a100"].retries
-        # prepare reads URIs, summarize publishes: never cached; the stages are determined by their inputs.
+        # bad input is caught by check-case on a CPU: never retried; the rest is retried (transient failures)
+        if comp == "check-case":
+            assert "retryPolicy" not in task
+        else:
+            assert task["retryPolicy"]["maxRetryCount"] == PROFILES["gke-a100"].retries
+        # check-case reads URIs, summarize publishes: never cached; prepare is keyed by the content key, the
+        # stages after it by their inputs.
         cached = task.get("cachingOptions", {}).get("enableCache", False)
-        assert cached == (comp not in ("prepare", "summarize")), comp
-    assert seen == {"prepare", "tune-prompt", "train-lora", "attention", "mask", "generate", "summarize"}
+        assert cached == (comp not in ("check-case", "summarize")), comp
+    assert seen == {"check-case", "prepare", "tune-prompt", "train-lora", "attention", "mask", "generate",
+                    "summarize"}
+    prep = spec["root"]["dag"]["tasks"]["prepare"]
+    key = prep["inputs"]["parameters"]["content_key"]["taskOutputParameter"]
+    assert key == {"outputParameterKey": "Output", "producerTask": "check-case"}
 
 
 def test_batch_fan_out(compiled):

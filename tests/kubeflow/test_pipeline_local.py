@@ -144,7 +144,7 @@ def source_image(path: Path) -> Path:
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (32, 24), (120, 130, 140)).save(path)
+    Image.new("RGB", (320, 240), (120, 130, 140)).save(path)  # large enough for the budget (check-case checks)
     return path
 
 
@@ -176,7 +176,7 @@ def test_fused_run_splits_artifacts_and_skips_what_the_mode_skips(stubbed, tmp_p
 
 def test_failing_stage_reports_the_task(stubbed, tmp_path):
     image = source_image(tmp_path / "src.png")
-    with pytest.raises(PipelineRunError, match="prepare") as err:
+    with pytest.raises(PipelineRunError, match="check-case") as err:
         kfp_cli.run_local("edit", pipeline_root=tmp_path / "root", image_uri=str(image), **CASE, mode="sideways")
     assert "\x1b[" not in str(err.value)
 

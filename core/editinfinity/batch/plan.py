@@ -95,8 +95,7 @@ def check_case(case: dict, *, resolution: str, mask_polarity: str) -> str:
     """
     from .. import storage
     from ..edit.case import CaseSpec
-    from ..edit.images import choose_schedule, load_image
-    from ..edit.learned import image_digest
+    from ..edit.images import choose_schedule, image_digest, load_image
     from ..edit.user_mask import read_mask
 
     spec = CaseSpec(image=case["image"], prompt=case["prompt"], edit_prompt=case["edit_prompt"], mode=case["mode"],

@@ -227,3 +227,14 @@ def preprocess_image(img: Image.Image, schedule, *, source=None) -> tuple[torch.
         logger.warning("%s: the centre crop to %dx%d keeps only %.0f%% of the picture",
                        _name(img, source), big_w, big_h, 100 * kept)
     return image_to_tensor(out), out
+
+
+def image_digest(image) -> str:
+    """sha256 of the image's RGB pixels and size (two encodings of the same pixels share a digest): the identity of
+    an input image for learned state and caches."""
+    import hashlib
+
+    img = load_image(image) if not isinstance(image, Image.Image) else image.convert("RGB")
+    h = hashlib.sha256(f"{img.width}x{img.height}|".encode())
+    h.update(img.tobytes())
+    return h.hexdigest()

@@ -40,7 +40,7 @@ from ..models.bundle import ModelBundle
 from ..models.text import TextFeatures
 from .artifacts import read_stage, stage_output, write_json
 from .case import CaseSpec
-from .images import load_image
+from .images import image_digest
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, save_adapter, train_lora_adapter
 from .prepare import CaseData, SourceData, case_from_source, encode_source
 from .prompt_tuning import EMBEDDING_FILE, save_embedding, tune_prompt_embedding
@@ -57,14 +57,6 @@ SOURCE_TEXT = ("source_styled", "source_plain")
 #: training runs, not what it computes; every other setting is part of the learned state's identity.
 EDIT_ONLY_SETTINGS = frozenset({"threshold", "band", "core", "fill_holes", "min_region", "cfg", "tau", "top_k", "top_p", "checkpointing",
                                 "low_memory", "compile", "attention_backend", "profile"})
-
-
-def image_digest(image) -> str:
-    """sha256 of the image's RGB pixels and size (two encodings of the same pixels share a digest)."""
-    img = load_image(image) if not isinstance(image, Image.Image) else image.convert("RGB")
-    h = hashlib.sha256(f"{img.width}x{img.height}|".encode())
-    h.update(img.tobytes())
-    return h.hexdigest()
 
 
 def learning_settings(settings: EditSettings) -> dict:
