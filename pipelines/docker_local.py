@@ -209,4 +209,6 @@ def prepare(root: Path, params: Mapping[str, Any], image: str | None, images: li
         c.close()
     for uid, gid in users:
         make_writable(root, uid, gid)
-    return local.DockerRunner(ulimits=ulimits()), stage_inputs(params, root)
+    # The label lets a caller find (and remove) the containers of this pipeline root if it stops a run midway.
+    runner = local.DockerRunner(ulimits=ulimits(), labels={"io.editinfinity.pipeline-root": str(root)})
+    return runner, stage_inputs(params, root)

@@ -165,6 +165,7 @@ def test_prepare_gives_the_root_to_the_images_user_and_stages_inputs(tmp_path, m
     runner, params = docker_local.prepare(root, {"image_uri": str(src)}, "cpu:1", ["ghcr.io/x:cuda"])
     assert engine.closed and params["image_uri"].startswith(str(root / "inputs"))
     assert {u["Name"] for u in runner.container_run_args["ulimits"]} == {"nofile", "nproc"}
+    assert runner.container_run_args["labels"] == {"io.editinfinity.pipeline-root": str(root)}
     st = root.stat()
     if os.getuid() == 0:
         assert (st.st_uid, st.st_gid) == (1000, 1000)
