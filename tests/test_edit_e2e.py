@@ -74,7 +74,7 @@ def test_cli_edit_all_modes(request, tmp_path, mode, case_name):
     src = Image.open(case["image"])
     # the output has the template's size of the image's aspect ratio (0.06M budget of the tiny preset)
     assert abs(edited.height / edited.width - src.height / src.width) < 0.1
-    expected = {"edited.png", "reconstruction.png", "report.html", "summary.json"}
+    expected = {"edited.png", "reconstruction.png", "source.png", "report.html", "summary.json"}
     expected |= {"mask.png", "weights.png"} if mode != "whole" else set()
     expected |= {"attention.png"} if mode == "auto" else set()
     assert expected <= {p.name for p in out.iterdir()}
@@ -141,7 +141,8 @@ def test_stage_seconds_cover_the_stage_work(tmp_path, models, example):
 
 
 def test_keep_weight_one_reproduces_the_source_codes(models, example):
-    """Where W = 1 at every scale the edited codes equal the source codes; W = 1 everywhere gives the reconstruction."""
+    """Where W = 1 at every scale the edited codes equal the source codes; W = 1 everywhere decodes to the
+    reconstruction (and the output, with kept pixels, is the source: tests/test_kept_pixels.py)."""
     spec = CaseSpec(image=example["image"], prompt=example["prompt"], edit_prompt=example["edit_prompt"],
                     mode="auto", target_word=example["target_word"], resolution="0.06M")
     case = prepare_case(models, spec)
@@ -149,7 +150,7 @@ def test_keep_weight_one_reproduces_the_source_codes(models, example):
     settings = EditSettings(seed=3)
     ones = torch.ones(grid)
     res = generate_edit(models, case, None, None, ones, settings)
-    assert np.array_equal(np.asarray(res.edited), np.asarray(res.reconstruction))
+    assert np.array_equal(np.asarray(res.decoded), np.asarray(res.reconstruction))
     partial = torch.zeros(grid)
     partial[: grid[0] // 2] = 1.0
     res = generate_edit(models, case, None, None, partial, settings)

@@ -12,6 +12,7 @@ from pathlib import Path
 from .cli_options import (
     CORE_HELP,
     FILL_HOLES_HELP,
+    KEEP_PIXELS_HELP,
     MIN_REGION_HELP,
     MODES,  # noqa: F401  (re-exported)
 )
@@ -106,6 +107,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         if name == "generate":
             p.add_argument("--lora-dir", required=True, help="directory written by train-lora")
             p.add_argument("--mask-dir", help="directory written by mask (modes auto and mask)")
+            p.add_argument("--keep-pixels", action=argparse.BooleanOptionalAction,
+                           default=_settings_default("keep_pixels"), help=KEEP_PIXELS_HELP)
         if name == "mask":
             p.add_argument("--attention-dir", help="directory written by attention (mode auto)")
             # defaults from EditSettings, so this stage command and `edit` cannot drift apart
@@ -272,6 +275,7 @@ def _run(args) -> int:
         return 0
     if args.command in ("tune-prompt", "train-lora", "attention", "generate"):
         from .edit.prepare import load_case
+        from .edit.settings import EditSettings
         from .models.bundle import load_models
 
         case = load_case(args.case_dir)
@@ -287,7 +291,8 @@ def _run(args) -> int:
             out = stages.attention(args.case_dir, args.out, models=models, overwrite=args.overwrite)
         else:
             out = stages.generate(args.case_dir, args.prompt_dir, args.lora_dir, args.out, mask_dir=args.mask_dir,
-                                  seed=args.seed, models=models, overwrite=args.overwrite)
+                                  seed=args.seed, models=models, overwrite=args.overwrite,
+                                  settings=EditSettings(keep_pixels=args.keep_pixels))
         print(out)
         return 0
     if args.command == "mask":
@@ -340,7 +345,8 @@ def _edit_learned(args, progress: bool) -> int:
     settings = edit_settings(state, {"seed": args.seed, "prompt_iters": args.prompt_iters,
                                      "lora_iters": args.lora_iters, "threshold": args.threshold, "band": args.band,
                                      "core": args.core, "fill_holes": args.fill_holes,
-                                     "min_region": args.min_region, "checkpointing": args.checkpointing,
+                                     "min_region": args.min_region, "keep_pixels": args.keep_pixels,
+                                     "checkpointing": args.checkpointing,
                                      "low_memory": True if args.low_memory else None})
     kw = _local_inputs({"mask": args.mask})
     with _output_dir(args.out, args.overwrite) as out_dir:

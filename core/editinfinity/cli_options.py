@@ -32,6 +32,8 @@ def add_case_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
 
 CORE_HELP = ("automatic mask hysteresis: keep only regions above --threshold that reach this level somewhere "
              "(drops stray weak cells); 0 keeps every cell above the threshold, as the reference")
+KEEP_PIXELS_HELP = ("output the source's own pixels where the keep weight is 1 and the decoded edit where it is 0, "
+                    "mixed smoothly through the band (--no-keep-pixels: the decode of the blended codes, as published)")
 FILL_HOLES_HELP = "automatic mask cleanup: fill holes inside the selected regions"
 MIN_REGION_HELP = ("automatic mask cleanup: drop regions smaller than this fraction of the latent grid's cells (the "
                    "largest region stays); 0 keeps every region")
@@ -54,6 +56,8 @@ def add_settings_args(p: argparse.ArgumentParser) -> None:
                    help=f"{FILL_HOLES_HELP} (default: {settings_default('fill_holes')})")
     p.add_argument("--min-region", type=float, default=None,
                    help=f"{MIN_REGION_HELP} (default: {settings_default('min_region')})")
+    p.add_argument("--keep-pixels", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"{KEEP_PIXELS_HELP} (default: on; off in --profile reference)")
     p.add_argument("--band", choices=("scaled", "reference"), default=None,
                    help="smoothing band around the mask: scaled (default; the reference's 1 and 4 cells of a 64-cell "
                         "grid as fractions of the image) or reference (1 and 4 cells on any grid)")
@@ -80,6 +84,7 @@ def settings_from_args(args):
     return EditSettings.from_profile(args.profile or "default", seed=args.seed, prompt_iters=args.prompt_iters,
                                      lora_iters=args.lora_iters, threshold=args.threshold, band=args.band,
                                      core=args.core, fill_holes=args.fill_holes, min_region=args.min_region,
+                                     keep_pixels=getattr(args, "keep_pixels", None),
                                      checkpointing=getattr(args, "checkpointing", None),
                                      low_memory=True if getattr(args, "low_memory", False) else None,
                                      compile=getattr(args, "compile", None))

@@ -190,11 +190,16 @@ def write_report_html(path, *, images: Mapping[str, Image.Image], prompts: Mappi
         f"<h2>Timings</h2>{_table_html(timing_rows)}"
         "</body></html>\n"
     )
+    return atomic_write_text(out, doc)
+
+
+def atomic_write_text(out: Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``out`` through a temporary file in the same folder; returns ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(doc)
+            f.write(text)
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -23,6 +23,7 @@ from ..models.quantizer import scale_codes_on_grid
 from .artifacts import stage_output
 from .lora import load_adapter, lora_adapter, lora_config
 from .masking import load_weights
+from .pixels import keep_source_pixels
 from .prepare import CaseData, load_case
 from .prompt_tuning import load_embedding
 from .settings import EditSettings
@@ -37,10 +38,11 @@ def to_pil(img: torch.Tensor) -> Image.Image:
 
 @dataclass
 class EditResult:
-    edited: Image.Image
+    edited: Image.Image  # the output: ``decoded`` with the source's pixels kept when settings.keep_pixels
     reconstruction: Image.Image
     edited_codes: torch.Tensor  # (1, d, hK, wK)
     bits: list[torch.Tensor]
+    decoded: Image.Image | None = None  # the decode of the edited codes (the published method's output)
 
 
 def blend_hook(source_codes: list[torch.Tensor], weights: torch.Tensor):
@@ -88,14 +90,18 @@ def generate_edit(models: ModelBundle, case: CaseData, rows: torch.Tensor | None
             out, img = run()
     else:
         out, img = run()
-    return EditResult(edited=to_pil(img), reconstruction=reconstruct(models, case),
+    decoded = to_pil(img)
+    edited = keep_source_pixels(case.image, decoded, weights) if weights is not None and settings.keep_pixels \
+        else decoded
+    return EditResult(edited=edited, reconstruction=reconstruct(models, case), decoded=decoded,
                       edited_codes=out.summed_codes.float().cpu(), bits=[b.cpu() for b in out.bits])
 
 
 def generate(case_dir, prompt_dir, lora_dir, out_dir, *, mask_dir=None, seed: int = 0,
              models: ModelBundle | None = None, settings: EditSettings | None = None,
              overwrite: bool = False) -> Path:
-    """Stage G over files: writes ``edited.png``, ``reconstruction.png`` and ``edited_codes.safetensors``."""
+    """Stage G over files: writes ``edited.png``, ``decoded.png`` (before kept pixels), ``source.png`` (the picture
+    the model encoded), ``reconstruction.png`` and ``edited_codes.safetensors``."""
     from ..models.bundle import load_models
 
     case = load_case(case_dir)
@@ -113,6 +119,9 @@ def generate(case_dir, prompt_dir, lora_dir, out_dir, *, mask_dir=None, seed: in
         # Fast zlib level: the same pixels, a slightly larger file, a fraction of the encoding time at 1M.
         result.edited.save(tmp / "edited.png", compress_level=1)
         result.reconstruction.save(tmp / "reconstruction.png", compress_level=1)
+        result.decoded.save(tmp / "decoded.png", compress_level=1)
+        case.image.save(tmp / "source.png", compress_level=1)
         save_file({"edited_codes": result.edited_codes.contiguous()}, str(tmp / "edited_codes.safetensors"))
         record["mode"] = case.spec.mode
+        record["keep_pixels"] = bool(weights is not None and settings.keep_pixels)
     return Path(out_dir)

@@ -55,8 +55,9 @@ SOURCE_TEXT = ("source_styled", "source_plain")
 
 #: Settings that change only what happens after learning (mask, sampling) or how fast and in how much memory the
 #: training runs, not what it computes; every other setting is part of the learned state's identity.
-EDIT_ONLY_SETTINGS = frozenset({"threshold", "band", "core", "fill_holes", "min_region", "cfg", "tau", "top_k", "top_p", "checkpointing",
-                                "low_memory", "compile", "attention_backend", "profile"})
+EDIT_ONLY_SETTINGS = frozenset({"threshold", "band", "core", "fill_holes", "min_region", "keep_pixels", "cfg", "tau",
+                                "top_k", "top_p", "checkpointing", "low_memory", "compile", "attention_backend",
+                                "profile"})
 
 
 def learning_settings(settings: EditSettings) -> dict:

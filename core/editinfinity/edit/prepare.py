@@ -95,15 +95,21 @@ def _text_encoder(models: ModelBundle):
 
 
 @torch.no_grad()
+def encode_image(models: ModelBundle, original: Image.Image, resolution: str):
+    """The schedule, the preprocessed picture, the VAE's raw features and their exact multi-scale codes."""
+    schedule = choose_schedule(original, resolution)
+    pixels, pre = preprocess_image(original, schedule)
+    z = models.vae.encode_raw(pixels.to(models.device)).float()
+    return schedule, pre, z, multiscale_quantize(z, schedule)
+
+
+@torch.no_grad()
 def encode_source(models: ModelBundle, image, prompt: str, resolution: str,
                   settings: EditSettings | None = None) -> SourceData:
     """Preprocess and quantise the image exactly, and encode the source prompt (styled and plain)."""
     settings = settings or EditSettings()
     original = load_image(image) if not isinstance(image, Image.Image) else image.convert("RGB")
-    schedule = choose_schedule(original, resolution)
-    pixels, pre = preprocess_image(original, schedule)
-    z = models.vae.encode_raw(pixels.to(models.device)).float()
-    codes = multiscale_quantize(z, schedule)
+    schedule, pre, z, codes = encode_image(models, original, resolution)
     tok, enc = models.tokenizer, _text_encoder(models)
     text = {
         "source_styled": encode_prompts(tok, enc, [style_prompt(prompt)], extra_rows=settings.style_rows).to("cpu"),

@@ -26,9 +26,10 @@ from PIL import Image
 from ..metrics import background_metrics
 from ..models.bundle import ModelBundle, load_models
 from ..models.presets import default_resolution
-from ..report import side_by_side, write_report_html
+from ..report import side_by_side
+from ..report_page import write_edit_report
 from .artifacts import check_output_dir, read_stage, versions, write_json
-from .attention import attention
+from .attention import attention, load_attention
 from .case import CaseSpec
 from .generate import generate
 from .learned import LearnedState, cached_learn, check_compatible, edit_spec, write_edit_stages
@@ -36,19 +37,24 @@ from .lora import train_lora
 from .masking import load_weights, make_mask
 from .prepare import _default_resolution, load_case, prepare
 from .prompt_tuning import tune_prompt
+from .representation import representation_check
 from .settings import EditSettings
 
 log = logging.getLogger(__name__)
 
 
-def edit_metrics(edited: Image.Image, reconstruction: Image.Image, keep: np.ndarray | None) -> dict:
-    """Background PSNR / MSE / SSIM of the edit against the reconstruction (PnP-Inversion's protocol: pixels outside
-    the keep region are zeroed in both images); whole-image figures when there is no mask."""
-    if keep is None:
-        m = background_metrics(reconstruction, edited, np.zeros((edited.height, edited.width), bool))
-        return {"region": "whole image", **m}
-    m = background_metrics(reconstruction, edited, ~keep)
-    return {"region": "background (keep weight 1)", "pixels": int(keep.sum()), **m}
+def edit_metrics(edited: Image.Image, reconstruction: Image.Image, keep: np.ndarray | None,
+                 source: Image.Image | None = None) -> dict:
+    """Background PSNR (dB) / MSE / SSIM of the edit against the reconstruction (PnP-Inversion's protocol: pixels
+    outside the keep region are zeroed in both images), and with ``source`` the same against the source
+    (``source_*``: what a user compares with); whole-image figures when there is no mask."""
+    region = np.zeros((edited.height, edited.width), bool) if keep is None else ~keep
+    out = {"region": "whole image"} if keep is None else {"region": "background (keep weight 1)",
+                                                           "pixels": int(keep.sum())}
+    out.update(background_metrics(reconstruction, edited, region))
+    if source is not None:
+        out.update({f"source_{k}": v for k, v in background_metrics(source, edited, region).items()})
+    return out
 
 
 def keep_region_pixels(weights: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -60,37 +66,45 @@ def keep_region_pixels(weights: torch.Tensor, size: tuple[int, int]) -> np.ndarr
 
 def summarize(out_dir, *, case_dir, generate_dir, mask_dir=None, attention_dir=None, timings: dict | None = None,
               settings: EditSettings | None = None, extra: dict | None = None) -> Path:
-    """Write ``summary.json`` and a self-contained ``report.html`` (and copy the pictures) into ``out_dir``."""
+    """Write ``summary.json`` and a self-contained ``report.html`` (and copy the pictures) into ``out_dir``.
+
+    Also checks that the preset can represent the source (``edit.representation``): below the preset's floor a
+    warning is logged and written to the summary (``representation``) and the report."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     case = load_case(case_dir)
-    read_stage(generate_dir, "generate", run_id=case.run_id, needed_by="the summary")
+    record = read_stage(generate_dir, "generate", run_id=case.run_id, needed_by="the summary")
     edited = Image.open(Path(generate_dir) / "edited.png").convert("RGB")
     recon = Image.open(Path(generate_dir) / "reconstruction.png").convert("RGB")
-    pictures = {"source": case.image, "reconstruction": recon, "edited": edited}
-    keep = None
+    source = case.image
+    pictures = {"source": source, "reconstruction": recon, "edited": edited}
+    keep = weights = edit_mask = amap = None
     if mask_dir is not None:
-        _, weights = load_weights(mask_dir, run_id=case.run_id)
+        edit_mask, weights = load_weights(mask_dir, run_id=case.run_id)
         keep = keep_region_pixels(weights, (edited.height, edited.width))
         for name in ("mask.png", "weights.png"):
             shutil.copyfile(Path(mask_dir) / name, out_dir / name)
         pictures["mask (white = edit)"] = Image.open(out_dir / "mask.png").convert("RGB")
     if attention_dir is not None:
+        amap = load_attention(attention_dir, run_id=case.run_id)
         shutil.copyfile(Path(attention_dir) / "attention.png", out_dir / "attention.png")
         pictures[f"attention: {case.spec.target_word}"] = Image.open(out_dir / "attention.png").convert("RGB")
     for name in ("edited.png", "reconstruction.png"):
         shutil.copyfile(Path(generate_dir) / name, out_dir / name)
-    metrics = edit_metrics(edited, recon, keep)
+    source.save(out_dir / "source.png")  # the picture the model encoded, at the output size
+    metrics = edit_metrics(edited, recon, keep, source=source)
+    representation = representation_check(source, recon, case.preset)
+    if representation["warning"]:
+        log.warning("%s", representation["warning"])
     summary = {"spec": case.spec.to_dict(), "schedule": [list(s) for s in case.schedule],
                "image_size": [case.image.height, case.image.width], "run_id": case.run_id, "preset": case.preset,
                "settings": settings.to_dict() if settings else None, "seconds": timings or {},
-               "metrics": metrics, "versions": versions(), **(extra or {})}
+               "keep_pixels": bool(record.get("keep_pixels", False)), "metrics": metrics,
+               "representation": representation, "versions": versions(), **(extra or {})}
     write_json(out_dir / "summary.json", summary)
     side_by_side(list(pictures.items())).save(out_dir / "before_after.png")
-    write_report_html(out_dir / "report.html", images=pictures,
-                      prompts={"prompt": case.spec.prompt, "edit prompt": case.spec.edit_prompt,
-                               "target word": case.spec.target_word or "-", "mode": case.spec.mode},
-                      settings=summary["settings"] or {}, timings=timings or {}, metrics=metrics)
+    write_edit_report(out_dir / "report.html", source=source, edited=edited, reconstruction=recon,
+                      edit_mask=edit_mask, weights=weights, attention=amap, summary=summary)
     return out_dir
 
 

@@ -96,6 +96,9 @@ class EditSettings:
     # this fraction of the grid's cells (the largest region always stays). Off = the reference's raw threshold.
     fill_holes: bool = False
     min_region: float = 0.0
+    # Output pixels (edit.pixels): the source's own pixels where the pixel-level keep weight is 1, the decoded edit
+    # where it is 0, a smooth mix through the band. Off: the decode of the blended codes, as the published method.
+    keep_pixels: bool = True
     # Sampling (stage G and plain generation).
     cfg: float = 4.0
     tau: float = 0.5
@@ -119,7 +122,8 @@ class EditSettings:
     def from_profile(cls, profile: str = "default", **overrides) -> EditSettings:
         """Settings of a named profile with explicit overrides (None values are ignored)."""
         base = {"default": {}, "reference": {"prompt_iters": 9, "lora_iters": 49, "lora_batch": 2,
-                                             "bias_mode": "editinfinity", "band": "reference"}}
+                                             "bias_mode": "editinfinity", "band": "reference",
+                                             "keep_pixels": False}}
         if profile not in base:
             raise InvalidCaseError(f"unknown settings profile {profile!r}; choose default or reference")
         known = {f.name for f in dataclasses.fields(cls)}

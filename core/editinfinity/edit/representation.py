@@ -1,0 +1,67 @@
+"""Can the preset represent this picture? The source's reconstruction (decode of its own codes) against the source.
+
+Editing keeps or regenerates the source's *codes*; a picture the VAE cannot reconstruct comes back as the VAE's
+approximation of it everywhere (the bundled toy preset, trained on flat-coloured shapes, turns a photograph into
+coloured blobs). The reconstruction is decoded by every edit anyway (``reconstruction.png``), so measuring it is
+free: PSNR (dB) and SSIM of the reconstruction against the preprocessed source. Below the preset's calibrated floor
+(``Preset.min_reconstruction_psnr_db``, measured by ``bench/representation.py``, numbers in
+``bench/results/representation_toy_cpu.json``) the CLI, ``summary.json`` and the report say that the preset cannot
+represent this image and what to do instead.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from PIL import Image
+
+from ..metrics import psnr, ssim
+from ..models.bundle import ModelBundle
+
+log = logging.getLogger(__name__)
+
+ADVICE = ("convert the official Infinity-2B weights (`editinfinity convert --transformer infinity_2b_reg.pth --vae "
+          "infinity_vae_d32reg.pth --text-encoder google/flan-t5-xl --out weights/2b`) and edit with "
+          "`--preset 2b --weights weights/2b`")
+
+
+def reconstruction_quality(source: Image.Image, reconstruction: Image.Image) -> dict:
+    """``{"psnr_db", "ssim"}`` of the reconstruction against the source (same size, RGB)."""
+    value = psnr(source.convert("RGB"), reconstruction.convert("RGB"))
+    return {"psnr_db": round(float(value), 3) if value != float("inf") else None,
+            "ssim": round(float(ssim(source.convert("RGB"), reconstruction.convert("RGB"))), 5)}
+
+
+def representation_check(source: Image.Image, reconstruction: Image.Image, preset: str) -> dict:
+    """Reconstruction quality, the preset's floor and, below it, a one-line warning naming what to do.
+
+    Returns ``{"reconstruction_psnr_db", "reconstruction_ssim", "min_psnr_db", "representable", "warning"}``;
+    ``min_psnr_db`` and ``representable`` are None for presets without a calibrated floor (random or official
+    weights), ``warning`` None when there is nothing to say.
+    """
+    from ..models.presets import PRESETS
+
+    quality = reconstruction_quality(source, reconstruction)
+    floor = getattr(PRESETS.get(preset), "min_reconstruction_psnr_db", None)
+    value = quality["psnr_db"]
+    representable = None if floor is None else (value is None or value >= floor)
+    warning = None
+    if representable is False:
+        warning = (f"the {preset} preset cannot represent this image: its reconstruction is {value:.1f} dB PSNR, "
+                   f"below the {floor:.1f} dB its own kind of picture reaches, so the edit will not look like the "
+                   f"source; {ADVICE}")
+    return {"reconstruction_psnr_db": value, "reconstruction_ssim": quality["ssim"], "min_psnr_db": floor,
+            "representable": representable, "warning": warning}
+
+
+@torch.no_grad()
+def reconstruct_image(models: ModelBundle, image: Image.Image, resolution: str) -> tuple[Image.Image, Image.Image]:
+    """(the preprocessed source, the decode of its exact codes): what an edit of ``image`` keeps where W = 1."""
+    from .generate import to_pil
+    from .prepare import encode_image
+
+    schedule, pre, _, codes = encode_image(models, image.convert("RGB"), resolution)
+    with models.autocast():
+        img = models.vae.decode_bits([b.to(models.device) for b in codes.bits], schedule)
+    return pre, to_pil(img)
