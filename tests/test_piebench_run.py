@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from editinfinity.edit.settings import EditSettings
@@ -258,3 +259,54 @@ def test_score_only_edits_nothing(toy, tmp_path):
     assert fake.calls == [] and result.ok == 1
     assert [r.status for r in result.rows] == ["ok", "not run"]
     assert "| **All** | 2 (1) |" in (out / "table.md").read_text()
+
+
+class FakeEditWithStages(FakeEdit):
+    """Also writes what the generate and mask stages leave for the two output variants: the decode (the inverted
+    source), the source, the keep weights (left half kept) and a generate record without kept pixels."""
+
+    def __call__(self, out_dir, **kw):
+        out = super().__call__(out_dir, **kw)
+        from safetensors.torch import save_file
+
+        src = Image.open(kw["image"]).convert("RGB").resize((256, 256))
+        (out / "stages" / "generate").mkdir(parents=True)
+        (out / "stages" / "mask").mkdir(parents=True)
+        Image.open(out / "edited.png").save(out / "stages" / "generate" / "decoded.png")
+        src.save(out / "stages" / "generate" / "source.png")
+        (out / "stages" / "generate" / "stage.json").write_text(json.dumps({"keep_pixels": False}))
+        weights = torch.zeros(16, 16)
+        weights[:, :8] = 1.0
+        save_file({"weights": weights, "edit_mask": (weights < 1).to(torch.uint8)},
+                  str(out / "stages" / "mask" / "weights.safetensors"))
+        return out
+
+
+def test_both_outputs_are_scored_as_published_and_with_kept_pixels(toy, tmp_path):
+    from editinfinity.edit.pixels import keep_source_pixels
+    from editinfinity.evaluation.piebench import read_piebench
+    from editinfinity.evaluation.piebench_metrics import score_case
+    from editinfinity.evaluation.piebench_run import VARIANT_FILES, VARIANT_LABELS, to_eval_size
+
+    out = tmp_path / "out"
+    result = run(toy, out, FakeEditWithStages(), mode="auto", types="1",
+                 settings=EditSettings(prompt_iters=1, lora_iters=1, keep_pixels=False))
+    (row,) = result.rows
+    case = read_piebench(str(toy)).by_id()[row.id]
+    case_dir = out / "cases" / row.id
+    edit_dir = case_dir / "edit"
+    decoded = Image.open(edit_dir / "stages" / "generate" / "decoded.png")
+    kept = keep_source_pixels(Image.open(edit_dir / "stages" / "generate" / "source.png"), decoded,
+                              torch.cat([torch.ones(16, 8), torch.zeros(16, 8)], dim=1))
+    assert np.array_equal(np.asarray(Image.open(case_dir / VARIANT_FILES["published"])),
+                          np.asarray(to_eval_size(decoded)))
+    assert np.array_equal(np.asarray(Image.open(case_dir / VARIANT_FILES["kept"])), np.asarray(to_eval_size(kept)))
+    source = Image.open(case.image)
+    for name in ("published", "kept"):
+        expect = score_case(source, Image.open(case_dir / VARIANT_FILES[name]), case.annotation_mask(),
+                            case.edit_prompt)
+        assert row.variant_scores[name] == pytest.approx(expect, nan_ok=True)
+    assert row.variant_scores["kept"]["psnr"] > row.variant_scores["published"]["psnr"]
+    table = (out / "table.md").read_text()
+    for name, label in VARIANT_LABELS.items():
+        assert f"| {label} | 1 (1) | n/c | {row.variant_scores[name]['psnr']:.2f} |" in table

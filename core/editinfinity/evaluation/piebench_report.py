@@ -49,6 +49,8 @@ class CaseRow:
     error: str = ""
     seconds: float | None = None
     scores: dict[str, float | None] = field(default_factory=dict)
+    #: scores of each output variant (``published``: the decode, ``kept``: with kept pixels), when scored
+    variant_scores: dict[str, dict[str, float | None]] = field(default_factory=dict)
     image_path: str = ""
     edit_prompt: str = ""
 
@@ -94,15 +96,17 @@ class TableRow:
     means: dict[str, float | None]
 
 
-def aggregate(rows: Sequence[CaseRow]) -> list[TableRow]:
+def aggregate(rows: Sequence[CaseRow], variants: Mapping[str, str] | None = None) -> list[TableRow]:
     """One row per edit type present (in type order), then ``All``: means of the scored cases' finite values
-    (NaN, the undefined background of a full-frame mask, is left out as PnP-Inversion's ``"nan"`` would be)."""
+    (NaN, the undefined background of a full-frame mask, is left out as PnP-Inversion's ``"nan"`` would be).
+    ``variants`` (name -> label) adds an all-cases row per output variant, from ``CaseRow.variant_scores``."""
 
-    def summarize(label: str, subset: list[CaseRow]) -> TableRow:
-        scored = [r for r in subset if r.status == "ok"]
+    def summarize(label: str, subset: list[CaseRow], variant: str | None = None) -> TableRow:
+        scored = [r for r in subset if r.status == "ok" and (variant is None or variant in r.variant_scores)]
         means: dict[str, float | None] = {}
         for key in METRIC_KEYS:
-            values = [r.scores[key] for r in scored if r.scores.get(key) is not None and not math.isnan(r.scores[key])]
+            got = [(r.scores if variant is None else r.variant_scores[variant]).get(key) for r in scored]
+            values = [v for v in got if v is not None and not math.isnan(v)]
             means[key] = sum(values) / len(values) if values else None
         return TableRow(label=label, cases=len(subset), scored=len(scored), means=means)
 
@@ -110,6 +114,9 @@ def aggregate(rows: Sequence[CaseRow]) -> list[TableRow]:
     out = [summarize(f"{t} {EDIT_TYPES[t]}", [r for r in typed if r.edit_type == t])
            for t in sorted({r.edit_type for r in typed})]
     out.append(summarize("All", list(rows)))
+    for name, label in (variants or {}).items():
+        if any(name in r.variant_scores for r in rows):
+            out.append(summarize(label, list(rows), name))
     return out
 
 

@@ -5,7 +5,9 @@ Output folder layout::
     OUT/bench.json                  the run's configuration (a resumed run must use the same one)
     OUT/cases/<id>/edit/            run_edit's output (edited.png, report.html, summary.json, stages/)
     OUT/cases/<id>/case.json        the case as read from the mapping file, the mode used, seconds
-    OUT/cases/<id>/edited_512.png   the edit resized to the source's 512x512: written last, marks the case done
+    OUT/cases/<id>/published_512.png   the method's output as published (the decode of the blended codes), 512x512
+    OUT/cases/<id>/kept_512.png     the same edit with the source's pixels kept where the keep weight is 1
+    OUT/cases/<id>/edited_512.png   the edit as configured (one of the two), 512x512: written last, marks the case done
     OUT/cases/<id>/error.json       why the case failed (removed when it succeeds later)
     OUT/cases/<id>/scores.json      its metrics, with the metric weights they were computed with
     OUT/results.csv, table.md, table.html, grids/type_<k>.png, summary.json
@@ -55,6 +57,9 @@ CASES_DIR = "cases"
 EDIT_DIR = "edit"
 CASE_FILE = "case.json"
 EDITED_FILE = "edited_512.png"
+#: Both outputs of every case (tables report a row for each): the published method's decode, and kept pixels.
+VARIANT_FILES = {"published": "published_512.png", "kept": "kept_512.png"}
+VARIANT_LABELS = {"published": "All, method as published", "kept": "All, with kept pixels"}
 ERROR_FILE = "error.json"
 SCORES_FILE = "scores.json"
 #: How an edit is brought to the evaluation size (EditInfinity's outputs are 1024x1024 at 1M).
@@ -156,10 +161,37 @@ def edit_one(case: PieBenchCase, case_dir: Path, config: BenchConfig, *, models:
     record = {**case.to_dict(), "mode": mode, "note": note, "seconds": seconds, "config": config.to_dict(),
               "resample": RESAMPLE, "editinfinity_version": __version__}
     _write_json(case_dir / CASE_FILE, record)
+    for name, picture in output_variants(edit_dir).items():
+        save_png(to_eval_size(picture), case_dir / VARIANT_FILES[name])
     edited = to_eval_size(Image.open(edit_dir / "edited.png"))
     save_png(edited, case_dir / EDITED_FILE)  # last: marks the case done
     (case_dir / ERROR_FILE).unlink(missing_ok=True)
     return record
+
+
+def output_variants(edit_dir: Path) -> dict[str, Image.Image]:
+    """The published output (``stages/generate/decoded.png``) and the kept-pixels output of a finished edit.
+
+    The kept-pixels picture is ``edited.png`` when the edit ran with kept pixels, else it is made here from the
+    decode, ``source.png`` and the mask stage's keep weights (``edit.pixels``); without a mask (whole image) both
+    are the decode. An edit folder without the stage files (an older version) gives its ``edited.png`` for both.
+    """
+    from ..edit.masking import WEIGHTS_FILE
+    from ..edit.pixels import keep_source_pixels
+
+    edited = Image.open(edit_dir / "edited.png").convert("RGB")
+    decoded_path = edit_dir / "stages" / "generate" / "decoded.png"
+    if not decoded_path.is_file():
+        return {"published": edited, "kept": edited}
+    decoded = Image.open(decoded_path).convert("RGB")
+    record = json.loads((edit_dir / "stages" / "generate" / "stage.json").read_text())
+    weights_path = edit_dir / "stages" / "mask" / WEIGHTS_FILE
+    if record.get("keep_pixels") or not weights_path.is_file():
+        return {"published": decoded, "kept": edited}
+    from safetensors.torch import load_file
+
+    source = Image.open(edit_dir / "stages" / "generate" / "source.png").convert("RGB")
+    return {"published": decoded, "kept": keep_source_pixels(source, decoded, load_file(str(weights_path))["weights"])}
 
 
 def _error_text(exc: BaseException) -> str:
@@ -174,7 +206,7 @@ def load_pair(case: PieBenchCase, case_dir: Path) -> tuple[Image.Image, Image.Im
     if (source.height, source.width) != MASK_SHAPE:
         raise InvalidCaseError(f"PIE-Bench entry {case.id!r}: source {case.image} is {source.width}x{source.height} "
                                f"px; PIE-Bench scores pictures of {MASK_SHAPE[1]}x{MASK_SHAPE[0]}")
-    return source, Image.open(case_dir / EDITED_FILE).convert("RGB")
+    return source, Image.open(case_dir / name).convert("RGB")
 
 
 def _open_uri(uri: str) -> Image.Image:
@@ -185,18 +217,33 @@ def _open_uri(uri: str) -> Image.Image:
     return Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB")
 
 
-def score_one(case: PieBenchCase, case_dir: Path, models: MetricModels) -> dict[str, float | None]:
-    """The case's metrics, from ``scores.json`` when it was computed with the same metric weights."""
+def _floats(scores: dict) -> dict[str, float | None]:
+    return {k: (None if v is None else float(v)) for k, v in scores.items()}
+
+
+def score_one(case: PieBenchCase, case_dir: Path, models: MetricModels,
+              variants: dict | None = None) -> dict[str, float | None]:
+    """The case's metrics, from ``scores.json`` when it was computed with the same metric weights.
+
+    ``variants``, when given, receives the metrics of each output variant present (``VARIANT_FILES``)."""
     path = case_dir / SCORES_FILE
     describe = models.describe()
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("models") == describe and cached.get("editinfinity_version") == __version__:
-            return {k: (float(v) if v is not None else None) for k, v in cached["scores"].items()}
+            if variants is not None:
+                variants.update({k: _floats(v) for k, v in cached.get("variants", {}).items()})
+            return _floats(cached["scores"])
+    mask = case.annotation_mask(border=True)
     source, edited = load_pair(case, case_dir)
-    scores = score_case(source, edited, case.annotation_mask(border=True), case.edit_prompt, models)
-    _write_json(path, {"scores": {k: (None if v is None else float(v)) for k, v in scores.items()},
-                       "models": describe, "editinfinity_version": __version__})
+    scores = score_case(source, edited, mask, case.edit_prompt, models)
+    found = {name: _floats(score_case(source, Image.open(case_dir / file).convert("RGB"), mask, case.edit_prompt,
+                                      models))
+             for name, file in VARIANT_FILES.items() if (case_dir / file).is_file()}
+    if variants is not None:
+        variants.update(found)
+    _write_json(path, {"scores": _floats(scores), "variants": found, "models": describe,
+                       "editinfinity_version": __version__})
     return scores
 
 
@@ -237,6 +284,10 @@ def _header(config: BenchConfig, data: PieBenchSet, result: BenchResult, describ
         "the annotation mask with its 1-px frame, both images zeroed there (PSNR/MSE/SSIM/LPIPS); SSIM as "
         "torchmetrics < 1.5; LPIPS SqueezeNet; CLIP score of the edit prompt; DINO ViT key self-similarity.",
         f"- Metric weights: {models}.",
+        f"- Outputs: the rows by edit type and `All` score the edit as configured (kept pixels "
+        f"{'on' if s.keep_pixels else 'off'}); `{VARIANT_LABELS['published']}` scores the decode of the blended "
+        f"codes (the published method's output), `{VARIANT_LABELS['kept']}` the same edit with the source's pixels "
+        "kept where the keep weight is 1 (docs/method.md, Kept pixels).",
     ]
 
 
@@ -338,7 +389,7 @@ def run_piebench(data_dir: str, out_dir: str | os.PathLike, *, mode: str = "auto
             record = json.loads((case_dir / CASE_FILE).read_text())
             row.seconds = record.get("seconds")
             try:
-                row.scores = score_one(case, case_dir, metric_models)
+                row.scores = score_one(case, case_dir, metric_models, variants=row.variant_scores)
                 row.status = "ok"
             except (EditInfinityError, OSError, ValueError) as exc:
                 row.status, row.error = "failed", f"scoring: {_error_text(exc)}"
@@ -360,7 +411,7 @@ def write_outputs(out: Path, data: PieBenchSet, result: BenchResult, config: Ben
     from .piebench import parse_types
 
     computed = computed_columns(describe)
-    table = aggregate(result.rows)
+    table = aggregate(result.rows, variants=VARIANT_LABELS)
     header = _header(config, data, result, describe, types=parse_types(types), limit=limit, device=device)
     grids = _grids(out, data, result.rows, per_type=grid_cases)
     files = {"csv": out / "results.csv", "markdown": out / "table.md", "html": out / "table.html",
