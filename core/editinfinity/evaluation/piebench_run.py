@@ -206,7 +206,7 @@ def load_pair(case: PieBenchCase, case_dir: Path) -> tuple[Image.Image, Image.Im
     if (source.height, source.width) != MASK_SHAPE:
         raise InvalidCaseError(f"PIE-Bench entry {case.id!r}: source {case.image} is {source.width}x{source.height} "
                                f"px; PIE-Bench scores pictures of {MASK_SHAPE[1]}x{MASK_SHAPE[0]}")
-    return source, Image.open(case_dir / name).convert("RGB")
+    return source, Image.open(case_dir / EDITED_FILE).convert("RGB")
 
 
 def _open_uri(uri: str) -> Image.Image:
