@@ -48,7 +48,7 @@ lint: install
 	$(VENV)/bin/ruff check core tests bench components pipelines
 
 demo: install-base
-	$(VENV)/bin/editinfinity demo --out demo_output
+	$(VENV)/bin/editinfinity demo --out demo_output --overwrite
 
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE_REPO ?= ghcr.io/editinfinity/editinfinity

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
-import tempfile
 from pathlib import Path
 
 from .cli_options import (
     CORE_HELP,
     FILL_HOLES_HELP,
+    ITERS,
     KEEP_PIXELS_HELP,
     MIN_REGION_HELP,
     MODES,  # noqa: F401  (re-exported)
+    OVERWRITE_HELP,
+    SEED,
+    SEED_HELP,
+    fraction,
 )
 from .cli_options import add_case_args as _add_case_args
 from .cli_options import add_model_args as _add_model_args
@@ -58,7 +61,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_case_args(p)
     p.add_argument("--case", help="case file (YAML/JSON) or a directory in the reference layout")
     p.add_argument("--out", required=True, help="output directory (or gs:// / s3:// URI)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     _add_model_args(p)
     _add_settings_args(p)
     _add_speed_args(p)
@@ -76,21 +79,21 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--resolution", default=None, choices=("0.06M", "0.25M", "0.60M", "1M"),
                    help="pixel budget (default: the preset's)")
     p.add_argument("--out", required=True, help="learned folder to write (or gs:// / s3:// URI)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     _add_model_args(p)
     _add_settings_args(p)
     _add_speed_args(p)
 
     p = sub.add_parser("demo", help="edit a bundled example with the default preset and write the report")
-    p.add_argument("--out", default="demo_output")
-    p.add_argument("--overwrite", action="store_true", default=True)
+    p.add_argument("--out", default="demo_output", help="output directory (default demo_output)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     _add_model_args(p)
 
     p = sub.add_parser("prepare", help="stage A: encode the image codes and the prompts")
     _add_case_args(p)
     p.add_argument("--case", help="case file (YAML/JSON) or reference-layout directory")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     _add_model_args(p)
 
     for name, helptext in (("tune-prompt", "stage B: learn the language-style rows"),
@@ -100,8 +103,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                            ("generate", "stage G: generate and blend the edit")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--case-dir", required=True, help="directory written by `editinfinity prepare`")
-        p.add_argument("--out", required=True)
-        p.add_argument("--overwrite", action="store_true")
+        p.add_argument("--out", required=True, help="output stage directory")
+        p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
         if name in ("train-lora", "generate"):
             p.add_argument("--prompt-dir", required=True, help="directory written by tune-prompt")
         if name == "generate":
@@ -112,7 +115,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         if name == "mask":
             p.add_argument("--attention-dir", help="directory written by attention (mode auto)")
             # defaults from EditSettings, so this stage command and `edit` cannot drift apart
-            p.add_argument("--threshold", type=float, default=_settings_default("threshold"))
+            p.add_argument("--threshold", type=fraction, default=_settings_default("threshold"),
+                           help="attention mask threshold, a fraction in [0, 1)")
             p.add_argument("--core-threshold", type=float, default=_settings_default("core"), dest="core",
                            help=CORE_HELP)
             p.add_argument("--fill-holes", action=argparse.BooleanOptionalAction,
@@ -123,19 +127,25 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         else:
             _add_model_args(p)
         if name in ("tune-prompt", "train-lora", "generate"):
-            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--seed", type=SEED, default=0, help=SEED_HELP + " (default 0)")
         if name == "tune-prompt":
-            p.add_argument("--iters", type=int, default=10)
+            p.add_argument("--iters", type=ITERS, default=10, help="prompt-tuning optimizer updates (default 10)")
         if name == "train-lora":
-            p.add_argument("--iters", type=int, default=50)
+            p.add_argument("--iters", type=ITERS, default=50, help="LoRA optimizer updates (default 50)")
 
     p = sub.add_parser("convert", help="convert official .pth weights to the safetensors directory layout")
     p.add_argument("--transformer", help="infinity_2b_reg.pth")
     p.add_argument("--vae", help="infinity_vae_d32reg.pth")
     p.add_argument("--text-encoder", help="T5 directory or hub id (google/flan-t5-xl)")
-    p.add_argument("--preset", default="2b")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--preset", default="2b",
+                   help="preset whose architecture the .pth files hold (default 2b; see --preset of `edit`)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+    p = sub.add_parser("clean", help="remove what runs killed by SIGKILL left beside their --out")
+    p.add_argument("folders", nargs="*", default=["."],
+                   help="folders holding --out directories (default: the current folder)")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
 
     _add_extra_commands(sub)
     _add_plugin_commands(sub, argv)
@@ -217,25 +227,23 @@ def _local_inputs(kw: dict) -> dict:
     return kw
 
 
-@contextlib.contextmanager
-def _output_dir(out: str, overwrite: bool):
-    """A local directory for ``out``; a gs:// / s3:// ``out`` is built locally and published when complete."""
-    from . import storage
+def _claim(args, *inputs, what: str | None = None):
+    """The command's ``--out``, claimed before any model loads (see :mod:`editinfinity.outputs`)."""
+    from .outputs import claim_output
 
-    if not storage.is_remote(out):
-        yield Path(out)
-        return
-    if not overwrite and storage.exists(out.rstrip("/") + "/" + storage.MANIFEST_NAME):
-        raise InvalidCaseError(f"{out} already holds a published result; pass --overwrite to replace it")
-    with tempfile.TemporaryDirectory(prefix="editinfinity-out-") as tmp:
-        local = Path(tmp) / "out"
-        yield local
-        storage.publish_dir(local, out)
+    return claim_output(args.out, overwrite=args.overwrite, inputs=[i for i in inputs if i],
+                        what=what or args.command)
 
 
 def _run(args) -> int:
     if hasattr(args, "handler"):  # pipeline / training / benchmark commands (they need not import torch)
         return int(args.handler(args) or 0)
+    if args.command == "clean":
+        from .outputs import clean
+
+        for line in clean(args.folders, dry_run=args.dry_run) or ["nothing to clean"]:
+            print(line)
+        return 0
     from .edit import stages
 
     progress = not args.quiet
@@ -246,59 +254,70 @@ def _run(args) -> int:
     if args.command == "edit":
         kw = _local_inputs(_case_kwargs(args))
         kw["mask_polarity"] = kw.get("mask_polarity") or "white-edit"
-        with _output_dir(args.out, args.overwrite) as out_dir:
-            out = stages.run_edit(out_dir, **kw, preset=args.preset, weights=args.weights, device=args.device,
-                                  settings=_settings(args), overwrite=args.overwrite, progress=progress,
-                                  learned_cache=args.learned_cache)
-        where = args.out.rstrip("/") if out != Path(args.out) else str(out)
+        with _claim(args, kw.get("image"), kw.get("mask"), getattr(args, "case", None)) as out_dir:
+            stages.run_edit(out_dir, **kw, preset=args.preset, weights=args.weights, device=args.device,
+                            settings=_settings(args), overwrite=args.overwrite, progress=progress,
+                            learned_cache=args.learned_cache)
+        where = args.out.rstrip("/")
         print(f"edited image: {where}/edited.png\nreport: {where}/report.html")
         return 0
     if args.command == "demo":
         from .demo import run_demo
 
-        out = run_demo(args.out, preset=args.preset, weights=args.weights, device=args.device, progress=progress)
-        print(f"demo edit written to {out}/ (open {out / 'report.html'})")
+        with _claim(args) as out_dir:
+            run_demo(out_dir, preset=args.preset, weights=args.weights, device=args.device, progress=progress,
+                     overwrite=args.overwrite)
+        print(f"demo edit written to {args.out}/ (open {args.out}/report.html)")
         return 0
     if args.command == "prepare":
         from .models.bundle import load_models
 
         kw = _local_inputs(_case_kwargs(args))
         kw["mask_polarity"] = kw.get("mask_polarity") or "white-edit"
-        models = load_models(args.preset, weights=args.weights, device=args.device)
-        print(stages.prepare(args.out, **kw, models=models, overwrite=args.overwrite))
+        with _claim(args, kw.get("image"), kw.get("mask"), getattr(args, "case", None)) as out_dir:
+            models = load_models(args.preset, weights=args.weights, device=args.device)
+            stages.prepare(out_dir, **kw, models=models, overwrite=args.overwrite)
+        print(args.out)
         return 0
     if args.command == "convert":
         from .models.checkpoints import convert_official
 
-        print(convert_official(args.out, preset=args.preset, transformer=args.transformer, vae=args.vae,
-                               text_encoder=args.text_encoder, overwrite=args.overwrite))
+        with _claim(args, args.transformer, args.vae, args.text_encoder) as out_dir:
+            convert_official(out_dir, preset=args.preset, transformer=args.transformer, vae=args.vae,
+                             text_encoder=args.text_encoder, overwrite=args.overwrite)
+        print(args.out)
         return 0
+    dirs = [getattr(args, n, None) for n in ("case_dir", "prompt_dir", "lora_dir", "mask_dir", "attention_dir")]
     if args.command in ("tune-prompt", "train-lora", "attention", "generate"):
         from .edit.prepare import load_case
         from .edit.settings import EditSettings
         from .models.bundle import load_models
 
         case = load_case(args.case_dir)
-        # the prompts' T5 features are in the case: these stages need no text encoder
-        models = load_models(args.preset or case.preset, weights=args.weights, device=args.device, text_encoder=False)
-        if args.command == "tune-prompt":
-            out = stages.tune_prompt(args.case_dir, args.out, iters=args.iters, seed=args.seed, models=models,
-                                     overwrite=args.overwrite, progress=progress)
-        elif args.command == "train-lora":
-            out = stages.train_lora(args.case_dir, args.prompt_dir, args.out, iters=args.iters, seed=args.seed,
-                                    models=models, overwrite=args.overwrite, progress=progress)
-        elif args.command == "attention":
-            out = stages.attention(args.case_dir, args.out, models=models, overwrite=args.overwrite)
-        else:
-            out = stages.generate(args.case_dir, args.prompt_dir, args.lora_dir, args.out, mask_dir=args.mask_dir,
-                                  seed=args.seed, models=models, overwrite=args.overwrite,
-                                  settings=EditSettings(keep_pixels=args.keep_pixels))
-        print(out)
+        with _claim(args, *dirs) as out_dir:
+            # the prompts' T5 features are in the case: these stages need no text encoder
+            models = load_models(args.preset or case.preset, weights=args.weights, device=args.device,
+                                 text_encoder=False)
+            if args.command == "tune-prompt":
+                stages.tune_prompt(args.case_dir, out_dir, iters=args.iters, seed=args.seed, models=models,
+                                   overwrite=args.overwrite, progress=progress)
+            elif args.command == "train-lora":
+                stages.train_lora(args.case_dir, args.prompt_dir, out_dir, iters=args.iters, seed=args.seed,
+                                  models=models, overwrite=args.overwrite, progress=progress)
+            elif args.command == "attention":
+                stages.attention(args.case_dir, out_dir, models=models, overwrite=args.overwrite)
+            else:
+                stages.generate(args.case_dir, args.prompt_dir, args.lora_dir, out_dir, mask_dir=args.mask_dir,
+                                seed=args.seed, models=models, overwrite=args.overwrite,
+                                settings=EditSettings(keep_pixels=args.keep_pixels))
+        print(args.out)
         return 0
     if args.command == "mask":
-        print(stages.make_mask(args.case_dir, args.out, attention_dir=args.attention_dir, threshold=args.threshold,
-                               band=args.band, core=args.core, fill_holes=args.fill_holes,
-                               min_region=args.min_region, overwrite=args.overwrite))
+        with _claim(args, *dirs) as out_dir:
+            stages.make_mask(args.case_dir, out_dir, attention_dir=args.attention_dir, threshold=args.threshold,
+                             band=args.band, core=args.core, fill_holes=args.fill_holes,
+                             min_region=args.min_region, overwrite=args.overwrite)
+        print(args.out)
         return 0
     raise InvalidCaseError(f"unknown command {args.command!r}")
 
@@ -309,10 +328,7 @@ def _learn(args, progress: bool) -> int:
 
     settings = _settings(args)
     image = _local_inputs({"image": args.image})["image"]
-    with _output_dir(args.out, args.overwrite) as out_dir:
-        from .edit.artifacts import check_output_dir
-
-        check_output_dir(Path(out_dir), args.overwrite)  # before loading the models
+    with _claim(args, image) as out_dir:
         models = load_models(args.preset, weights=args.weights, device=args.device, bias_mode=settings.bias_mode)
         state = learn(models, image, args.prompt, resolution=args.resolution, settings=settings, progress=progress)
         state.image = args.image
@@ -349,34 +365,37 @@ def _edit_learned(args, progress: bool) -> int:
                                      "checkpointing": args.checkpointing,
                                      "low_memory": True if args.low_memory else None})
     kw = _local_inputs({"mask": args.mask})
-    with _output_dir(args.out, args.overwrite) as out_dir:
-        out = stages.run_edit(out_dir, edit_prompt=args.edit_prompt, mode=_mode(args), target_word=args.target_word,
-                              mask=kw["mask"], mask_polarity=args.mask_polarity, preset=args.preset or ident["preset"],
-                              weights=args.weights, device=args.device, settings=settings, overwrite=args.overwrite,
-                              progress=progress, learned=state)
-    where = args.out.rstrip("/") if out != Path(args.out) else str(out)
+    with _claim(args, args.learned, kw["mask"]) as out_dir:
+        stages.run_edit(out_dir, edit_prompt=args.edit_prompt, mode=_mode(args), target_word=args.target_word,
+                        mask=kw["mask"], mask_polarity=args.mask_polarity, preset=args.preset or ident["preset"],
+                        weights=args.weights, device=args.device, settings=settings, overwrite=args.overwrite,
+                        progress=progress, learned=state)
+    where = args.out.rstrip("/")
     print(f"edited image: {where}/edited.png\nreport: {where}/report.html")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import interrupts
+
+    previous = interrupts.install()  # first: SIGINT / SIGTERM now remove what this run wrote, exit 130 / 143
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         parser = build_parser(argv)
-    except EditInfinityError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    try:
+        args = parser.parse_args(argv)
+        level = logging.WARNING - 10 * min(args.verbose, 2)
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
         return _run(args)
     except EditInfinityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; no partial output was left", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        code = interrupts.exit_code(exc)
+        what = "terminated (SIGTERM)" if code == 143 else "interrupted"
+        print(f"{what}; nothing was written to --out and this run's temporary files were removed", file=sys.stderr)
+        return code
+    finally:
+        interrupts.restore(previous)
 
 
 if __name__ == "__main__":

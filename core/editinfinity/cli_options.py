@@ -25,11 +25,16 @@ def add_case_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     g.add_argument("--target-word", help="word (or words) of --prompt to edit: automatic-mask mode")
     g.add_argument("--mask", help="mask image (white = edit unless --mask-polarity black-edit): user-mask mode")
     g.add_argument("--whole-image", action="store_true", help="edit the whole image (no mask)")
-    p.add_argument("--mask-polarity", default="white-edit", choices=MASK_POLARITIES)
+    p.add_argument("--mask-polarity", default="white-edit", choices=MASK_POLARITIES,
+                   help="which colour of --mask marks the region to edit: white-edit (default) or black-edit "
+                        "(the reference repository's mask.png files)")
     p.add_argument("--resolution", default=None, choices=("0.06M", "0.25M", "0.60M", "1M"),
                    help="pixel budget (default: the preset's)")
 
 
+OVERWRITE_HELP = ("replace --out if it holds an earlier editinfinity result (never another folder, the current or "
+                  "home folder, or a folder holding the inputs); the new result replaces it in one step at the end")
+SEED_HELP = "seed of every random draw (integer 0 .. 2**64-1)"
 CORE_HELP = ("automatic mask hysteresis: keep only regions above --threshold that reach this level somewhere "
              "(drops stray weak cells); 0 keeps every cell above the threshold, as the reference")
 KEEP_PIXELS_HELP = ("output the source's own pixels where the keep weight is 1 and the decoded edit where it is 0, "
@@ -39,6 +44,35 @@ MIN_REGION_HELP = ("automatic mask cleanup: drop regions smaller than this fract
                    "largest region stays); 0 keeps every region")
 
 
+def _int_in(lo: int, hi: int | None, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer ({what})") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{text} is out of range ({what})")
+        return value
+
+    return parse
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (a fraction in [0, 1))") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is out of range (a fraction in [0, 1))")
+    return value
+
+
+#: argparse types of seeds (what torch's generators take) and of optimizer update counts.
+SEED = _int_in(0, 2**64 - 1, "a seed is an integer 0 .. 2**64-1")
+ITERS = _int_in(0, None, "a number of optimizer updates, 0 or more")
+
+
 def settings_default(name: str):
     from .edit.settings import EditSettings
 
@@ -46,10 +80,10 @@ def settings_default(name: str):
 
 
 def add_settings_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--prompt-iters", type=int, default=None, help="prompt-tuning optimizer updates (default 10)")
-    p.add_argument("--lora-iters", type=int, default=None, help="LoRA optimizer updates (default 50)")
-    p.add_argument("--threshold", type=float, default=None, help="attention mask threshold (default 0.5)")
+    p.add_argument("--seed", type=SEED, default=None, help=SEED_HELP + " (default 0)")
+    p.add_argument("--prompt-iters", type=ITERS, default=None, help="prompt-tuning optimizer updates (default 10)")
+    p.add_argument("--lora-iters", type=ITERS, default=None, help="LoRA optimizer updates (default 50)")
+    p.add_argument("--threshold", type=fraction, default=None, help="attention mask threshold (default 0.5)")
     p.add_argument("--core-threshold", type=float, default=None, dest="core",
                    help=f"{CORE_HELP} (default: {settings_default('core')})")
     p.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=None,

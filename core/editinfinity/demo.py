@@ -15,10 +15,10 @@ def example_dir(name: str = "shapes") -> Path:
 
 
 def run_demo(out_dir="demo_output", *, preset: str | None = None, weights: str | None = None,
-             device: str | None = None, progress: bool = True, example: str = "shapes") -> Path:
+             device: str | None = None, progress: bool = True, example: str = "shapes", overwrite: bool = False) -> Path:
     """Edit the bundled example (``a red circle ...`` -> ``a green circle ...``, target word ``circle``)."""
     ex = example_dir(example)
     case = json.loads((ex / "case.json").read_text())
     return run_edit(out_dir, image=str(ex / case["image"]), prompt=case["prompt"], edit_prompt=case["edit_prompt"],
                     mode=case.get("mode", "auto"), target_word=case.get("target_word"), preset=preset,
-                    weights=weights, device=device, settings=EditSettings(), overwrite=True, progress=progress)
+                    weights=weights, device=device, settings=EditSettings(), overwrite=overwrite, progress=progress)

@@ -21,6 +21,10 @@ class StorageError(EditInfinityError):
     exit_code = 3
 
 
+class OutputError(EditInfinityError):
+    """An output location this run may not write: it exists, is not ours to replace, or another run holds it."""
+
+
 class StageError(EditInfinityError):
     """A stage directory is missing, incomplete, or was produced by another run or version."""
 

@@ -1,8 +1,8 @@
 """Stage directories: atomic creation, provenance records and validation between stages.
 
-Each stage writes into a temporary sibling directory and renames it into place only when every file is written,
-so an interrupted stage (exception, Ctrl-C, or SIGKILL) never leaves a half-written stage directory under its
-final name. ``stage.json`` records what made the directory (stage, format and package versions, the case's run id,
+Each stage writes into a private sibling directory and renames it into place only when every file is written
+(:mod:`editinfinity.outputs`), so an interrupted stage (exception, Ctrl-C, SIGTERM or SIGKILL) never leaves a
+half-written stage directory under its final name. ``stage.json`` records what made the directory (stage, format and package versions, the case's run id,
 settings and timings); later stages refuse directories from another run or an incompatible format.
 """
 
@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from .. import __version__
-from ..errors import InvalidCaseError, StageError
+from ..errors import StageError
+from ..outputs import claim_output
 
 FORMAT = "editinfinity-stage/1"
 STAGE_FILE = "stage.json"
@@ -45,42 +44,24 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def check_output_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse to clobber an existing output unless asked to; the message names the fix."""
-    if not out_dir.exists() or overwrite:
-        return
-    if out_dir.is_dir() and not any(out_dir.iterdir()):
-        return  # an empty directory (e.g. made by a scheduler) is fine
-    raise InvalidCaseError(f"output directory {out_dir} already exists; pass --overwrite to replace it or "
-                               "choose another --out")
-
-
 @contextlib.contextmanager
 def stage_output(out_dir: str | os.PathLike, stage: str, *, run_id: str, overwrite: bool = False,
                  settings: dict | None = None, started: float | None = None) -> Iterator[tuple[Path, dict]]:
-    """Yield ``(tmp_dir, record)``; on success write ``stage.json`` and move ``tmp_dir`` to ``out_dir``.
+    """Yield ``(tmp_dir, record)``; on success write ``stage.json`` and publish ``tmp_dir`` as ``out_dir``
+    (:func:`editinfinity.outputs.claim_output`: a private folder renamed into place, never over a folder that is
+    not ours).
 
     ``record`` is a dict the caller may extend (metrics, losses); ``seconds`` is filled in automatically: from
     ``started`` (a ``time.perf_counter()`` value taken when the stage's work began) to the end of the writes, or
     the writes alone when it is not given.
     """
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{stage}.", dir=out_dir.parent))
     record = {"format": FORMAT, "stage": stage, "editinfinity_version": __version__, "run_id": run_id,
               "settings": settings or {}, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     start = started if started is not None else time.perf_counter()
-    try:
+    with claim_output(out_dir, overwrite=overwrite, what=stage) as tmp:
         yield tmp, record
         record["seconds"] = round(time.perf_counter() - start, 4)
         write_json(tmp / STAGE_FILE, record)
-        if out_dir.exists():
-            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_stage(stage_dir: str | os.PathLike | None, stage: str, *, run_id: str | None = None,

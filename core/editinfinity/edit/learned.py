@@ -34,7 +34,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
-from ..errors import InvalidCaseError, StageError
+from ..errors import InvalidCaseError, OutputError, StageError
 from ..models import schedules
 from ..models.bundle import ModelBundle
 from ..models.text import TextFeatures
@@ -309,6 +309,8 @@ def cached_learn(cache_dir, models: ModelBundle, image, prompt: str, *, resoluti
         return state, False
     try:
         save_learned(state, target, overwrite=True)
+    except OutputError as exc:  # another process is writing this entry (or won the rename): the cache is optional
+        log.debug("learned-state cache entry %s is written concurrently (%s)", target, exc)
     except OSError as exc:  # a concurrent publish of the same key won the rename
         if not (target / LEARNED_FILE).is_file():
             raise

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,9 +25,10 @@ from PIL import Image
 from ..metrics import background_metrics
 from ..models.bundle import ModelBundle, load_models
 from ..models.presets import default_resolution
+from ..outputs import claim_output
 from ..report import side_by_side
 from ..report_page import write_edit_report
-from .artifacts import check_output_dir, read_stage, versions, write_json
+from .artifacts import read_stage, versions, write_json
 from .attention import attention, load_attention
 from .case import CaseSpec
 from .generate import generate
@@ -120,8 +120,6 @@ def run_edit(out_dir, *, image=None, prompt: str | None = None, edit_prompt: str
     run, and ``image``/``prompt``/``resolution`` come from it. ``learned_cache``: a folder of learned states keyed
     by content; the image is learned there on a miss and reused on a hit. Either gives the one-shot edit's pixels.
     """
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, overwrite)
     settings = settings or (learned.settings if learned is not None else EditSettings())
     # Validate the case before paying for model loading.
     if learned is None:
@@ -130,25 +128,24 @@ def run_edit(out_dir, *, image=None, prompt: str | None = None, edit_prompt: str
     else:
         spec = edit_spec(learned, edit_prompt=edit_prompt, mode=mode, target_word=target_word, mask=mask,
                          mask_polarity=mask_polarity)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    models = models or load_models(preset, weights=weights, device=device, bias_mode=settings.bias_mode)
-    timings["load_models"] = round(time.perf_counter() - t0, 4)
-    extra: dict = {}
-    if learned is None and learned_cache is not None:
+    # The output is claimed before the models load: a target we may not write fails at once.
+    with claim_output(out_dir, overwrite=overwrite, inputs=(image, mask), what="edit") as tmp:
+        timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        learned, hit = cached_learn(learned_cache, models, image, prompt, resolution=resolution, settings=settings,
-                                    progress=progress)
-        timings["learn"] = round(time.perf_counter() - t0, 4)
-        extra["learned_cache_hit"] = hit
-        spec = edit_spec(learned, edit_prompt=edit_prompt, mode=mode, target_word=target_word, mask=mask,
-                         mask_polarity=mask_polarity)
-    if learned is not None:
-        check_compatible(learned, models, settings)
-        extra["learned"] = learned.key
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.run.", dir=out_dir.parent))
-    try:
+        models = models or load_models(preset, weights=weights, device=device, bias_mode=settings.bias_mode)
+        timings["load_models"] = round(time.perf_counter() - t0, 4)
+        extra: dict = {}
+        if learned is None and learned_cache is not None:
+            t0 = time.perf_counter()
+            learned, hit = cached_learn(learned_cache, models, image, prompt, resolution=resolution, settings=settings,
+                                        progress=progress)
+            timings["learn"] = round(time.perf_counter() - t0, 4)
+            extra["learned_cache_hit"] = hit
+            spec = edit_spec(learned, edit_prompt=edit_prompt, mode=mode, target_word=target_word, mask=mask,
+                             mask_polarity=mask_polarity)
+        if learned is not None:
+            check_compatible(learned, models, settings)
+            extra["learned"] = learned.key
         st = tmp / "stages"
 
         cuda = models.device.type == "cuda"
@@ -206,11 +203,5 @@ def run_edit(out_dir, *, image=None, prompt: str | None = None, edit_prompt: str
             extra["peak_gpu_memory_gb_after_stage"] = memory
         summarize(tmp, case_dir=case_dir, generate_dir=generate_dir, mask_dir=mask_dir,
                   attention_dir=attention_dir, timings=timings, settings=settings, extra=extra)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("edit written to %s (%.1f s)", out_dir, timings.get("total", 0.0))
-    return out_dir
+    return out_dir if "://" in str(out_dir) else Path(out_dir)

@@ -14,14 +14,13 @@ import json
 import logging
 import os
 import pickle
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from ...errors import CheckpointError
+from ...outputs import claim_output
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +65,6 @@ def read_checkpoint(path: str | os.PathLike, *, unwrap: tuple[str, ...] = ("vae"
     return state
 
 
-def _atomic_dir(out_dir: Path, overwrite: bool):
-    if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"output directory {out_dir} exists; pass --overwrite to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-
-
 def convert_official(out_dir: str | os.PathLike, *, preset: str = "2b", transformer: str | None = None,
                      vae: str | None = None, text_encoder: str | None = None, overwrite: bool = False) -> Path:
     """Write official ``.pth`` weights (and a T5 directory or hub id) into the save_pretrained layout.
@@ -89,9 +81,7 @@ def convert_official(out_dir: str | os.PathLike, *, preset: str = "2b", transfor
     from .vae import load_vae_state_dict
 
     spec = get_preset(preset)
-    out_dir = Path(out_dir)
-    tmp = _atomic_dir(out_dir, overwrite)
-    try:
+    with claim_output(out_dir, overwrite=overwrite, inputs=(transformer, vae, text_encoder), what="convert") as tmp:
         if transformer:
             model = Infinity(**spec.transformer)
             load_infinity_state_dict(model, read_checkpoint(transformer))
@@ -109,14 +99,8 @@ def convert_official(out_dir: str | os.PathLike, *, preset: str = "2b", transfor
             T5EncoderModel.from_pretrained(t5_dir).save_pretrained(tmp / "text_encoder")
             AutoTokenizer.from_pretrained(t5_dir, legacy=True).save_pretrained(tmp / "tokenizer")
         write_model_index(tmp, preset=preset)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote converted weights to %s", out_dir)
-    return out_dir
+    return Path(out_dir)
 
 
 def write_model_index(directory: Path, *, preset: str) -> None:

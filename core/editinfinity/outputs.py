@@ -1,0 +1,518 @@
+"""Output ownership: a command writes its ``--out`` folder all at once, and never removes what is not its own.
+
+Every command that writes an ``--out`` folder does it through :func:`claim_output`:
+
+* **Before any work** (before models load) the target is checked: an existing non-empty folder needs
+  ``--overwrite``, and ``--overwrite`` replaces only a folder that is recognisably an earlier result of ours (its
+  ownership record ``.editinfinity-output.json`` lists every file in it, or, for results of older versions, it holds
+  our ``summary.json`` / ``stage.json`` / ``model_index.json`` / ``_MANIFEST.json``). The file-system root, the home
+  folder, the current folder (or one holding it), an input's folder and a folder holding an input are never taken
+  as ``--out``. A file in the way, a read-only or unwritable place fails here too (exit 3).
+* **One writer per target**: a lock file ``.NAME.editinfinity-lock`` beside the target (``flock``: the kernel frees
+  it when the process dies, even by SIGKILL) is held for the whole run; a second run into the same ``--out`` fails
+  at once naming the first one's pid and host.
+* **Private folder**: the run writes into ``.NAME.editinfinity-tmp-HOST-PID-XXXXXX`` beside the target (same file
+  system, so publishing is one ``rename``), with a marker holding pid, host and process start time.
+* **Publish**: one atomic rename. Without ``--overwrite`` the rename can only replace an empty folder, so if
+  something appeared at ``--out`` meanwhile nothing there is touched: the run fails and keeps its result under a
+  printed name. With ``--overwrite`` the earlier result is moved aside, checked again (a file added to it in the
+  meantime makes the run keep its result aside instead), the new one renamed in, and the old one removed.
+* **Interrupted runs**: on an exception, SIGINT or SIGTERM (see :mod:`editinfinity.interrupts`) the private folder
+  is removed. After a SIGKILL its name and marker say which process made it; the next run into the same ``--out``
+  removes such folders when that process is gone, and ``editinfinity clean`` lists or removes them anywhere.
+
+Remote targets (``gs://``, ``s3://``) are checked before any work as well (credentials, bucket, write access, an
+existing result needs ``--overwrite``) and published with :func:`editinfinity.storage.publish_dir`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import OutputError, StorageError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RECORD", "claim_output", "check_output", "is_ours", "stale_folders", "clean", "Leftover"]
+
+#: Ownership record written into every published folder: the files that make up the result.
+RECORD = ".editinfinity-output.json"
+RECORD_FORMAT = "editinfinity-output/1"
+#: Marker inside a private folder while its run is working.
+RUN_MARKER = ".editinfinity-run.json"
+_TMP, _OLD, _LOCK = "editinfinity-tmp", "editinfinity-old", "editinfinity-lock"
+_NAME_MAX = 100  # characters of the target's name used in the hidden names (file names are at most 255 bytes)
+_LEFTOVER = re.compile(r"^\.(?P<name>.*)\.(?P<kind>editinfinity-(?:tmp|old))-(?P<host>[A-Za-z0-9.-]+)-(?P<pid>\d+)"
+                       r"-(?P<token>[0-9a-f]{6})$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:40] or "host"
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux ``/proc``), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def _alive(pid: int, start: str | None = None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    if start is not None:
+        now = _start_time(pid)
+        if now is not None and now != start:
+            return False
+    return True
+
+
+def _hidden(out: Path, kind: str) -> Path:
+    return out.parent / f".{out.name[:_NAME_MAX]}.{kind}-{_host()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what a folder is
+
+
+def _files(root: Path) -> list[str]:
+    out = []
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            out.append(Path(dirpath, f).relative_to(root).as_posix())
+    return sorted(out)
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _legacy_marker(folder: Path) -> str | None:
+    """The file that shows a folder without an ownership record is an editinfinity result of an older version."""
+    checks = (("summary.json", lambda d: "run_id" in d and "spec" in d),
+              ("stage.json", lambda d: str(d.get("format", "")).startswith("editinfinity-stage/")),
+              ("model_index.json", lambda d: "editinfinity_preset" in d),
+              ("_MANIFEST.json", lambda d: str(d.get("format", "")).startswith("editinfinity-manifest/")))
+    for name, ok in checks:
+        data = _json(folder / name)
+        if data is not None and ok(data):
+            return name
+    return None
+
+
+def is_ours(folder: Path) -> tuple[bool, str]:
+    """Whether ``--overwrite`` may replace ``folder``, and if not, why (a phrase that follows the folder's name)."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        return False, "is a symbolic link (--overwrite never replaces links)"
+    if not folder.is_dir():
+        return False, "is a file, not a result folder"
+    if not any(folder.iterdir()):
+        return True, ""
+    record = _json(folder / RECORD)
+    if record is not None and record.get("format") == RECORD_FORMAT:
+        listed = set(record.get("files", []))
+        extra = [f for f in _files(folder) if f != RECORD and f not in listed]
+        if extra:
+            more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+            return False, (f"holds files that are not part of the earlier result ({', '.join(extra[:3])}{more}); "
+                           "move them out first")
+        return True, ""
+    if _legacy_marker(folder):
+        return True, ""
+    return False, ("is not an earlier editinfinity result (no summary.json or stage.json of ours in it), so "
+                   "--overwrite will not replace it")
+
+
+def _write_record(folder: Path, what: str) -> None:
+    (folder / RUN_MARKER).unlink(missing_ok=True)
+    record = {"format": RECORD_FORMAT, "what": what, "files": [f for f in _files(folder) if f != RECORD],
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (folder / RECORD).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _protected(out: Path, inputs: Iterable) -> str | None:
+    """Why ``out`` may never be an output folder (None when it may)."""
+    try:
+        r = out.resolve()
+    except (OSError, RuntimeError):
+        return None
+    if r == Path(r.anchor):
+        return "is the root of the file system"
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if r == cwd:
+        return "is the current folder"
+    if r in cwd.parents:
+        return "holds the current folder"
+    if r == home or r in home.parents:
+        return "is your home folder" if r == home else "holds your home folder"
+    for inp in inputs:
+        if inp is None or not isinstance(inp, (str, os.PathLike)) or "://" in str(inp):
+            continue
+        p = Path(inp).resolve()
+        if r == p:
+            return f"is an input ({inp})"
+        if r == p.parent:
+            return f"is the folder of the input {inp}"
+        if r in p.parents:
+            return f"holds the input {inp}"
+    return None
+
+
+def _fs_error(exc: OSError, what: str, where: Path) -> StorageError:
+    reason = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+              errno.EPERM: "the operation is not permitted (an immutable folder?)",
+              errno.ENOTDIR: "a file is in the way", errno.ENOSPC: "the disk is full",
+              errno.EDQUOT: "the disk quota is exceeded",
+              errno.ENAMETOOLONG: "the name is too long"}.get(exc.errno, exc.strerror or str(exc))
+    err = StorageError(f"cannot {what} {where}: {reason}; choose a writable --out")
+    err.kind = "local"
+    return err
+
+
+def _first_existing(path: Path) -> Path:
+    p = path
+    while not os.path.lexists(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output(out, *, overwrite: bool = False, inputs: Iterable = (), flag: str = "--out") -> None:
+    """Refuse a local ``out`` that this run may not write (see the module docstring); changes nothing."""
+    out = Path(os.path.abspath(os.path.expanduser(str(out))))
+    why = _protected(out, inputs) if os.path.lexists(out) else None
+    if why:
+        raise OutputError(f"{flag} {out} {why}; choose a new folder for the result")
+    if os.path.lexists(out):
+        if out.is_symlink() or not out.is_dir():
+            kind = "a symbolic link" if out.is_symlink() else "an existing file"
+            raise OutputError(f"{flag} {out} is {kind}; give the name of a folder to create"
+                              + (" (--overwrite replaces only an earlier result folder, never a file)"
+                                 if overwrite else ""))
+        if any(out.iterdir()):
+            if not overwrite:
+                raise OutputError(f"{flag} {out} already exists and is not empty; pass --overwrite to replace an "
+                                  f"earlier result, or choose another {flag}")
+            ok, reason = is_ours(out)
+            if not ok:
+                raise OutputError(f"{flag} {out} {reason}; choose another {flag}")
+        return
+    base = _first_existing(out.parent)
+    if not base.is_dir():
+        raise StorageError(f"cannot create {flag} {out}: {base} is a file, not a folder; choose another {flag}")
+    if not os.access(base, os.W_OK | os.X_OK):
+        ro = _read_only(base)
+        raise StorageError(f"cannot create {flag} {out}: {base} is "
+                           f"{'on a read-only file system' if ro else 'not writable (permission denied)'}; "
+                           f"choose a writable {flag}")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the lock
+
+
+class _Lock:
+    """An exclusive ``flock`` on ``.NAME.editinfinity-lock`` beside the target, removed on release."""
+
+    def __init__(self, out: Path, flag: str) -> None:
+        self.path = out.parent / f".{out.name[:_NAME_MAX]}.{_LOCK}"
+        self.out, self.flag, self.fd = out, flag, None
+
+    def acquire(self) -> None:
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise _fs_error(exc, "write beside", self.out) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise OutputError(f"another editinfinity run ({holder}) is writing {self.flag} {self.out}; wait "
+                                  f"for it to finish or choose another {self.flag}") from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous holder removed the file between our open and lock: take the new one
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {_host()}".encode(), 0)
+            self.fd = fd
+            return
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# leftovers of killed runs
+
+
+@dataclass
+class Leftover:
+    path: Path
+    kind: str  # "tmp" (a private folder) or "old" (an earlier result moved aside by --overwrite)
+    host: str
+    pid: int
+    target: Path
+    state: str  # "stale" (its process is gone), "running", or "other-host" (cannot tell from here)
+
+
+def stale_folders(folder, name: str | None = None) -> list[Leftover]:
+    """Private and moved-aside folders in ``folder`` (for target ``name`` only, when given)."""
+    folder = Path(folder)
+    found = []
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return []
+    for p in entries:
+        m = _LEFTOVER.match(p.name)
+        if not m or not p.is_dir() or p.is_symlink():
+            continue
+        marker = _json(p / RUN_MARKER) or {}
+        target = Path(marker.get("target") or folder / m["name"])
+        if name is not None and (target.name != name if marker.get("target") else m["name"] != name[:_NAME_MAX]):
+            continue
+        pid, host = int(m["pid"]), m["host"]
+        if host != _host():
+            state = "other-host"
+        else:
+            state = "running" if _alive(pid, marker.get("start")) else "stale"
+        found.append(Leftover(p, "tmp" if m["kind"].endswith("tmp") else "old", host, pid, target, state))
+    return found
+
+
+def _remove_leftover(item: Leftover) -> str:
+    if item.kind == "old" and not os.path.lexists(item.target):
+        # killed between moving the earlier result aside and renaming the new one in: put it back
+        os.rename(item.path, item.target)
+        return f"restored {item.target} (moved aside by pid {item.pid}, which was killed)"
+    shutil.rmtree(item.path)
+    return f"removed {item.path} (left by pid {item.pid} on {item.host}, which is gone)"
+
+
+def clean(folders: Iterable, *, dry_run: bool = False) -> list[str]:
+    """Remove (or only list, ``dry_run``) leftovers of killed runs in ``folders``; one line per leftover."""
+    lines = []
+    for folder in folders:
+        for item in stale_folders(folder):
+            if item.state != "stale":
+                note = ("its process is still running" if item.state == "running"
+                        else f"made on host {item.host}; run `editinfinity clean` there, or remove it by hand")
+                lines.append(f"kept {item.path}: {note}")
+            elif dry_run:
+                lines.append(f"would remove {item.path} (left by pid {item.pid}, which is gone)")
+            else:
+                lines.append(_remove_leftover(item))
+    return lines
+
+
+def _clean_for(out: Path) -> None:
+    for item in stale_folders(out.parent, out.name):
+        if item.state == "stale":
+            try:
+                log.warning("%s", _remove_leftover(item))
+            except OSError as exc:
+                log.warning("could not remove %s (%s)", item.path, exc)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# claim and publish
+
+
+@contextlib.contextmanager
+def claim_output(out, *, overwrite: bool = False, inputs: Iterable = (), flag: str = "--out",
+                 what: str = "result") -> Iterator[Path]:
+    """Yield a private local folder for the command to fill; publish it at ``out`` when the block succeeds.
+
+    ``out`` is a local path, ``file://`` URI, or a ``gs://`` / ``s3://`` URI; ``inputs`` are the local paths the
+    run reads (never replaced). Raises :class:`OutputError` (exit 2) for a target this run may not write and
+    :class:`StorageError` (exit 3) for one it cannot write, both before the block runs.
+    """
+    from . import storage
+
+    inputs = list(inputs)
+    u = storage.parse_uri(str(out))
+    if u.is_remote:
+        with _claim_remote(u, overwrite=overwrite, flag=flag, what=what) as tmp:
+            yield tmp
+        return
+    target = Path(u.key)
+    marker = _json(target / RUN_MARKER) if target.is_dir() else None
+    if marker and marker.get("pid") == os.getpid() and marker.get("host") == _host():
+        yield target  # already claimed by this process (a command claims before it calls a library function)
+        return
+    check_output(target, overwrite=overwrite, inputs=inputs, flag=flag)
+    made = _make_parents(target)
+    lock = _Lock(target, flag)
+    try:
+        lock.acquire()
+    except BaseException:
+        _remove_empty(made)
+        raise
+    published = False
+    try:
+        _clean_for(target)
+        check_output(target, overwrite=overwrite, inputs=inputs, flag=flag)  # again, under the lock
+        tmp = _hidden(target, _TMP)
+        try:
+            os.mkdir(tmp)
+            (tmp / RUN_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": _host(),
+                                                      "start": _start_time(os.getpid()), "target": str(target)}))
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _fs_error(exc, "write beside", target) from None
+        try:
+            yield tmp
+            _write_record(tmp, what)
+            _publish(tmp, target, overwrite=overwrite, inputs=inputs, flag=flag)
+            published = True
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        lock.release()
+        if not published:
+            _remove_empty(made)
+    log.info("wrote %s", target)
+
+
+def _make_parents(target: Path) -> list[Path]:
+    """Create the missing folders above ``target``; returns them (deepest first) so a failed run can remove them."""
+    missing = []
+    p = target.parent
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _remove_empty(missing)
+        raise _fs_error(exc, "create the folder for", target) from None
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for p in folders:  # deepest first; a folder someone else filled meanwhile stays
+        try:
+            p.rmdir()
+        except OSError:
+            break
+
+
+def _keep_aside(tmp: Path, target: Path) -> Path:
+    kept = target.parent / f"{target.name[:_NAME_MAX]}.editinfinity-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    os.rename(tmp, kept)
+    return kept
+
+
+def _publish(tmp: Path, target: Path, *, overwrite: bool, inputs: list, flag: str) -> None:
+    os.chmod(tmp, 0o777 & ~_umask())
+    exists = os.path.lexists(target)
+    if overwrite and exists and not (target.is_dir() and not target.is_symlink() and not any(target.iterdir())):
+        ok, reason = is_ours(target)
+        why = _protected(target, inputs)
+        if not ok or why:
+            kept = _keep_aside(tmp, target)
+            raise OutputError(f"{flag} {target} {why or reason}; nothing there was touched. This run's result is "
+                              f"kept at {kept}")
+        old = _hidden(target, _OLD)
+        os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        os.rename(tmp, target)  # replaces at most an empty folder
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR, errno.EBUSY):
+            kept = _keep_aside(tmp, target)
+            raise OutputError(f"{flag} {target} appeared while this run was working (another run or program "
+                              f"wrote it); nothing there was touched. This run's result is kept at {kept}") from None
+        raise _fs_error(exc, "publish", target) from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# remote targets
+
+
+def check_remote_output(u, *, overwrite: bool, flag: str = "--out") -> None:
+    """Credentials, bucket, an existing result and write access of a ``gs://`` / ``s3://`` target, checked with
+    a listing and a probe object (written and deleted) before any work."""
+    from . import storage
+
+    objs = storage.list_objects(u)  # fails on missing credentials, a missing bucket, an unreachable endpoint
+    names = {o.rel for o in objs}
+    if names:
+        ours = bool(names & {storage.MANIFEST_NAME, RECORD, "summary.json", "stage.json"})
+        if not ours:
+            raise OutputError(f"{flag} {u} already holds {len(names)} object(s) not written by editinfinity; "
+                              f"choose another {flag}")
+        if not overwrite:
+            raise OutputError(f"{flag} {u} already holds a result; pass --overwrite to replace it or choose "
+                              f"another {flag}")
+    probe = u.join(f".editinfinity-write-probe-{_host()}-{os.getpid()}")
+    storage.write_bytes(probe, b"")
+    storage.delete(probe)
+
+
+@contextlib.contextmanager
+def _claim_remote(u, *, overwrite: bool, flag: str, what: str) -> Iterator[Path]:
+    from . import storage
+
+    check_remote_output(u, overwrite=overwrite, flag=flag)
+    with tempfile.TemporaryDirectory(prefix="editinfinity-out-") as tmp:
+        local = Path(tmp) / "out"
+        local.mkdir()
+        yield local
+        _write_record(local, what)
+        storage.publish_dir(local, u)
