@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -40,10 +41,17 @@ def _mode(args) -> str:
                            "or --whole-image")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2); the subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The ``editinfinity`` parser; ``argv`` (when given) says which plugin command to load (see below)."""
-    parser = argparse.ArgumentParser(prog="editinfinity", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser = _Parser(prog="editinfinity", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     # The same flags after the subcommand (`editinfinity edit ... -q`); SUPPRESS keeps the main parser's defaults.
     common = argparse.ArgumentParser(add_help=False)
@@ -235,6 +243,21 @@ def _claim(args, *inputs, what: str | None = None):
                         what=what or args.command)
 
 
+def _quiet_libraries() -> None:
+    """``-q``: no progress bars from the libraries either (transformers' and huggingface_hub's weight loading)."""
+    import os
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub is first imported
+    with contextlib.suppress(ImportError):
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def _run(args) -> int:
     if hasattr(args, "handler"):  # pipeline / training / benchmark commands (they need not import torch)
         return int(args.handler(args) or 0)
@@ -244,6 +267,8 @@ def _run(args) -> int:
         for line in clean(args.folders, dry_run=args.dry_run) or ["nothing to clean"]:
             print(line)
         return 0
+    if args.quiet:
+        _quiet_libraries()
     from .edit import stages
 
     progress = not args.quiet
@@ -389,11 +414,19 @@ def main(argv: list[str] | None = None) -> int:
     except EditInfinityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except SystemExit:
+        raise
     except KeyboardInterrupt as exc:
         code = interrupts.exit_code(exc)
         what = "terminated (SIGTERM)" if code == 143 else "interrupted"
         print(f"{what}; nothing was written to --out and this run's temporary files were removed", file=sys.stderr)
         return code
+    except Exception as exc:  # a bug, not bad input: one line, the traceback with -v
+        if "args" in locals() and getattr(args, "verbose", 0):
+            raise
+        print(f"error: internal error {type(exc).__name__}: {exc} (run with -v for the traceback and please report "
+              "it)", file=sys.stderr)
+        return 1
     finally:
         interrupts.restore(previous)
 

@@ -331,10 +331,34 @@ def _remove_leftover(item: Leftover) -> str:
     return f"removed {item.path} (left by pid {item.pid} on {item.host}, which is gone)"
 
 
+def _stale_locks(folder: Path, *, remove: bool) -> list[Path]:
+    """Lock files in ``folder`` that no process holds (their run was killed); removed when ``remove``."""
+    found = []
+    for p in sorted(Path(folder).glob(f".*.{_LOCK}")):
+        try:
+            fd = os.open(p, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue
+        else:
+            found.append(p)
+            if remove:
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
+        finally:
+            os.close(fd)
+    return found
+
+
 def clean(folders: Iterable, *, dry_run: bool = False) -> list[str]:
     """Remove (or only list, ``dry_run``) leftovers of killed runs in ``folders``; one line per leftover."""
     lines = []
     for folder in folders:
+        for p in _stale_locks(Path(folder), remove=not dry_run):
+            lines.append(f"{'would remove' if dry_run else 'removed'} {p} (a lock no run holds)")
         for item in stale_folders(folder):
             if item.state != "stale":
                 note = ("its process is still running" if item.state == "running"

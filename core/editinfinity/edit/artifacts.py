@@ -64,6 +64,33 @@ def stage_output(out_dir: str | os.PathLike, stage: str, *, run_id: str, overwri
         write_json(tmp / STAGE_FILE, record)
 
 
+class _Tensors(dict):
+    """The tensors of one file; a missing name raises :class:`StageError` instead of ``KeyError``."""
+
+    def __init__(self, data: dict, path: Path, stage: str) -> None:
+        super().__init__(data)
+        self.path, self.stage = path, stage
+
+    def __missing__(self, key):
+        raise StageError(f"{self.path} has no tensor {key!r} (written by another version, or damaged); re-run the "
+                         f"{self.stage} stage")
+
+
+def read_tensors(path: str | os.PathLike, stage: str) -> dict:
+    """The tensors of a ``.safetensors`` file of a stage directory; a missing, truncated or corrupt file raises
+    :class:`StageError` naming the stage to re-run."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path} is missing; re-run the {stage} stage")
+    try:
+        return _Tensors(load_file(str(path)), path, stage)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise StageError(f"{path} is truncated or corrupt ({exc}); re-run the {stage} stage") from None
+
+
 def read_stage(stage_dir: str | os.PathLike | None, stage: str, *, run_id: str | None = None,
                needed_by: str = "this stage") -> dict:
     """Validate a stage directory and return its record; errors say which stage to (re)run."""

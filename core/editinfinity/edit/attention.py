@@ -11,15 +11,15 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import StageError
 from ..models.bundle import ModelBundle
 from ..models.infinity import AttentionMapCollector
 from ..models.quantizer import inputs_from_bits
 from ..report import attention_overlay
-from .artifacts import read_stage, stage_output
-from .prepare import CaseData, load_case, require_mode
+from .artifacts import read_stage, read_tensors, stage_output
+from .prepare import CaseData, load_case, require_mode, require_models
 
 ATTENTION_FILE = "attention.safetensors"
 
@@ -41,7 +41,7 @@ def load_attention(attention_dir, run_id: str | None = None) -> torch.Tensor:
     path = Path(attention_dir) / ATTENTION_FILE
     if not path.is_file():
         raise StageError(f"{path} is missing; re-run the attention stage")
-    return load_file(str(path))["attention"]
+    return read_tensors(path, "attention")["attention"]
 
 
 def attention(case_dir, out_dir, *, models: ModelBundle | None = None, overwrite: bool = False) -> Path:
@@ -50,12 +50,14 @@ def attention(case_dir, out_dir, *, models: ModelBundle | None = None, overwrite
 
     case = load_case(case_dir)
     models = models or load_models(case.preset)
+    identity = require_models(case, models, stage="attention")
     started = time.perf_counter()  # after loading: the stage's own work
     amap = attention_map(models, case)
     with stage_output(out_dir, "attention", run_id=case.run_id, overwrite=overwrite, started=started,
                       settings={"target_word": case.spec.target_word, "token_range": list(case.target_range)}
                       ) as (tmp, record):
         save_file({"attention": amap.contiguous()}, str(tmp / ATTENTION_FILE))
+        record["models"] = identity
         attention_overlay(case.image, amap).save(tmp / "attention.png")
         record["min"], record["max"] = float(amap.min()), float(amap.max())
     return Path(out_dir)

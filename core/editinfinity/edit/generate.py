@@ -24,7 +24,7 @@ from .artifacts import stage_output
 from .lora import load_adapter, lora_adapter, lora_config
 from .masking import load_weights
 from .pixels import keep_source_pixels
-from .prepare import CaseData, load_case
+from .prepare import CaseData, load_case, require_models
 from .prompt_tuning import load_embedding
 from .settings import EditSettings
 from .training import make_generator, styled_text
@@ -111,6 +111,7 @@ def generate(case_dir, prompt_dir, lora_dir, out_dir, *, mask_dir=None, seed: in
     if case.spec.mode != "whole":
         _, weights = load_weights(mask_dir, run_id=case.run_id)
     models = models or load_models(case.preset)
+    identity = require_models(case, models, stage="generate")
     started = time.perf_counter()  # after loading: the stage's own work
     settings = dataclasses.replace(settings or EditSettings(), seed=seed)  # the caller's settings stay as they are
     result = generate_edit(models, case, rows, adapter, weights, settings, adapter_settings)
@@ -124,4 +125,5 @@ def generate(case_dir, prompt_dir, lora_dir, out_dir, *, mask_dir=None, seed: in
         save_file({"edited_codes": result.edited_codes.contiguous()}, str(tmp / "edited_codes.safetensors"))
         record["mode"] = case.spec.mode
         record["keep_pixels"] = bool(weights is not None and settings.keep_pixels)
+        record["models"] = identity
     return Path(out_dir)

@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import CheckpointError, StageError
 from ..models.bundle import ModelBundle
 from ..models.infinity import TextConditionCache
 from ..models.text import TextFeatures
-from .artifacts import read_stage, stage_output
-from .prepare import CaseData, load_case
+from .artifacts import read_stage, read_tensors, stage_output
+from .prepare import CaseData, load_case, require_models
 from .prompt_tuning import load_embedding
 from .settings import EditSettings
 from .training import (
@@ -197,7 +197,7 @@ def load_adapter(lora_dir: str | Path, run_id: str | None = None) -> tuple[dict[
     read_stage(lora_dir, "train_lora", run_id=run_id, needed_by="this stage")
     lora_dir = Path(lora_dir)
     try:
-        raw = load_file(str(lora_dir / ADAPTER_WEIGHTS))
+        raw = dict(read_tensors(lora_dir / ADAPTER_WEIGHTS, "train-lora"))
         cfg = json.loads((lora_dir / ADAPTER_CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise StageError(f"LoRA directory {lora_dir} is incomplete ({exc}); re-run train-lora") from exc
@@ -217,6 +217,7 @@ def train_lora(case_dir, prompt_dir, out_dir, *, iters: int = 50, seed: int = 0,
     case = load_case(case_dir)
     rows = load_embedding(prompt_dir, run_id=case.run_id)
     models = models or load_models(case.preset)
+    identity = require_models(case, models, stage="train-lora")
     started = time.perf_counter()  # after loading: the stage's own work
     settings = dataclasses.replace(settings or EditSettings(), lora_iters=iters, seed=seed)  # caller's untouched
     info: dict = {}
@@ -224,6 +225,7 @@ def train_lora(case_dir, prompt_dir, out_dir, *, iters: int = 50, seed: int = 0,
     with stage_output(out_dir, "train_lora", run_id=case.run_id, overwrite=overwrite, started=started,
                       settings=settings.to_dict()) as (tmp, record):
         save_adapter(state, tmp, settings)
+        record["models"] = identity
         record["losses"] = losses
         record["lr"] = learning_rate(settings, models)
         record.update(info)

@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import InvalidCaseError, StageError
 from ..report import mask_picture, weights_picture
-from .artifacts import read_stage, stage_output
+from .artifacts import read_stage, read_tensors, stage_output
 from .attention import load_attention
 from .mask import (
     band_for_grid,
@@ -55,7 +55,7 @@ def load_weights(mask_dir, run_id: str | None = None) -> tuple[torch.Tensor, tor
     path = Path(mask_dir) / WEIGHTS_FILE
     if not path.is_file():
         raise StageError(f"{path} is missing; re-run the mask stage")
-    t = load_file(str(path))
+    t = read_tensors(path, "mask")
     return t["edit_mask"].bool(), t["weights"]
 
 

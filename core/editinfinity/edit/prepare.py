@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import InvalidCaseError, StageError
 from ..models import schedules
@@ -26,7 +26,7 @@ from ..models.bundle import ModelBundle
 from ..models.presets import default_resolution
 from ..models.quantizer import multiscale_quantize
 from ..models.text import TextFeatures, encode_prompts, style_prompt, target_token_range
-from .artifacts import read_stage, stage_output
+from .artifacts import read_stage, read_tensors, stage_output
 from .case import CaseSpec
 from .images import choose_schedule, load_image, preprocess_image
 from .settings import EditSettings
@@ -53,6 +53,8 @@ class CaseData:
     user_pixels: torch.Tensor | None  # (H, W) bool pixel edit mask (mode "mask")
     run_id: str
     preset: str
+    #: ``ModelBundle.identity`` of the models that prepared the case (None for cases of older versions).
+    models: dict | None = None
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -140,7 +142,8 @@ def case_from_source(models: ModelBundle, source: SourceData, spec: CaseSpec,
     return CaseData(spec=spec, schedule=source.schedule, image=image, raw_features=source.raw_features,
                     bits=list(source.bits), text=text, target_range=target_range,
                     user_cells=user_cells, user_pixels=user_pixels,
-                    run_id=_run_id(spec, image, models.preset, spec.resolution), preset=models.preset)
+                    run_id=_run_id(spec, image, models.preset, spec.resolution), preset=models.preset,
+                    models=models.identity)
 
 
 def prepare_case(models: ModelBundle, spec: CaseSpec, settings: EditSettings | None = None) -> CaseData:
@@ -171,7 +174,7 @@ def save_case(case: CaseData, directory: Path) -> None:
     meta = {"spec": case.spec.to_dict(), "schedule": [list(s) for s in case.schedule],
             "grid": list(case.grid), "image_size": [case.image.height, case.image.width],
             "target_range": list(case.target_range) if case.target_range else None,
-            "run_id": case.run_id, "preset": case.preset}
+            "run_id": case.run_id, "preset": case.preset, "models": case.models}
     (directory / "case.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
 
@@ -181,8 +184,8 @@ def load_case(case_dir: str | Path) -> CaseData:
     rec = read_stage(case_dir, "prepare", needed_by="this stage")
     try:
         meta = json.loads((case_dir / "case.json").read_text())
-        codes = load_file(str(case_dir / "codes.safetensors"))
-        text_t = load_file(str(case_dir / "text.safetensors"))
+        codes = read_tensors(case_dir / "codes.safetensors", "prepare")
+        text_t = read_tensors(case_dir / "text.safetensors", "prepare")
         image = Image.open(case_dir / "image.png").convert("RGB")
     except (OSError, json.JSONDecodeError) as exc:
         raise StageError(f"case directory {case_dir} is incomplete ({exc}); re-run prepare") from exc
@@ -191,13 +194,14 @@ def load_case(case_dir: str | Path) -> CaseData:
     text = {name: TextFeatures.from_tensors(text_t, prefix=f"{name}/") for name in TEXT_VARIANTS}
     user_cells = user_pixels = None
     if (case_dir / "user_mask.safetensors").is_file():
-        um = load_file(str(case_dir / "user_mask.safetensors"))
+        um = read_tensors(case_dir / "user_mask.safetensors", "prepare")
         user_cells, user_pixels = um["cell_fraction"], um["pixel_edit_mask"].bool()
     spec = CaseSpec.from_dict(meta["spec"])
     tr = meta.get("target_range")
     return CaseData(spec=spec, schedule=schedule, image=image, raw_features=codes["raw_features"], bits=bits,
                     text=text, target_range=tuple(tr) if tr else None, user_cells=user_cells,
-                    user_pixels=user_pixels, run_id=rec["run_id"], preset=meta.get("preset", ""))
+                    user_pixels=user_pixels, run_id=rec["run_id"], preset=meta.get("preset", ""),
+                    models=meta.get("models"))
 
 
 def prepare(out_dir, *, image, prompt: str, edit_prompt: str, mode: str = "auto", target_word: str | None = None,
@@ -222,6 +226,21 @@ def prepare(out_dir, *, image, prompt: str, edit_prompt: str, mode: str = "auto"
 
 def _default_resolution(models: ModelBundle) -> str:
     return default_resolution(models.preset)
+
+
+def require_models(case: CaseData, models: ModelBundle, *, stage: str) -> dict:
+    """Refuse models other than the ones that prepared the case (a stage would silently mix two models); returns
+    the identity to record in the stage's ``stage.json``."""
+    have = models.identity
+    want = case.models or {"preset": case.preset}
+    if want.get("preset") != have["preset"] or want.get("config_digest", have["config_digest"]) != have["config_digest"]:
+        def name(i: dict) -> str:
+            return f"{i.get('preset')!r}" + (f" (configs {i['config_digest']})" if i.get("config_digest") else "")
+
+        raise StageError(f"the case was prepared with preset {name(want)}, but the {stage} stage loaded preset "
+                         f"{name(have)}; pass --preset {want.get('preset')} (and the same --weights), or re-run "
+                         "prepare with these models")
+    return have
 
 
 def require_mode(case: CaseData, *modes: str, stage: str) -> None:

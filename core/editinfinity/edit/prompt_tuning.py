@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import StageError
 from ..models.bundle import ModelBundle
-from .artifacts import read_stage, stage_output
-from .prepare import CaseData, load_case
+from .artifacts import read_stage, read_tensors, stage_output
+from .prepare import CaseData, load_case, require_models
 from .settings import EditSettings
 from .training import (
     learning_rate,
@@ -74,7 +74,7 @@ def load_embedding(prompt_dir: str | Path, run_id: str | None = None) -> torch.T
     path = Path(prompt_dir) / EMBEDDING_FILE
     if not path.is_file():
         raise StageError(f"{path} is missing; re-run tune-prompt")
-    return load_file(str(path))["rows"]
+    return read_tensors(path, "tune-prompt")["rows"]
 
 
 def tune_prompt(case_dir, out_dir, *, iters: int = 10, seed: int = 0, models: ModelBundle | None = None,
@@ -84,6 +84,7 @@ def tune_prompt(case_dir, out_dir, *, iters: int = 10, seed: int = 0, models: Mo
 
     case = load_case(case_dir)
     models = models or load_models(case.preset)
+    identity = require_models(case, models, stage="tune-prompt")
     started = time.perf_counter()  # after loading: the stage's own work
     settings = dataclasses.replace(settings or EditSettings(), prompt_iters=iters, seed=seed)  # caller's untouched
     info: dict = {}
@@ -94,5 +95,6 @@ def tune_prompt(case_dir, out_dir, *, iters: int = 10, seed: int = 0, models: Mo
         save_embedding(rows, tmp / EMBEDDING_FILE, settings, lr)
         record["losses"] = losses
         record["lr"] = lr
+        record["models"] = identity
         record.update(info)
     return Path(out_dir)

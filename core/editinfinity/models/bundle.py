@@ -9,13 +9,15 @@ trained tensors (prompt rows, LoRA) are float32. On the CPU everything stays flo
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InvalidCaseError
 from .presets import Preset, bundled_weights_dir, default_preset_name, get_preset
 from .text import resolve_pretrained
 
@@ -38,6 +40,17 @@ class ModelBundle:
     #: Storage dtype of the transformer's frozen block matmul weights (see ``load_models(dtype=...)``).
     frozen_dtype: torch.dtype = torch.float32
     _host_text_encoder: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def identity(self) -> dict:
+        """What stage artifacts record about the models that made them: the preset name and a digest of the
+        transformer's and VAE's configurations (runtime switches such as ``bias_mode`` left out)."""
+        configs = {}
+        for name in ("transformer", "vae"):
+            cfg = dict(getattr(getattr(self, name), "config", {}) or {})
+            configs[name] = {k: v for k, v in cfg.items() if not k.startswith("_") and k != "bias_mode"}
+        digest = hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return {"preset": self.preset, "config_digest": digest}
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -106,6 +119,28 @@ class ModelBundle:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a usable ``torch.device`` (the default when None); an unknown name, or a CUDA device this
+    machine lacks, raises :class:`InvalidCaseError` naming the choices."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidCaseError(f"unknown --device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InvalidCaseError(f"--device {device}: this machine has no usable CUDA GPU (or this torch was built "
+                                   "without CUDA); use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise InvalidCaseError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 .. "
+                                   f"cuda:{count - 1}")
+    elif dev.type != "cpu":
+        raise InvalidCaseError(f"--device {device}: editinfinity runs on cpu or cuda, not {dev.type}")
+    return dev
 
 
 def bundled_tokenizer_dir() -> Path:
@@ -184,7 +219,7 @@ def load_models(preset: str | None = None, *, weights: str | None = None, device
     """
     name = preset or default_preset_name()
     spec = get_preset(name)
-    dev = torch.device(device) if device is not None else default_device()
+    dev = resolve_device(device)
     frozen = resolve_frozen_dtype(dtype, dev)
     source = weights if weights is not None else spec.weights
     if source is None:
@@ -201,7 +236,9 @@ def load_models(preset: str | None = None, *, weights: str | None = None, device
                                   "`editinfinity convert --transformer infinity_2b_reg.pth --vae "
                                   "infinity_vae_d32reg.pth --text-encoder google/flan-t5-xl --out DIR`")
         else:
-            directory = Path(resolve_pretrained(source))
+            directory = Path(resolve_pretrained(
+                source, what="--weights" if weights is not None else f"preset {name!r} weights",
+                expected="a directory written by `editinfinity convert` or a Hugging Face hub id"))
         parts = _directory_bundle(directory, text_encoder)
         source_desc = str(directory)
     vae, transformer, tokenizer, text_encoder = parts

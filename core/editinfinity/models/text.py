@@ -224,11 +224,17 @@ def _looks_like_path(s: str) -> bool:
     return s.startswith(("/", ".", "~")) or s.count("/") > 1 or "\\" in s
 
 
-def resolve_pretrained(path_or_hub_id: str | os.PathLike) -> Path:
+_T5_SOURCE = ("a T5 checkpoint directory (config.json, weights, tokenizer files) or a Hugging Face hub id such as "
+              "'google/flan-t5-xl'")
+
+
+def resolve_pretrained(path_or_hub_id: str | os.PathLike, *, what: str = "text encoder",
+                       expected: str = _T5_SOURCE) -> Path:
     """A local directory holding the T5 checkpoint: the path itself, or a hub id resolved through huggingface_hub.
 
     Hub ids honour ``HF_HUB_OFFLINE`` (then only the local cache is used) and ``HF_HOME``/``HF_HUB_CACHE``.
-    Raises :class:`CheckpointError` naming the source and the fix when nothing usable is found.
+    Raises :class:`CheckpointError` naming the source (``what``: which option gave it, ``expected``: what it should
+    be) and the fix when nothing usable is found.
     """
     src = os.fspath(path_or_hub_id)
     local = Path(src).expanduser()
@@ -236,8 +242,7 @@ def resolve_pretrained(path_or_hub_id: str | os.PathLike) -> Path:
         return local
     if local.exists() or _looks_like_path(src):
         raise CheckpointError(
-            f"text encoder '{src}' is not a directory; pass a T5 checkpoint directory (config.json, weights, "
-            "tokenizer files) or a Hugging Face hub id such as 'google/flan-t5-xl'"
+            f"{what} '{src}' is not a directory; pass {expected}"
         )
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -248,13 +253,13 @@ def resolve_pretrained(path_or_hub_id: str | os.PathLike) -> Path:
     except LocalEntryNotFoundError:
         where = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
         raise CheckpointError(
-            f"text encoder '{src}' is not a local directory and not in the Hugging Face cache ({where}); run "
-            f"`huggingface-cli download {src}` where the hub is reachable, or pass a local T5 directory"
+            f"{what} '{src}' is not a local directory and not in the Hugging Face cache ({where}); run "
+            f"`huggingface-cli download {src}` where the hub is reachable, or pass a local directory"
         ) from None
     except (RepositoryNotFoundError, HFValidationError) as e:
-        raise CheckpointError(f"text encoder '{src}' is neither a local directory nor a hub repository ({e})") from None
+        raise CheckpointError(f"{what} '{src}' is neither a local directory nor a hub repository ({e})") from None
     except OSError as e:
-        raise CheckpointError(f"text encoder '{src}': download failed ({e}); pass a local T5 directory instead") from None
+        raise CheckpointError(f"{what} '{src}': download failed ({e}); pass a local directory instead") from None
     return Path(out)
 
 
