@@ -235,7 +235,7 @@ def test_transparent_pixels_are_background(tmp_path):
 
 def test_mask_covering_everything_or_nothing(tmp_path):
     white = _mask_png(tmp_path, np.full((64, 64), 255), "white.png")
-    with pytest.raises(InvalidCaseError, match=r"white\.png.*every pixel.*--mode whole"):
+    with pytest.raises(InvalidCaseError, match=r"white\.png.*every pixel.*--whole-image"):
         load_user_mask(white, (64, 64), (4, 4), "white-edit")
     with pytest.raises(InvalidCaseError, match=r"white\.png.*no pixel.*Draw the region to edit in black"):
         load_user_mask(white, (64, 64), (4, 4), "black-edit")
@@ -247,7 +247,7 @@ def test_mask_covering_everything_or_nothing(tmp_path):
     # A black object on white read as white-edit: every cell is >= 20 % white, the inverse would be usable.
     arr = np.full((64, 64), 255)
     arr[22:42, 22:42] = 0
-    with pytest.raises(InvalidCaseError, match=r"every latent cell.*--mask-polarity black-edit.*--mode whole"):
+    with pytest.raises(InvalidCaseError, match=r"every latent cell.*--mask-polarity black-edit.*--whole-image"):
         load_user_mask(_mask_png(tmp_path, arr, "obj.png"), (64, 64), (4, 4), "white-edit")
     assert load_user_mask(tmp_path / "obj.png", (64, 64), (4, 4), "black-edit")[0].sum() == 400
     # A grid of lines touches every cell, and so does its inverse: no polarity hint.

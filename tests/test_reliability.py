@@ -247,3 +247,82 @@ def test_sigkill_leftovers_are_removed_by_the_next_run_or_listed_by_clean(tmp_pa
     assert f"restored {tmp_path / 'prev'}" in cleaned.stdout, cleaned.stdout
     assert (tmp_path / "prev" / "summary.json").is_file() and live.is_dir()
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad options: one line, exit 2, nothing written
+
+
+def run_many(runs: list[list], cwd=None, timeout=900) -> tuple[list[int], list[str], str]:
+    """Several CLI runs in one shell; (exit codes, stderr lines, whole stderr)."""
+    script = " ; ".join(f"{sys.executable} -m editinfinity.cli {' '.join(_quote(a) for a in r)} ; echo rc=$? ; "
+                        "echo '--' >&2" for r in runs)
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    codes = [int(ln[3:]) for ln in proc.stdout.splitlines() if ln.startswith("rc=")]
+    chunks = [c.strip() for c in proc.stderr.split("--\n")][: len(runs)]
+    return codes, chunks, proc.stderr
+
+
+def _quote(arg) -> str:
+    import shlex
+
+    return shlex.quote(str(arg))
+
+
+def test_bad_options_are_answered_in_one_line_before_anything_is_written(tmp_path, case):
+    out = tmp_path / "out"
+    base = edit_args(case, out, "--preset", "tiny", "-q")
+    runs = [
+        ([*base, "--device", "tpu"], ["--device", "tpu"]),
+        ([*base, "--device", "cuda:7"], ["--device", "cuda:7"]),
+        ([*base, "--seed", str(2**64)], ["--seed", "2**64-1"]),
+        ([*base, "--seed", "-1"], ["--seed"]),
+        ([*base, "--prompt-iters", "-3"], ["--prompt-iters"]),
+        ([*base, "--threshold", "1.5"], ["--threshold"]),
+        ([*base, "--weights", tmp_path / "nonexistent"], ["--weights", "nonexistent", "editinfinity convert"]),
+    ]
+    codes, errors, raw = run_many([r for r, _ in runs])
+    assert "Traceback" not in raw, raw
+    assert codes == [2] * len(runs), raw
+    for (_, needles), err in zip(runs, errors, strict=True):
+        assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+        assert all(n in err for n in needles), (needles, err)
+    assert "text encoder" not in errors[-1]
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_stage_commands_refuse_bad_inputs_damaged_artifacts_and_other_models(tmp_path, case):
+    """Issue: a `tiny` case tuned with `toy` exited 0; a truncated .safetensors and `--iters -3` gave tracebacks;
+    `tune-prompt --case-dir c --out c --overwrite` replaced its own input."""
+    c, p = tmp_path / "case", tmp_path / "prompt"
+    prep = cli("prepare", "--image", case["image"], "--prompt", case["prompt"], "--edit-prompt", case["edit_prompt"],
+               "--whole-image", "--out", c, "--preset", "tiny", "-q")
+    assert prep.returncode == 0, prep.stderr
+    assert json.loads((c / "case.json").read_text())["models"]["preset"] == "tiny"
+    tuned = cli("tune-prompt", "--case-dir", c, "--out", p, "--iters", "1", "-q")
+    assert tuned.returncode == 0, tuned.stderr
+    assert json.loads((p / "stage.json").read_text())["models"]["preset"] == "tiny"
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for f in p.iterdir():
+        (damaged / f.name).write_bytes(f.read_bytes())
+    emb = damaged / "prompt_embedding.safetensors"
+    emb.write_bytes(emb.read_bytes()[: emb.stat().st_size // 2])
+    case_files = {f: f.read_bytes() for f in c.iterdir()}
+    runs = [
+        (["tune-prompt", "--case-dir", c, "--out", tmp_path / "p2", "--preset", "toy", "-q"], 2,
+         ["'tiny'", "'toy'", "--preset tiny"]),
+        (["train-lora", "--case-dir", c, "--prompt-dir", damaged, "--out", tmp_path / "l", "--iters", "1", "-q"], 2,
+         ["prompt_embedding.safetensors", "truncated or corrupt", "tune-prompt"]),
+        (["tune-prompt", "--case-dir", c, "--out", c, "--overwrite", "-q"], 2, ["is an input"]),
+        (["tune-prompt", "--case-dir", c, "--out", tmp_path / "p3", "--iters", "-3"], 2, ["--iters"]),
+        (["train-lora", "--case-dir", c, "--prompt-dir", p, "--out", tmp_path / "l", "--seed", "x"], 2, ["--seed"]),
+    ]
+    codes, errors, raw = run_many([r for r, _, _ in runs])
+    assert "Traceback" not in raw, raw
+    assert codes == [code for _, code, _ in runs], raw
+    for (_, _, needles), err in zip(runs, errors, strict=True):
+        assert len(err.splitlines()) == 1, err
+        assert all(n in err for n in needles), (needles, err)
+    assert {f: f.read_bytes() for f in c.iterdir()} == case_files
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["case", "damaged", "prompt"]

@@ -214,6 +214,13 @@ def test_target_range_repeated_word(tokenizer):
     assert _spelled(tokenizer, prompt, second) == "a"
     with pytest.raises(InvalidCaseError, match="occurs 2 time"):
         target_token_range(tokenizer, prompt, "a", occurrence=2)
+    # word#N picks the N-th occurrence (1 = first); a missing one names the valid choices
+    assert target_token_range(tokenizer, prompt, "a#2") == second
+    assert target_token_range(tokenizer, prompt, "a#1") == first
+    with pytest.raises(InvalidCaseError, match="a#1 .. a#2"):
+        target_token_range(tokenizer, prompt, "a#3")
+    with pytest.raises(InvalidCaseError, match="no letter or digit"):
+        target_token_range(tokenizer, prompt, "\U0001F431")
 
 
 def test_target_range_multi_word_and_end_of_prompt(tokenizer):

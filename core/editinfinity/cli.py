@@ -414,8 +414,6 @@ def main(argv: list[str] | None = None) -> int:
     except EditInfinityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except SystemExit:
-        raise
     except KeyboardInterrupt as exc:
         code = interrupts.exit_code(exc)
         what = "terminated (SIGTERM)" if code == 143 else "interrupted"

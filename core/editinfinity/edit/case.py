@@ -19,6 +19,7 @@ from PIL import Image
 from editinfinity.edit.modes import MASK_POLARITIES, MODES, infer_mode
 from editinfinity.errors import InvalidCaseError
 from editinfinity.models import schedules
+from editinfinity.models.text import split_occurrence
 from editinfinity.storage.uri import has_scheme
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,9 @@ class CaseSpec:
         """
         for name in ("prompt", "edit_prompt"):
             value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise InvalidCaseError(f"`{name}` must be text, got {type(value).__name__} {value!r}; put it in "
+                                       "quotes in the case file")
             if not isinstance(value, str) or not value.strip():
                 what = "the source image" if name == "prompt" else "the wanted result"
                 raise InvalidCaseError(f"`{name}` is empty: give a sentence describing {what}")
@@ -121,7 +125,11 @@ class CaseSpec:
                 raise InvalidCaseError("mode 'auto' builds its own mask: remove `mask`, or set `mode` to 'mask'")
             if not isinstance(self.target_word, str):
                 raise InvalidCaseError(f"`target_word` must be a string, got {self.target_word!r}")
-            words, target = _words(self.prompt), _words(self.target_word)
+            word, _ = split_occurrence(self.target_word)
+            words, target = _words(self.prompt), _words(word)
+            if not target:
+                raise InvalidCaseError(f"`target_word` {self.target_word!r} has no letter or digit; name a word of "
+                                       f"`prompt`: {', '.join(dict.fromkeys(words))}")
             if not any(words[i:i + len(target)] == target for i in range(len(words) - len(target) + 1)):
                 raise InvalidCaseError(
                     f"`target_word` {self.target_word!r} does not occur in `prompt`; choose one of its words: "
@@ -147,6 +155,8 @@ class CaseSpec:
         if has_scheme(path):
             return
         p = Path(path)
+        if p.is_dir():
+            raise InvalidCaseError(f"`{name}` {p} is a directory; give the {name} file itself")
         if not p.is_file():
             raise InvalidCaseError(f"`{name}` file not found: {p}; check the path")
 
@@ -198,7 +208,7 @@ class CaseSpec:
         if not p.is_file():
             raise InvalidCaseError(f"case file not found: {p}")
         try:
-            text = p.read_text(encoding="utf-8")
+            text = p.read_text(encoding="utf-8-sig")  # a byte-order mark is fine, in JSON as in YAML
         except (OSError, UnicodeDecodeError) as e:
             raise InvalidCaseError(f"case file {p} cannot be read as UTF-8 text ({e})") from e
         try:

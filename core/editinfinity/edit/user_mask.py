@@ -159,7 +159,7 @@ def load_user_mask(
         hint = (f" If {'white' if polarity == 'black-edit' else 'black'} marks the region to edit in this file, "
                 f"pass --mask-polarity {other}." if inverted_ok else "")
         if kind == "everything":
-            hint += " For a whole-image edit use --mode whole instead of a mask."
+            hint += " For a whole-image edit use --whole-image (`mode: whole` in a case file) instead of a mask."
         elif not inverted_ok:
             hint += (f" Draw the region to edit in {'white' if polarity == 'white-edit' else 'black'} "
                      f"(--mask-polarity {polarity}) and make it larger than one {image_size[0] // grid[0]} px cell.")

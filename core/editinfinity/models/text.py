@@ -337,9 +337,12 @@ def validate_prompts(
     limit = max_length - extra_rows
     counts: list[int] = []
     for p in prompts:
-        if not isinstance(p, str) or not p.strip():
+        if not isinstance(p, str):
+            raise InvalidCaseError(f"prompt {p!r} is not text ({type(p).__name__}); quote it in a case file")
+        if not p.strip():
             raise InvalidCaseError(f"prompt {p!r} is empty; give a sentence describing the image")
-        n = len(tokenizer(p, truncation=False)["input_ids"])
+        # verbose=False: no transformers warning about the length; the error below says it in one line
+        n = len(tokenizer(p, truncation=False, verbose=False)["input_ids"])
         if n > limit:
             extra = f" + {extra_rows} learned rows" if extra_rows else ""
             raise InvalidCaseError(
@@ -437,23 +440,46 @@ def prompt_words(prompt: str) -> list[str]:
     return [w for w in words if w]
 
 
+_OCCURRENCE = re.compile(r"^(?P<target>.*\S)#(?P<n>\d+)$")
+
+
+def split_occurrence(target: str) -> tuple[str, int | None]:
+    """``"circle#2"`` -> ``("circle", 1)`` (0-based); a target without ``#N`` -> ``(target, None)``."""
+    m = _OCCURRENCE.match(target.strip()) if isinstance(target, str) else None
+    if m is None:
+        return target, None
+    n = int(m["n"])
+    if n < 1:
+        raise InvalidCaseError(f"target word {target!r}: occurrences count from 1 ({m['target']}#1 is the first)")
+    return m["target"], n - 1
+
+
+def target_occurrences(prompt: str, target: str) -> int:
+    """How often ``target`` (without any ``#N``) occurs in ``prompt`` as whole words."""
+    return len(_target_pattern(split_occurrence(target)[0]).findall(prompt))
+
+
 def _target_pattern(target: str) -> re.Pattern:
+    if not isinstance(target, str):
+        raise InvalidCaseError(f"target word {target!r} is not text; quote it in a case file")
     words = prompt_words(target)
     if not words:
-        raise InvalidCaseError(f"target word {target!r} is empty; name a word of the prompt")
+        what = "is empty" if not target.strip() else "has no letter or digit (only punctuation or symbols)"
+        raise InvalidCaseError(f"target word {target!r} {what}; name a word of the prompt")
     # Whole words only; any run of spaces/punctuation may separate the words of a multi-word target.
     body = r"\W+".join(re.escape(w) for w in words)
     return re.compile(rf"(?<!\w){body}(?!\w)", re.IGNORECASE)
 
 
 def target_token_range(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, occurrence: int = 0
+    tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, occurrence: int | None = None
 ) -> tuple[int, int]:
     """Half-open token range ``(start, end)`` of ``target`` inside the tokenised ``prompt``.
 
     ``target`` is one word or several (``"red ball"``), matched case-insensitively as whole words, ignoring
     punctuation around them (``grass`` matches ``grass,``; ``"red ball"`` also matches ``red, ball``). The
-    ``occurrence``-th match (0 = first) is used. The range covers exactly the tokens whose characters overlap the
+    ``occurrence``-th match (0 = first) is used; ``target`` may also name it as ``word#N`` (1 = first), and the
+    first is taken when neither says (a warning says so when there are several). The range covers exactly the tokens whose characters overlap the
     match (a bare ``▁`` word-start piece belongs to its word); the EOS token is never included. Indices count the
     prompt's own tokens from 0, so they stay valid when a suffix (:data:`STYLE_SUFFIX`) is appended after it.
     Raises :class:`InvalidCaseError` listing the prompt's words when ``target`` is absent.
@@ -462,6 +488,9 @@ def target_token_range(
         raise InvalidCaseError("prompt is empty; cannot look up a target word in it")
     if not getattr(tokenizer, "is_fast", False):
         raise CheckpointError("target_token_range needs a fast tokenizer (tokenizer.json) for character offsets")
+    target, picked = split_occurrence(target)
+    if occurrence is None:
+        occurrence = picked or 0
     matches = list(_target_pattern(target).finditer(prompt))
     if not matches:
         raise InvalidCaseError(
@@ -470,9 +499,12 @@ def target_token_range(
         )
     if not 0 <= occurrence < len(matches):
         raise InvalidCaseError(
-            f"target word {target!r} occurs {len(matches)} time(s) in prompt {prompt!r}; occurrence={occurrence} "
-            f"is out of range (0..{len(matches) - 1})"
+            f"target word {target!r} occurs {len(matches)} time(s) in prompt {prompt!r}; occurrence "
+            f"{occurrence + 1} does not exist (write {target}#1 .. {target}#{len(matches)})"
         )
+    if len(matches) > 1 and picked is None:
+        log.warning("target word %r occurs %d times in the prompt; editing the first (write %s#2 for the second)",
+                    target, len(matches), target)
     c0, c1 = matches[occurrence].span()
     enc = tokenizer(prompt, return_offsets_mapping=True, return_special_tokens_mask=True)
     hits = [
