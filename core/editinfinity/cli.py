@@ -206,33 +206,130 @@ def _add_plugin_commands(sub, argv: list[str] | None) -> None:
         sub.add_parser(ep.name, help=f"{ep.name} commands (from {ep.value.split(':')[0]})", add_help=False)
 
 
-def _case_kwargs(args) -> dict:
-    from .edit.case import CaseSpec
+#: Case-file fields that are settings of the run, and the flag that gives each on the command line.
+CASE_SETTINGS = {"seed": "--seed", "prompt_iters": "--prompt-iters", "lora_iters": "--lora-iters",
+                 "threshold": "--threshold", "preset": "--preset"}
+#: Case fields that a flag given with --case replaces (the summary lists what it replaced).
+CASE_FLAGS = {"image": "--image", "prompt": "--prompt", "edit_prompt": "--edit-prompt", "resolution": "--resolution",
+              "mask_polarity": "--mask-polarity"}
+CASE_FIELDS = ("image", "prompt", "edit_prompt", "mode", "target_word", "mask", "mask_polarity", "resolution")
 
-    if getattr(args, "case", None):
-        path = Path(args.case)
-        spec = CaseSpec.from_reference_dir(path) if path.is_dir() else CaseSpec.from_file(path)
-        kw = spec.to_dict()
-    else:
+
+def _case_setting(key: str, value, source: str):
+    """A setting read from a case file, checked as its flag would be."""
+    from .cli_options import ITERS, SEED, fraction
+
+    check = {"seed": SEED, "prompt_iters": ITERS, "lora_iters": ITERS, "threshold": fraction}.get(key)
+    ok = isinstance(value, str) and value.strip() if key == "preset" else \
+        isinstance(value, (int, float)) and not isinstance(value, bool) and (key == "threshold" or isinstance(value,
+                                                                                                             int))
+    if ok and check is not None:
+        try:
+            check(str(value))
+        except argparse.ArgumentTypeError:
+            ok = False
+    if not ok:
+        raise InvalidCaseError(f"{source}: `{key}` {value!r} is not valid; see {CASE_SETTINGS[key]} in "
+                               "`editinfinity edit --help`")
+    return value
+
+
+def _case_kwargs(args) -> tuple[dict, dict]:
+    """The case fields of the command, and what ``summary.json`` records about where they came from.
+
+    With ``--case``: the file's run settings (``seed``, ``prompt_iters``, ``lora_iters``, ``threshold``, ``preset``)
+    are used where the matching flag is not given; flags given with ``--case`` replace the file's values, and
+    ``overrides`` lists every value they replaced. A case file without ``resolution`` gets the preset's.
+    """
+    from .edit.case import CaseSpec, read_case_file
+
+    notes: dict = {}
+    if not getattr(args, "case", None):
         missing = [f"--{n.replace('_', '-')}" for n in ("image", "prompt", "edit_prompt") if getattr(args, n) is None]
         if missing:
             raise InvalidCaseError(f"missing {', '.join(missing)} (or give --case FILE)")
         kw = {"image": args.image, "prompt": args.prompt, "edit_prompt": args.edit_prompt, "mode": _mode(args),
-              "target_word": args.target_word, "mask": args.mask, "mask_polarity": args.mask_polarity,
-              "resolution": args.resolution}
-    return {k: kw.get(k) for k in ("image", "prompt", "edit_prompt", "mode", "target_word", "mask",
-                                    "mask_polarity", "resolution")}
+              "target_word": args.target_word, "mask": args.mask,
+              "mask_polarity": args.mask_polarity or "white-edit", "resolution": args.resolution}
+    else:
+        path = Path(_local_input(args.case, "--case"))
+        source = f"case file {args.case}"
+        notes["case_file"] = args.case
+        from_file: dict = {}
+        if path.is_dir():
+            spec = CaseSpec.from_reference_dir(path)
+            kw = {k: getattr(spec, k) for k in CASE_FIELDS}
+            kw["resolution"] = None
+            given = set(CASE_FIELDS) - {"resolution"}
+        else:
+            raw = read_case_file(path)
+            from_file = {k: _case_setting(k, raw.pop(k), source) for k in list(raw) if k in CASE_SETTINGS}
+            spec = CaseSpec.from_dict(raw, base_dir=path.parent, source=source, check_files=True)
+            kw = {k: getattr(spec, k) for k in CASE_FIELDS}
+            kw["resolution"] = raw.get("resolution")  # absent: the preset's default, as without a case file
+            given = set(raw)
+        overrides: dict = {}
+        for key, value in from_file.items():
+            flag_value = getattr(args, key, None)
+            if flag_value is None:
+                setattr(args, key, value)
+            elif flag_value != value:
+                overrides[key] = {"case_file": value, "command_line": flag_value}
+        for key in CASE_FLAGS:
+            value = getattr(args, key, None)
+            if value is not None:
+                value = _local_input(value, CASE_FLAGS[key]) if key == "image" else value
+                if key in given and kw[key] != value:
+                    overrides[key] = {"case_file": kw[key], "command_line": value}
+                kw[key] = value
+        if args.target_word or args.mask or args.whole_image:
+            flags = {"mode": _mode(args), "target_word": args.target_word,
+                     "mask": _local_input(args.mask, "--mask") if args.mask else None}
+            for key, value in flags.items():
+                if kw[key] != value:
+                    overrides[key] = {"case_file": kw[key], "command_line": value}
+            kw.update(flags)
+        if overrides:
+            notes["overrides"] = overrides
+            log.info("flags given with --case replace %s of %s", ", ".join(overrides), args.case)
+    kw = _local_inputs({k: kw.get(k) for k in CASE_FIELDS})
+    # every case field checked before anything is written or loaded
+    CaseSpec(**{**kw, "resolution": kw["resolution"] or "1M"}).validate()
+    return kw, notes
+
+
+def _local_input(value: str, flag: str) -> str:
+    """A local path for an input given as a path, file:// URI (used in place) or gs:// / s3:// URI (fetched once
+    into the cache); a malformed URI is refused naming the flag."""
+    from . import storage
+    from .storage.uri import InvalidURIError
+
+    try:
+        u = storage.parse_uri(value)
+    except InvalidURIError as exc:
+        raise InvalidURIError(f"{flag}: {exc}") from None
+    return str(storage.cached_path(value)) if u.is_remote else str(u.path)
 
 
 def _local_inputs(kw: dict) -> dict:
-    """Inputs given as gs:// or s3:// URIs are fetched once into the local cache."""
-    from . import storage
-
+    """``image`` and ``mask`` as local paths (see :func:`_local_input`)."""
     for key in ("image", "mask"):
         value = kw.get(key)
-        if isinstance(value, str) and storage.is_remote(value):
-            kw[key] = str(storage.cached_path(value))
+        if isinstance(value, str) and value:
+            kw[key] = _local_input(value, f"--{key}")
     return kw
+
+
+def _with_notes(out_dir, notes: dict) -> None:
+    """Add ``notes`` (case file, replaced values) to the ``summary.json`` of a finished, not yet published edit."""
+    if not notes:
+        return
+    import json
+
+    from .edit.artifacts import write_json
+
+    path = Path(out_dir) / "summary.json"
+    write_json(path, {**json.loads(path.read_text()), **notes})
 
 
 def _claim(args, *inputs, what: str | None = None):
@@ -277,12 +374,12 @@ def _run(args) -> int:
     if args.command == "learn":
         return _learn(args, progress)
     if args.command == "edit":
-        kw = _local_inputs(_case_kwargs(args))
-        kw["mask_polarity"] = kw.get("mask_polarity") or "white-edit"
+        kw, notes = _case_kwargs(args)
         with _claim(args, kw.get("image"), kw.get("mask"), getattr(args, "case", None)) as out_dir:
             stages.run_edit(out_dir, **kw, preset=args.preset, weights=args.weights, device=args.device,
                             settings=_settings(args), overwrite=args.overwrite, progress=progress,
                             learned_cache=args.learned_cache)
+            _with_notes(out_dir, notes)
         where = args.out.rstrip("/")
         print(f"edited image: {where}/edited.png\nreport: {where}/report.html")
         return 0
@@ -297,8 +394,7 @@ def _run(args) -> int:
     if args.command == "prepare":
         from .models.bundle import load_models
 
-        kw = _local_inputs(_case_kwargs(args))
-        kw["mask_polarity"] = kw.get("mask_polarity") or "white-edit"
+        kw, _ = _case_kwargs(args)
         with _claim(args, kw.get("image"), kw.get("mask"), getattr(args, "case", None)) as out_dir:
             models = load_models(args.preset, weights=args.weights, device=args.device)
             stages.prepare(out_dir, **kw, models=models, overwrite=args.overwrite)
@@ -392,7 +488,8 @@ def _edit_learned(args, progress: bool) -> int:
     kw = _local_inputs({"mask": args.mask})
     with _claim(args, args.learned, kw["mask"]) as out_dir:
         stages.run_edit(out_dir, edit_prompt=args.edit_prompt, mode=_mode(args), target_word=args.target_word,
-                        mask=kw["mask"], mask_polarity=args.mask_polarity, preset=args.preset or ident["preset"],
+                        mask=kw["mask"], mask_polarity=args.mask_polarity or "white-edit",
+                        preset=args.preset or ident["preset"],
                         weights=args.weights, device=args.device, settings=settings, overwrite=args.overwrite,
                         progress=progress, learned=state)
     where = args.out.rstrip("/")

@@ -25,7 +25,7 @@ def add_case_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     g.add_argument("--target-word", help="word (or words) of --prompt to edit: automatic-mask mode")
     g.add_argument("--mask", help="mask image (white = edit unless --mask-polarity black-edit): user-mask mode")
     g.add_argument("--whole-image", action="store_true", help="edit the whole image (no mask)")
-    p.add_argument("--mask-polarity", default="white-edit", choices=MASK_POLARITIES,
+    p.add_argument("--mask-polarity", default=None, choices=MASK_POLARITIES,
                    help="which colour of --mask marks the region to edit: white-edit (default) or black-edit "
                         "(the reference repository's mask.png files)")
     p.add_argument("--resolution", default=None, choices=("0.06M", "0.25M", "0.60M", "1M"),

@@ -205,18 +205,8 @@ class CaseSpec:
     def from_file(cls, path, *, validate: bool = True) -> CaseSpec:
         """Read a YAML (``.yaml``/``.yml``) or JSON (``.json``) case file; keys are the field names."""
         p = Path(path)
-        if not p.is_file():
-            raise InvalidCaseError(f"case file not found: {p}")
-        try:
-            text = p.read_text(encoding="utf-8-sig")  # a byte-order mark is fine, in JSON as in YAML
-        except (OSError, UnicodeDecodeError) as e:
-            raise InvalidCaseError(f"case file {p} cannot be read as UTF-8 text ({e})") from e
-        try:
-            data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise InvalidCaseError(f"case file {p} is not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'}: "
-                                   f"{e}") from e
-        return cls.from_dict(data, base_dir=p.parent, source=f"case file {p}", validate=validate, check_files=True)
+        return cls.from_dict(read_case_file(p), base_dir=p.parent, source=f"case file {p}", validate=validate,
+                             check_files=True)
 
     @classmethod
     def from_reference_dir(cls, case_dir, *, mode: str | None = None, validate: bool = True, **overrides) -> CaseSpec:
@@ -259,6 +249,28 @@ class CaseSpec:
         kwargs.update(overrides)
         spec = cls(**kwargs)
         return spec.validate() if validate else spec
+
+
+def read_case_file(path) -> dict:
+    """The mapping of a YAML or JSON case file (a byte-order mark is fine in both); not yet checked."""
+    p = Path(path)
+    if p.is_dir():
+        raise InvalidCaseError(f"case file {p} is a directory; give the YAML/JSON file (a reference-layout case "
+                               "directory has image/ and prompt/ inside)")
+    if not p.is_file():
+        raise InvalidCaseError(f"case file not found: {p}")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidCaseError(f"case file {p} cannot be read as UTF-8 text ({e})") from e
+    kind = "JSON" if p.suffix.lower() == ".json" else "YAML"
+    try:
+        data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise InvalidCaseError(f"case file {p} is not valid {kind}: {' '.join(str(e).split())}") from e
+    if not isinstance(data, dict):
+        raise InvalidCaseError(f"case file {p} must be a mapping of field: value, got {type(data).__name__}")
+    return data
 
 
 def _read_text(path: Path, root: Path) -> str:

@@ -29,7 +29,18 @@ directories are built in a temp folder next to the target and renamed.
 
 from .base import MANIFEST_NAME, ObjectInfo, sha256_file
 from .cache import cache_root, cached_path, localize, staged_output
-from .objects import download, exists, list_objects, list_uri, open_uri, read_bytes, stat, upload, write_bytes
+from .objects import (
+    delete,
+    download,
+    exists,
+    list_objects,
+    list_uri,
+    open_uri,
+    read_bytes,
+    stat,
+    upload,
+    write_bytes,
+)
 from .publish import build_manifest, download_dir, publish_dir, read_manifest, upload_dir
 from .settings import StorageSettings
 from .uri import StorageURI, has_scheme, is_remote, join_uri, parse_uri
@@ -43,6 +54,7 @@ __all__ = [
     "build_manifest",
     "cache_root",
     "cached_path",
+    "delete",
     "download",
     "download_dir",
     "exists",

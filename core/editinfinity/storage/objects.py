@@ -178,6 +178,13 @@ def write_bytes(uri: URILike, data: bytes, *, settings: StorageSettings | None =
 
 
 @contextlib.contextmanager
+def delete(uri: URILike, *, settings: StorageSettings | None = None) -> None:
+    """Remove one object (or local file); a missing one is not an error."""
+    u = parse_uri(uri)
+    be = backend_for(u, settings)
+    be.run("delete", u, lambda: be.delete_object(u))
+
+
 def open_uri(uri: URILike, mode: str = "rb", *, settings: StorageSettings | None = None,
              encoding: str | None = None) -> Iterator[IO[Any]]:
     """Open an object like a file. Reading ("r"/"rb") loads it into memory (small objects; use ``localize`` for

@@ -72,35 +72,53 @@ class StorageURI:
 URILike = str | os.PathLike | StorageURI
 
 
+class InvalidURIError(StorageError):
+    """A location that is not a usable path or URI: bad input (exit status 2), not a storage failure."""
+
+    exit_code = 2
+
+
+#: Schemes that, written without ``//`` (``s3:/x``, ``gs:x``), show a mistyped URI rather than a file name.
+_URL_SCHEMES = frozenset({"s3", "gs", "gcs", "file", "http", "https", "ftp", "sftp", "ssh", "hf", "hdfs", "az",
+                          "abfs", "abfss", "wasb", "wasbs", "s3a", "s3n", "oci", "r2"})
+
+
 def parse_uri(uri: URILike) -> StorageURI:
     """Parse a local path, ``file://`` URL, ``gs://bucket/key`` or ``s3://bucket/key``.
 
-    Raises ``StorageError`` for other schemes or a missing bucket name.
+    Raises :class:`InvalidURIError` (a ``StorageError``) for other schemes, a missing bucket name, or a mistyped
+    URI such as ``s3:/bucket/key`` or ``gs:bucket`` (never taken as a relative path).
     """
     if isinstance(uri, StorageURI):
         return uri
     if isinstance(uri, os.PathLike):
         return StorageURI("file", "", os.path.abspath(os.path.expanduser(os.fspath(uri))))
-    if not isinstance(uri, str) or not uri:
-        raise StorageError(f"not a path or URI: {uri!r}")
+    if not isinstance(uri, str) or not uri.strip():
+        raise InvalidURIError(f"not a path or URI: {uri!r}")
     m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", uri)
     if not m:
+        bad = re.match(r"^([A-Za-z][A-Za-z0-9+.-]+):(?!//)", uri)
+        if bad and bad.group(1).lower() in _URL_SCHEMES:
+            scheme = bad.group(1).lower()
+            example = "file:///absolute/path" if scheme == "file" else f"{scheme}://BUCKET/KEY"
+            raise InvalidURIError(f"{uri!r} looks like a mistyped {scheme} URI; write {example} (or ./{uri} for a "
+                                  "local file of that name)")
         return StorageURI("file", "", os.path.abspath(os.path.expanduser(uri)))
     raw_scheme, rest = m.group(1).lower(), m.group(2)
     scheme = _SCHEME_ALIASES.get(raw_scheme)
     if scheme is None:
-        raise StorageError(
+        raise InvalidURIError(
             f"unsupported URI scheme {raw_scheme!r} in {uri!r}: use a local path, file://, gs://bucket/key or "
             "s3://bucket/key (download other sources first)"
         )
     if scheme == "file":
         parsed = urllib.parse.urlparse(uri)
         if parsed.netloc not in ("", "localhost"):
-            raise StorageError(f"{uri!r}: file:// URIs must name a local path (file:///abs/path)")
+            raise InvalidURIError(f"{uri!r}: file:// URIs must name a local path (file:///abs/path)")
         return StorageURI("file", "", os.path.abspath(urllib.parse.unquote(parsed.path)))
     bucket, _, key = rest.partition("/")
     if not bucket:
-        raise StorageError(f"{uri!r} has no bucket name: write {scheme}://BUCKET/KEY")
+        raise InvalidURIError(f"{uri!r} has no bucket name: write {scheme}://BUCKET/KEY")
     return StorageURI(scheme, bucket, key)
 
 
