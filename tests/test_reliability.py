@@ -19,6 +19,9 @@ import pytest
 
 from editinfinity.demo import example_dir
 
+# the moto S3 server (with real authentication) of the storage tests
+from test_storage import BUCKET, s3  # noqa: F401
+
 FAST = ["--preset", "tiny", "--prompt-iters", "1", "--lora-iters", "1", "-q"]
 #: A run that keeps going until it is stopped (LoRA training with a huge budget).
 ENDLESS = ["--preset", "tiny", "--prompt-iters", "1", "--lora-iters", "1000000", "-q"]
@@ -135,14 +138,32 @@ def test_overwrite_never_takes_the_current_folder_an_inputs_folder_or_a_foreign_
 
 
 def test_overwrite_replaces_an_earlier_result_but_not_one_with_added_files(tmp_path, case):
+    """Also: file:// inputs and outputs, case-file settings honoured, flags given with --case recorded as overrides,
+    the preset's default resolution, and -q silent (no weights-loading bar of the default preset)."""
+    from editinfinity.models.presets import PRESETS
+
     out = tmp_path / "out"
-    assert cli(*edit_args(case, out, *FAST)).returncode == 0
+    case_file = tmp_path / "case.json"
+    case_file.write_bytes("\ufeff".encode() + json.dumps({  # a byte-order mark, as some editors write
+        "image": case["image"], "prompt": case["prompt"], "edit_prompt": case["edit_prompt"],
+        "target_word": "circle", "seed": 3, "prompt_iters": 1, "lora_iters": 1, "preset": "tiny"}).encode())
+    first = cli("edit", "--case", f"file://{case_file}", "--image", f"file://{case['image']}", "--seed", "5",
+                "--whole-image", "--out", f"file://{out}", "-q")
+    assert first.returncode == 0, first.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["seed"] == 5 and summary["settings"]["prompt_iters"] == 1  # flag, then case file
+    assert summary["settings"]["lora_iters"] == 1 and summary["models"]["preset"] == "tiny"
+    assert summary["overrides"]["seed"] == {"case_file": 3, "command_line": 5}
+    assert summary["overrides"]["mode"] == {"case_file": "auto", "command_line": "whole"}
+    assert "image" not in summary["overrides"]  # the same file, once as a file:// URI
+    assert summary["spec"]["resolution"] == PRESETS["tiny"].resolution  # no resolution in the file: the preset's
     record = json.loads((out / ".editinfinity-output.json").read_text())
     assert "edited.png" in record["files"] and "summary.json" in record["files"]
-    first = (out / "summary.json").stat().st_mtime_ns
-    proc = cli(*edit_args(case, out, "--overwrite", *FAST))
-    assert proc.returncode == 0, proc.stderr
-    assert (out / "summary.json").stat().st_mtime_ns != first
+    before = (out / "summary.json").stat().st_mtime_ns
+    # the default preset (bundled weights, loaded with a progress bar unless -q)
+    second = cli(*edit_args(case, out, "--overwrite", "--prompt-iters", "1", "--lora-iters", "1", "-q"))
+    assert second.returncode == 0 and second.stderr == "", second.stderr
+    assert (out / "summary.json").stat().st_mtime_ns != before
     (out / "my-notes.txt").write_text("keep me")
     one_line_error(cli(*edit_args(case, out, "--overwrite", *FAST)), 2, "my-notes.txt")
     assert (out / "my-notes.txt").read_text() == "keep me"
@@ -326,3 +347,166 @@ def test_stage_commands_refuse_bad_inputs_damaged_artifacts_and_other_models(tmp
         assert all(n in err for n in needles), (needles, err)
     assert {f: f.read_bytes() for f in c.iterdir()} == case_files
     assert sorted(x.name for x in tmp_path.iterdir()) == ["case", "damaged", "prompt"]
+
+
+def test_uris_and_case_files_are_used_as_written_or_refused_in_one_line(tmp_path, case):
+    """Issue: `--out s3:/x` wrote ./s3:/x; case-file values and fields were called "empty" or silently dropped."""
+    from PIL import Image
+
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def case_file(name: str, text: str) -> Path:
+        (work / name).write_text(text)
+        return work / name
+
+    white = work / "white.png"
+    Image.new("L", (64, 64), 255).save(white)
+    img = case["image"]
+    numeric = case_file("numeric.yaml", f"image: {img}\nprompt: 123\nedit_prompt: a green circle\n")
+    symbols = case_file("symbols.yaml", f"image: {img}\nprompt: a red circle\nedit_prompt: a green circle\n"
+                                        "target_word: \"\U0001F534\"\n")
+    bad_seed = case_file("seed.yaml", f"image: {img}\nprompt: a red circle\nedit_prompt: x\nseed: -1\n")
+    broken = case_file("broken.yaml", "image: [unclosed\n")
+    edit = ["edit", "--prompt", "a red circle", "--edit-prompt", "a green circle", "--preset", "tiny", "-q"]
+    runs = [
+        ([*edit, "--image", img, "--whole-image", "--out", "s3:/x"], 2, ["--out", "s3://BUCKET/KEY"]),
+        ([*edit, "--image", img, "--whole-image", "--out", "gs:x"], 2, ["--out", "gs://BUCKET/KEY"]),
+        ([*edit, "--image", img, "--whole-image", "--out", "ftp://host/x"], 2, ["unsupported URI scheme 'ftp'"]),
+        ([*edit, "--image", "s3:/bucket/image.png", "--whole-image", "--out", "o"], 2, ["--image", "s3://"]),
+        ([*edit, "--image", img, "--mask", "gs:mask.png", "--out", "o"], 2, ["--mask", "gs://"]),
+        ([*edit, "--image", work, "--whole-image", "--out", "o"], 2, ["is a directory"]),
+        (["edit", "--case", numeric, "--whole-image", "--out", "o", "-q"], 2, ["`prompt`", "text", "123"]),
+        (["edit", "--case", symbols, "--out", "o", "--preset", "tiny", "-q"], 2, ["no letter or digit"]),
+        (["edit", "--case", bad_seed, "--whole-image", "--out", "o"], 2, ["`seed`", "--seed"]),
+        (["edit", "--case", broken, "--whole-image", "--out", "o"], 2, ["not valid YAML"]),
+        ([*edit, "--image", img, "--mask", white, "--out", "o"], 2, ["every pixel", "--whole-image"]),
+        ([*edit[:2], "long " * 600, *edit[3:], "--image", img, "--whole-image", "--out", "o"], 2,
+         ["T5 tokens", "shorten"]),
+    ]
+    codes, errors, raw = run_many([r for r, _, _ in runs], cwd=work)
+    assert "Traceback" not in raw and "Token indices" not in raw, raw
+    assert codes == [c for _, c, _ in runs], raw
+    for (_, _, needles), err in zip(runs, errors, strict=True):
+        assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+        assert all(n in err for n in needles), (needles, err)
+    assert sorted(p.name for p in work.iterdir()) == sorted(
+        ["numeric.yaml", "symbols.yaml", "seed.yaml", "broken.yaml", "white.png"])
+
+
+def test_a_repeated_target_word_is_reported_and_can_be_picked(tmp_path, case):
+    """Issue: a target word that occurs twice silently took the first occurrence."""
+    out = tmp_path / "out"
+    prompt = "a red circle and a red square on a gray background"
+    proc = cli("edit", "--image", case["image"], "--prompt", prompt, "--edit-prompt", prompt.replace("red s", "blue s"),
+               "--target-word", "red#2", "--out", out, *FAST)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["target_word"] == {"occurrences": 2, "edited": 2}
+    bad = cli("edit", "--image", case["image"], "--prompt", prompt, "--edit-prompt", "a green circle",
+              "--target-word", "red#3", "--out", tmp_path / "o2", *FAST)
+    one_line_error(bad, 2, "red#1 .. red#2")
+
+
+@pytest.mark.integration
+def test_remote_out_is_checked_before_the_models_load(tmp_path, case, s3):  # noqa: F811
+    """Issue: a remote --out with --overwrite failed only at publish, after the whole edit. `--preset nope` makes
+    every run below fail at model loading once its --out passed: a storage answer proves the order."""
+    base = dict(os.environ)
+    s3.client.put_object(Bucket=BUCKET, Key="done/_MANIFEST.json", Body=b"{}")
+    s3.client.put_object(Bucket=BUCKET, Key="theirs/data.csv", Body=b"1,2")
+    reader = {**base, "AWS_ACCESS_KEY_ID": s3.reader["AccessKeyId"],
+              "AWS_SECRET_ACCESS_KEY": s3.reader["SecretAccessKey"]}
+    anonymous = {k: v for k, v in base.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    cases = [
+        (f"s3://{BUCKET}/new", [], reader, 3, ["s3://"]),  # read-only credentials: the write probe fails
+        (f"s3://{BUCKET}-missing/new", [], base, 3, [f"{BUCKET}-missing"]),
+        (f"s3://{BUCKET}/new", [], anonymous, 3, ["credential"]),
+        (f"s3://{BUCKET}/done", [], base, 2, ["already holds a result", "--overwrite"]),
+        (f"s3://{BUCKET}/theirs", ["--overwrite"], base, 2, ["not written by editinfinity"]),
+        (f"s3://{BUCKET}/done", ["--overwrite"], base, 2, ["nope"]),  # allowed: then the preset fails
+    ]
+    for uri, extra, env, code, needles in cases:
+        proc = cli(*edit_args(case, uri, *extra, "--preset", "nope", "-q"), env=env, cwd=tmp_path)
+        one_line_error(proc, code, *needles)
+    keys = sorted(o["Key"] for o in s3.client.list_objects_v2(Bucket=BUCKET).get("Contents", []))
+    assert keys == ["done/_MANIFEST.json", "theirs/data.csv"]  # no probe object left, nothing replaced
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_a_pipeline_step_stopped_by_sigterm_publishes_nothing(tmp_path):
+    """Pods are stopped with SIGTERM: the component's private output folder goes, the step ends in one line."""
+    artifact = tmp_path / "outputs" / "prompt_embedding"
+    script = (
+        "import sys, time\n"
+        "from editinfinity.edit.artifacts import stage_output\n"
+        f"with stage_output({str(artifact)!r}, 'tune_prompt', run_id='r') as (tmp, record):\n"
+        "    (tmp / 'rows.safetensors').write_bytes(b'partial')\n"
+        "    print('started', flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    env = {**os.environ, "EDITINFINITY_HANDLE_SIGNALS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    assert proc.stdout.readline().strip() == "started"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert len(err.strip().splitlines()) == 1 and "SIGTERM" in err, err
+    assert not artifact.exists() and list(artifact.parent.iterdir()) == []
+
+
+def test_kfp_executor_processes_are_recognised(monkeypatch):
+    import types
+
+    from editinfinity import interrupts
+
+    monkeypatch.delenv("EDITINFINITY_HANDLE_SIGNALS", raising=False)
+    fake = types.ModuleType("__main__")
+    fake.__spec__ = types.SimpleNamespace(name="kfp.dsl.executor_main")
+    monkeypatch.setitem(sys.modules, "__main__", fake)
+    assert interrupts.in_pod()
+    fake.__spec__ = types.SimpleNamespace(name="pytest")
+    assert not interrupts.in_pod()
+
+
+def test_help_names_every_option():
+    """Issue: --overwrite, --seed, --iters, --mask-polarity and convert --preset had no help text."""
+    from editinfinity.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    for command, parsed in sub.items():
+        for action in parsed._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"editinfinity {command} {action.option_strings[0]} has no help text"
+
+
+def test_unwritable_places_fail_before_any_work_with_a_storage_error(tmp_path, case):
+    """Issue: an --out on a read-only file system or in an immutable folder gave tracebacks. Needs root (mount,
+    chattr) or, as another user, a folder without write permission."""
+    ro, frozen, locked = tmp_path / "ro", tmp_path / "frozen", tmp_path / "locked"
+    for d in (ro, frozen, locked):
+        d.mkdir()
+    cleanups, runs = [], []
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True).returncode == 0:
+        cleanups.append(["umount", str(ro)])
+        runs.append((ro / "out", "read-only"))
+    if subprocess.run(["chattr", "+i", str(frozen)], capture_output=True).returncode == 0:
+        cleanups.append(["chattr", "-i", str(frozen)])
+        runs.append((frozen / "out", "not permitted"))
+    if os.geteuid() != 0:
+        locked.chmod(0o555)
+        runs.append((locked / "out", "not writable"))
+    try:
+        if not runs:
+            pytest.skip("cannot make a read-only or immutable folder here")
+        codes, errors, raw = run_many([edit_args(case, out, "--preset", "nope", "-q") for out, _ in runs])
+        assert "Traceback" not in raw and codes == [3] * len(runs), raw
+        for (_, needle), err in zip(runs, errors, strict=True):
+            assert len(err.splitlines()) == 1 and needle in err, err
+    finally:
+        for cmd in cleanups:
+            subprocess.run(cmd, check=False)
+        locked.chmod(0o755)
+    assert all(list(d.iterdir()) == [] for d in (ro, frozen, locked))

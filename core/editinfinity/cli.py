@@ -293,8 +293,16 @@ def _case_kwargs(args) -> tuple[dict, dict]:
             notes["overrides"] = overrides
             log.info("flags given with --case replace %s of %s", ", ".join(overrides), args.case)
     kw = _local_inputs({k: kw.get(k) for k in CASE_FIELDS})
-    # every case field checked before anything is written or loaded
-    CaseSpec(**{**kw, "resolution": kw["resolution"] or "1M"}).validate()
+    if kw["mode"] == "auto" and isinstance(kw["target_word"], str) and isinstance(kw["prompt"], str):
+        from .models.text import split_occurrence, target_occurrences
+
+        word, picked = split_occurrence(kw["target_word"])
+        count = target_occurrences(kw["prompt"], word)
+        if picked is not None and count and picked >= count:
+            raise InvalidCaseError(f"target word {word!r} occurs {count} time(s) in the prompt; write {word}#1 .. "
+                                   f"{word}#{count}")
+        if count > 1:
+            notes["target_word"] = {"occurrences": count, "edited": 1 + (picked or 0)}
     return kw, notes
 
 
@@ -302,12 +310,11 @@ def _local_input(value: str, flag: str) -> str:
     """A local path for an input given as a path, file:// URI (used in place) or gs:// / s3:// URI (fetched once
     into the cache); a malformed URI is refused naming the flag."""
     from . import storage
-    from .storage.uri import InvalidURIError
 
     try:
         u = storage.parse_uri(value)
-    except InvalidURIError as exc:
-        raise InvalidURIError(f"{flag}: {exc}") from None
+    except storage.InvalidURIError as exc:
+        raise storage.InvalidURIError(f"{flag}: {exc}") from None
     return str(storage.cached_path(value)) if u.is_remote else str(u.path)
 
 

@@ -9,10 +9,12 @@ A second signal while the first one's cleanup runs is ignored, so the cleanup is
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 
-__all__ = ["Interrupted", "install", "restore", "exit_code"]
+__all__ = ["Interrupted", "install", "restore", "exit_code", "install_for_pod", "in_pod"]
 
 _state = {"signum": None}
 
@@ -56,3 +58,33 @@ def restore(previous: dict | None) -> None:
 def exit_code(exc: BaseException) -> int:
     """Exit status for an interruption: 128 + the signal (SIGINT when it came as a plain ``KeyboardInterrupt``)."""
     return 128 + (exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT))
+
+
+#: The module a KFP v2 pod runs as ``__main__`` to execute a Python component.
+KFP_EXECUTOR = "kfp.dsl.executor_main"
+
+
+def in_pod() -> bool:
+    """Whether this process runs a pipeline component (KFP's executor is ``__main__``, or
+    ``EDITINFINITY_HANDLE_SIGNALS=1`` asks for the same handling)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", None) == KFP_EXECUTOR or os.environ.get("EDITINFINITY_HANDLE_SIGNALS") == "1"
+
+
+def install_for_pod() -> None:
+    """In a component's process: SIGTERM / SIGINT run every cleanup (private output folders are removed, nothing
+    half-written is published, since KFP uploads output artifacts only after a successful exit) and the process
+    ends with one line and status 143 / 130 instead of a traceback."""
+    if install() is None:
+        return
+    previous_hook = sys.excepthook
+
+    def hook(kind, exc, tb):
+        if isinstance(exc, Interrupted):
+            print(f"terminated by {signal.Signals(exc.signum).name}; this step's partial outputs were removed",
+                  file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(exit_code(exc))
+        previous_hook(kind, exc, tb)
+
+    sys.excepthook = hook

@@ -394,13 +394,12 @@ def claim_output(out, *, overwrite: bool = False, inputs: Iterable = (), flag: s
     :class:`StorageError` (exit 3) for one it cannot write, both before the block runs.
     """
     from . import storage
-    from .storage.uri import InvalidURIError
 
     inputs = list(inputs)
     try:
         u = storage.parse_uri(str(out))
-    except InvalidURIError as exc:
-        raise InvalidURIError(f"{flag}: {exc}") from None
+    except storage.InvalidURIError as exc:
+        raise storage.InvalidURIError(f"{flag}: {exc}") from None
     if u.is_remote:
         with _claim_remote(u, overwrite=overwrite, flag=flag, what=what) as tmp:
             yield tmp

@@ -43,10 +43,11 @@ from .objects import (
 )
 from .publish import build_manifest, download_dir, publish_dir, read_manifest, upload_dir
 from .settings import StorageSettings
-from .uri import StorageURI, has_scheme, is_remote, join_uri, parse_uri
+from .uri import InvalidURIError, StorageURI, has_scheme, is_remote, join_uri, parse_uri
 
 # What callers use (the CLI, stages, runtime, evaluation, tests); the backends stay inside the package.
 __all__ = [
+    "InvalidURIError",
     "MANIFEST_NAME",
     "ObjectInfo",
     "StorageSettings",
