@@ -474,12 +474,17 @@ def test_help_names_every_option():
     """Issue: --overwrite, --seed, --iters, --mask-polarity and convert --preset had no help text."""
     from editinfinity.cli import build_parser
 
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command").choices
-    for command, parsed in sub.items():
-        for action in parsed._actions:
-            if action.option_strings and action.dest != "help":
-                assert action.help, f"editinfinity {command} {action.option_strings[0]} has no help text"
+    def walk(parser, name):
+        for action in parser._actions:
+            if isinstance(action.choices, dict):  # subcommands
+                for sub, parsed in action.choices.items():
+                    yield from walk(parsed, f"{name} {sub}")
+            elif action.option_strings and action.dest != "help":
+                yield name, action
+
+    missing = [f"{name} {action.option_strings[0]}" for name, action in walk(build_parser(), "editinfinity")
+               if not action.help]
+    assert missing == []
 
 
 def test_unwritable_places_fail_before_any_work_with_a_storage_error(tmp_path, case):

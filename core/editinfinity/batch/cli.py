@@ -25,7 +25,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-uri", required=True, help="results root: <output-uri>/<id>/ per case, index.html")
     p.add_argument("--shards", type=int, default=1, help="number of shards (one worker pod each)")
     p.add_argument("--resolution", default="", help="pixel budget (default: the preset's)")
-    p.add_argument("--mask-polarity", default="white-edit", choices=MASK_POLARITIES)
+    p.add_argument("--mask-polarity", default="white-edit", choices=MASK_POLARITIES,
+                   help="which colour of the cases' masks marks the region to edit (default white-edit)")
     add_model_args(p)
     add_settings_args(p)
     add_speed_args(p)
@@ -41,8 +42,8 @@ def add_batch_parser(sub) -> None:
     c.set_defaults(handler=_cmd_plan)
 
     c = cmds.add_parser("work", help="run one shard of a plan (one process, or one per --devices entry)")
-    c.add_argument("--plan", required=True)
-    c.add_argument("--shard", type=int, default=0)
+    c.add_argument("--plan", required=True, help="plan file written by `editinfinity batch plan`")
+    c.add_argument("--shard", type=int, default=0, help="which shard of the plan to run (default 0)")
     c.add_argument("--part", type=_parts, default=(0, 1), help="I/N: this process's part of the shard")
     c.add_argument("--device", default=None, help="cpu, cuda, cuda:1")
     c.add_argument("--devices", default=None,
@@ -52,13 +53,13 @@ def add_batch_parser(sub) -> None:
     c.set_defaults(handler=_cmd_work)
 
     c = cmds.add_parser("summary", help="publish the summary page (index.html) over every case's outcome")
-    c.add_argument("--plan", required=True)
+    c.add_argument("--plan", required=True, help="plan file written by `editinfinity batch plan`")
     c.set_defaults(handler=_cmd_summary)
 
     c = cmds.add_parser("run", help="plan, every shard and the summary, here")
     _plan_args(c)
     c.add_argument("--devices", default=None, help="worker processes of each shard, e.g. cuda:0,cuda:1")
-    c.add_argument("--learned-cache", default=None)
+    c.add_argument("--learned-cache", default=None, help="learned-state cache folder (shared by re-runs)")
     c.add_argument("--plan-out", default=None, help="where to keep the plan (default: a temporary file)")
     c.set_defaults(handler=_cmd_run)
 

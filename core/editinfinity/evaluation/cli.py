@@ -86,8 +86,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--resolution", default=None, choices=("0.06M", "0.25M", "0.60M", "1M"),
                    help="pixel budget (default: the preset's; the paper uses 1M)")
-    p.add_argument("--profile", default="default", choices=("default", "reference"))
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--profile", default="default", choices=("default", "reference"),
+                   help="settings profile of the edits (see `editinfinity edit --help`)")
+    p.add_argument("--seed", type=int, default=None, help="seed of every edit (default: the profile's)")
     p.add_argument("--prompt-iters", type=int, default=None, help="prompt-tuning updates (default 10)")
     p.add_argument("--lora-iters", type=int, default=None, help="LoRA updates (default 50)")
     p.add_argument("--threshold", type=float, default=None, help="attention mask threshold (default 0.5)")
@@ -104,9 +105,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.set_defaults(handler=_cmd_piebench)
 
     t = cmds.add_parser("toy-piebench", help="write a small PIE-Bench-format data set from the toy world")
-    t.add_argument("--out", required=True)
-    t.add_argument("--per-type", type=int, default=4)
+    t.add_argument("--out", required=True, help="folder to write the PIE-Bench-format set into")
+    t.add_argument("--per-type", type=int, default=4, help="cases per edit type (default 4)")
     t.add_argument("--types", default=None, help="comma-separated subset of 0,1,2,3,6,8")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the generated scenes (default 0)")
     t.set_defaults(handler=_cmd_toy)
     return bench
