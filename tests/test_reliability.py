@@ -499,7 +499,7 @@ def test_unwritable_places_fail_before_any_work_with_a_storage_error(tmp_path, c
         runs.append((ro / "out", "read-only"))
     if subprocess.run(["chattr", "+i", str(frozen)], capture_output=True).returncode == 0:
         cleanups.append(["chattr", "-i", str(frozen)])
-        runs.append((frozen / "out", "not permitted"))
+        runs.append((frozen / "out", "not writable"))
     if os.geteuid() != 0:
         locked.chmod(0o555)
         runs.append((locked / "out", "not writable"))

@@ -227,7 +227,7 @@ def check_output(out, *, overwrite: bool = False, inputs: Iterable = (), flag: s
     if not os.access(base, os.W_OK | os.X_OK):
         ro = _read_only(base)
         raise StorageError(f"cannot create {flag} {out}: {base} is "
-                           f"{'on a read-only file system' if ro else 'not writable (permission denied)'}; "
+                           f"{'on a read-only file system' if ro else 'not writable (permissions, or an immutable folder)'}; "
                            f"choose a writable {flag}")
 
 
