@@ -248,8 +248,8 @@ def test_target_range_absent_word_lists_words(tokenizer):
     msg = str(err.value)
     assert "'dog'" in msg and prompt in msg
     assert "a, kitten, on, the, grass, next, to, a, ball" in msg  # words without their punctuation
-    for bad in ("", "  ", ",,"):
-        with pytest.raises(InvalidCaseError, match="empty"):
+    for bad, why in (("", "empty"), ("  ", "empty"), (",,", "no letter or digit")):
+        with pytest.raises(InvalidCaseError, match=why):
             target_token_range(tokenizer, prompt, bad)
 
 
