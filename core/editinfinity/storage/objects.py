@@ -177,7 +177,6 @@ def write_bytes(uri: URILike, data: bytes, *, settings: StorageSettings | None =
     return str(u)
 
 
-@contextlib.contextmanager
 def delete(uri: URILike, *, settings: StorageSettings | None = None) -> None:
     """Remove one object (or local file); a missing one is not an error."""
     u = parse_uri(uri)
@@ -185,6 +184,7 @@ def delete(uri: URILike, *, settings: StorageSettings | None = None) -> None:
     be.run("delete", u, lambda: be.delete_object(u))
 
 
+@contextlib.contextmanager
 def open_uri(uri: URILike, mode: str = "rb", *, settings: StorageSettings | None = None,
              encoding: str | None = None) -> Iterator[IO[Any]]:
     """Open an object like a file. Reading ("r"/"rb") loads it into memory (small objects; use ``localize`` for
