@@ -449,7 +449,7 @@ def add_pipeline_parser(sub: argparse._SubParsersAction) -> None:
     r = cmds.add_parser("run-local", help="run a pipeline here with kfp.local (subprocesses or containers)")
     r.add_argument("pipeline", nargs="?", default="edit", choices=PIPELINES)
     r.add_argument("--pipeline-root", default="kfp-local", help="local folder for the artifacts")
-    r.add_argument("--fused", action="store_true")
+    r.add_argument("--fused", action="store_true", help="all GPU stages in one pod (one model load)")
     r.add_argument("--runner", default="subprocess", choices=RUNNERS,
                    help="subprocess: tasks in this virtualenv; docker: each task in its image through the Docker "
                         "API (DOCKER_HOST; podman's service works: docs/kubeflow.md)")
@@ -461,8 +461,9 @@ def add_pipeline_parser(sub: argparse._SubParsersAction) -> None:
 
     s = cmds.add_parser("submit", help="create a run on a KFP endpoint")
     s.add_argument("package", help="compiled pipeline YAML")
-    s.add_argument("--host", default=os.environ.get("KF_PIPELINES_ENDPOINT"), required="KF_PIPELINES_ENDPOINT" not in os.environ)
-    s.add_argument("--experiment", default="editinfinity")
+    s.add_argument("--host", default=os.environ.get("KF_PIPELINES_ENDPOINT"), required="KF_PIPELINES_ENDPOINT" not in os.environ,
+                   help="KFP API endpoint (default: $KF_PIPELINES_ENDPOINT)")
+    s.add_argument("--experiment", default="editinfinity", help="experiment the run goes to (default editinfinity)")
     s.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user)")
     s.add_argument("--token-env", default=None, metavar="VAR", help="environment variable holding a bearer token")
     s.add_argument("--in-cluster", action="store_true",
@@ -476,9 +477,10 @@ def add_pipeline_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--wait", action="store_true", help="wait for the run to end; exit 1 unless it succeeded")
     s.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="with --wait: give up after this")
     s.add_argument("--poll-seconds", type=float, default=10.0, help=argparse.SUPPRESS)
-    s.add_argument("--run-name", default=None)
+    s.add_argument("--run-name", default=None, help="name of the run (default: generated)")
     s.add_argument("--service-account", default=None, help="e.g. editinfinity-runner (manifests/base)")
-    s.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="pipeline parameter, e.g. -p image_uri=gs://b/cat.png (repeatable)")
     s.set_defaults(handler=_cmd_submit)
 
 
