@@ -122,7 +122,9 @@ def _numbers_html(summary: Mapping) -> str:
     return (f"<p>Where nothing was to change: {region}.</p><table class='numbers'><tr><th></th>{head}</tr>{body}"
             "</table><table class='numbers'>"
             f"<tr><th>reconstruction of the source (decode of its own codes), PSNR</th><td>{html.escape(recon)}</td></tr>"
-            f"<tr><th>reconstruction SSIM</th><td>{html.escape(_fmt(rep.get('reconstruction_ssim')))}</td></tr>"
+            f"<tr><th>reconstruction SSIM</th><td>{html.escape(_fmt(rep.get('reconstruction_ssim')))}"
+            + (f" (at least {rep['min_ssim']:.2f} on its own kind of picture)" if rep.get("min_ssim") else "")
+            + "</td></tr>"
             f"<tr><th>kept source pixels</th><td>{html.escape(kept)}</td></tr></table>")
 
 

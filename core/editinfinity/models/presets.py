@@ -39,6 +39,11 @@ class Preset:
     # Learning rate of the per-edit training (prompt tuning and LoRA) when the settings leave it unset: the
     # reference's 6e-3 * 2 / 256 for the Infinity family (a preset for another model size can set its own).
     edit_lr: float = 4.6875e-5
+    # Below these, the preset cannot represent a picture (edit.representation): the reconstruction's PSNR (dB) and
+    # SSIM against the source, calibrated on the preset's own world against photo-like pictures by
+    # bench/representation.py. None: no check (random weights, or official weights not calibrated here).
+    min_reconstruction_psnr_db: float | None = None
+    min_reconstruction_ssim: float | None = None
 
     def with_weights(self, weights: str | None) -> Preset:
         out = copy.copy(self)
@@ -82,6 +87,11 @@ PRESETS: dict[str, Preset] = {
         # edit_lr: the reference's. 5e-4 and 3e-3 were tried on CPU: no better on 8 held-out edits, and the
         # demo's layout errors remained (the toy transformer, not the rate, is the limit).
         description="small model trained by this project on the toy shapes world (see presets/toy/MODEL_CARD.md)",
+        # bench/results/representation_toy_cpu.json: its own world reconstructs at >= 27.7 dB / SSIM 0.908 (60
+        # held-out scenes; the model card's 200: >= 26.25 dB), photo-like pictures and photographs at <= 17.7 dB /
+        # SSIM 0.68; each floor sits between the two.
+        min_reconstruction_psnr_db=22.0,
+        min_reconstruction_ssim=0.85,
     ),
     "2b": Preset(
         name="2b", transformer=_official(32, 2048, 16, 8), vae=_D32_VAE, text_encoder=FLAN_T5_XL, resolution="1M",
