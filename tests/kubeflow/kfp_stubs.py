@@ -22,8 +22,13 @@ class _StubFinder(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, _StubFinder())
 '''
 
-#: ``editinfinity.models.bundle`` without models: ``load_models`` returns what it was asked for.
+#: ``editinfinity.models.bundle`` without models: ``load_models`` returns what it was asked for; ``ModelBundle``
+#: exists because library modules import it at module level.
 STUB_BUNDLE = '''
+class ModelBundle:  # the name library modules import for their type hints
+    pass
+
+
 def load_models(preset=None, *, weights=None, device=None, bias_mode=None, dtype=None, text_encoder=True):
     return {"preset": preset, "weights": weights, "text_encoder": text_encoder}
 '''
