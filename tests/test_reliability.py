@@ -32,9 +32,15 @@ def cli(*args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, cwd=cwd, env=env)
 
 
+def _default_sigint() -> None:
+    # A shell starts background jobs with SIGINT ignored and the CLI rightly keeps an inherited ignore; the child of a
+    # test must get Ctrl-C as a terminal would send it, whatever way the test run itself was started.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(*args, cwd=None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "editinfinity.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=cwd)
+                            stderr=subprocess.PIPE, text=True, cwd=cwd, preexec_fn=_default_sigint)
 
 
 def one_line_error(proc, code: int, *needles: str) -> str:
