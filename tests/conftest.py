@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from editinfinity.demo import example_dir
 from parity import parity_path
 
 
@@ -24,3 +25,13 @@ def manifest(parity_dir) -> dict:
 def _deterministic_cpu():
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(scope="module")
+def example() -> dict:
+    """The bundled demo case (shapes), with absolute image and mask paths."""
+    ex = example_dir()
+    case = json.loads((ex / "case.json").read_text())
+    case["image"] = str(ex / case["image"])
+    case["mask"] = str(ex / "mask.png")
+    return case

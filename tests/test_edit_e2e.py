@@ -16,7 +16,6 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from editinfinity.cli import main
-from editinfinity.demo import example_dir
 from editinfinity.edit.case import CaseSpec
 from editinfinity.edit.generate import generate_edit
 from editinfinity.edit.prepare import prepare_case
@@ -25,15 +24,6 @@ from editinfinity.models.bundle import load_models
 from editinfinity.toyworld import Scene, Shape, caption, render, render_mask
 
 FAST = ["--prompt-iters", "2", "--lora-iters", "2", "--preset", "tiny", "-q"]
-
-
-@pytest.fixture(scope="module")
-def example() -> dict:
-    ex = example_dir()
-    case = json.loads((ex / "case.json").read_text())
-    case["image"] = str(ex / case["image"])
-    case["mask"] = str(ex / "mask.png")
-    return case
 
 
 @pytest.fixture(scope="module")

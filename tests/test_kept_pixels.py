@@ -13,7 +13,6 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from editinfinity.cli import main
-from editinfinity.demo import example_dir
 from editinfinity.edit.case import CaseSpec
 from editinfinity.edit.generate import generate_edit
 from editinfinity.edit.pixels import keep_source_pixels, pixel_keep_weights
@@ -73,15 +72,6 @@ def test_keep_source_pixels_takes_each_image_where_its_weight_is_exact():
     assert np.abs(out.astype(np.float32) - mixed).max() <= 0.0  # the documented mix, rounded to the nearest byte
     with pytest.raises(ValueError, match="differ in size"):
         keep_source_pixels(source, decoded.resize((40, 32)), w)
-
-
-@pytest.fixture(scope="module")
-def example() -> dict:
-    ex = example_dir()
-    case = json.loads((ex / "case.json").read_text())
-    case["image"] = str(ex / case["image"])
-    case["mask"] = str(ex / "mask.png")
-    return case
 
 
 @pytest.fixture(scope="module")

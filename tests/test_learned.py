@@ -11,22 +11,12 @@ import pytest
 from PIL import Image
 
 from editinfinity.cli import main
-from editinfinity.demo import example_dir
 from editinfinity.edit.images import image_digest
 from editinfinity.edit.learned import LEARNED_FILE, load_learned
 from editinfinity.models.bundle import load_models
 
 ITERS = ["--prompt-iters", "2", "--lora-iters", "2"]
 COMMON = ["--preset", "tiny", "-q"]
-
-
-@pytest.fixture(scope="module")
-def example() -> dict:
-    ex = example_dir()
-    case = json.loads((ex / "case.json").read_text())
-    case["image"] = str(ex / case["image"])
-    case["mask"] = str(ex / "mask.png")
-    return case
 
 
 @pytest.fixture(scope="module")
