@@ -8,7 +8,7 @@ TORCH ?= torch==$(TORCH_VERSION)
 export EDITINFINITY_PARITY_DIR ?= $(abspath ../shared/parity)
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install install-base test test-gpu mutation lint demo compile images images-cpu images-cuda print-image-cuda print-image-cpu base-image image-test bench clean
+.PHONY: install install-base test test-gpu mutation lint demo compile images images-cpu images-cuda print-image-cuda print-image-cpu print-base-image base-image image-test bench clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -89,6 +89,9 @@ print-image-cuda:
 
 print-image-cpu:
 	@echo $(CPU_IMAGE)
+
+print-base-image:
+	@echo $(BASE_IMAGE)
 
 base-image:
 	@$(DOCKER) image inspect $(BASE_IMAGE) >/dev/null 2>&1 || \

@@ -3,8 +3,10 @@
 #
 # Checks: the image's user and imports (torch CPU build, kfp 2.17.3, editinfinity), `editinfinity demo` (output
 # files and summary checked on the host), and the edit pipeline in its three modes through
-# `editinfinity pipeline run-local --runner docker` with the toy preset (every component once; outputs checked),
-# plus a deliberately broken input that must fail the run. Prints the image size and the seconds of every step.
+# `editinfinity pipeline run-local --runner docker` with the toy preset and 2+2 training updates: auto with one
+# container per stage, mask and whole with the fused container (every component of the edit pipelines once;
+# outputs checked), plus a deliberately broken input that must fail the run. Prints the image sizes, the machine's
+# load and the seconds of every step.
 #
 # Environment: DOCKER (docker|podman; default: a docker whose engine answers, else podman), CPU_IMAGE (tag),
 # BASE (registry|local; default: registry when the Dockerfile's python image is present or pullable, else the
@@ -55,9 +57,17 @@ cleanup_containers() {
     [ -z "${ids// /}" ] || "$DOCKER" rm -f $ids >/dev/null 2>&1 || true
 }
 report() {
-    printf '\n== image-test timings\n' >&2
-    printf '  %s\n' "${TIMINGS[@]}" >&2
+    printf '\n== image-test timings (load average at the start: %s, at the end: %s; %s CPUs)\n' "$LOAD0" \
+        "$(cut -d' ' -f1-3 /proc/loadavg)" "$(nproc)" >&2
+    printf '  %s\n' "${TIMINGS[@]}" "${SIZES[@]}" >&2
     printf '  %-34s %5d s\n' "total" $((SECONDS - T0)) >&2
+}
+SIZES=()
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
+image_size() {  # image_size NAME TAG: record the image's size for the report
+    local bytes
+    bytes=$("$DOCKER" image inspect -f '{{.Size}}' "$2" 2>/dev/null) || return 0
+    SIZES+=("$(printf '%-34s %5d MB' "size of $1" $((bytes / 1000000)))")
 }
 
 # ---- the engine -------------------------------------------------------------------------------------------------
@@ -105,12 +115,16 @@ build() {
         TORCH_ARGS=(TORCH_WHEELS="$WORK/torch-wheel")
     fi
     if [ "$BASE" = local ]; then
-        timed "base image (debootstrap, cached)" 1800 make -s base-image BASE=local BUILD_ARGS="${ENGINE_ARGS[*]}" \
+        base_image=$(make -s --no-print-directory print-base-image)
+        what="build base image (debootstrap)"
+        "$DOCKER" image inspect "$base_image" >/dev/null 2>&1 && what="base image (already built)"
+        timed "$what" 1800 make -s base-image BASE=local BUILD_ARGS="${ENGINE_ARGS[*]}" \
             || fail "building the Debian base image (images/base/build.sh) failed"
+        image_size "base image" "$base_image"
     fi
 
     say "building $CPU_IMAGE (base: $BASE, torch: ${TORCH_ARGS[*]:-Dockerfile default}, engine: $DOCKER ${ENGINE_ARGS[*]})"
-    timed "build CPU image (layer cache)" 3600 make -s images-cpu BASE="$BASE" "${TORCH_ARGS[@]}" BUILD_ARGS="${ENGINE_ARGS[*]}" \
+    timed "build CPU image" 3600 make -s images-cpu BASE="$BASE" "${TORCH_ARGS[@]}" BUILD_ARGS="${ENGINE_ARGS[*]}" \
         CPU_IMAGE="$CPU_IMAGE" || fail "building $CPU_IMAGE failed (log above)"
 }
 head=$(git rev-parse HEAD 2>/dev/null || echo unknown)
@@ -123,6 +137,7 @@ else
     build
 fi
 size=$("$DOCKER" image inspect -f '{{.Size}}' "$CPU_IMAGE")
+image_size "CPU image" "$CPU_IMAGE"
 revision=$("$DOCKER" image inspect -f '{{index .Config.Labels "org.opencontainers.image.revision"}}' "$CPU_IMAGE")
 say "$CPU_IMAGE: $((size / 1000000)) MB, revision label $revision"
 case "$revision" in "$head"|"$head-dirty") ;; *) fail "the image's revision label is $revision, the checkout is $head";; esac
@@ -202,10 +217,11 @@ pipeline() {  # pipeline NAME MODE [run-local args...]: run the toy edit in cont
     grep -E "Executing task|finished with status" "$WORK/$name.log" | sed 's/\x1b\[[0-9;]*m//g' >&2 || true
     "$PY" tests/image_outputs.py "$kfp_root/out/$name" "$mode" || fail "pipeline $name: wrong output (above)"
 }
-# Per-stage pods for auto (prepare, tune-prompt, train-lora, attention, mask, generate, summary) and mask (the user
-# mask's own mask task); the fused pod (+ summary) for whole: every component of the edit pipeline runs once.
+# One pod per stage for auto (check-case, prepare, tune-prompt, train-lora, attention, mask, generate, summarize);
+# the fused pod (check-case, fused-edit, summarize) for mask and whole: every component of the edit pipelines runs
+# at least once, and every mode once. (Per-stage mask mode differs from auto only in the mask task's input.)
 pipeline auto auto -p target_word=circle
-pipeline mask mask -p mask_uri="$ex/mask.png"
+pipeline mask-fused mask --fused -p mask_uri="$ex/mask.png"
 pipeline whole-fused whole --fused
 
 say "a failing task must fail the run (kubeflow/pipelines#13332 reports it as SUCCESS)"
