@@ -231,9 +231,11 @@ timed "pipeline with a broken input" 1800 "$ROOT/.venv/bin/editinfinity" pipelin
     --image "$CPU_IMAGE" --pipeline-root "$kfp_root" -p image_uri="$WORK/bad.png" -p prompt="a red circle" \
     -p edit_prompt="a green circle" -p mode=whole -p preset=toy -p prompt_iters=1 -p lora_iters=1 \
     -p output_uri="$kfp_root/out/bad" >"$WORK/bad.log" 2>&1 || rc=$?
-tail -3 "$WORK/bad.log" | sed 's/\x1b\[[0-9;]*m//g' >&2
+sed 's/\x1b\[[0-9;]*m//g' "$WORK/bad.log" | grep -E "InvalidCaseError|FAILURE" >&2 || true
 [ "$rc" != 0 ] || fail "a pipeline whose task failed exited 0 (log: $WORK/bad.log)"
 grep -q "finished with status FAILURE" "$WORK/bad.log" || fail "the failed run does not say which task failed"
+grep -q "bad.png (field \`image\`) is not an image" "$WORK/bad.log" \
+    || fail "the failed run's log does not name the broken input and its problem (log: $WORK/bad.log)"
 [ ! -e "$kfp_root/out/bad" ] || fail "the failed run published output to $kfp_root/out/bad"
 
 report
