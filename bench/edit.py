@@ -39,6 +39,7 @@ import torch  # noqa: E402
 
 from editinfinity.demo import example_dir  # noqa: E402
 from editinfinity.edit.run import run_edit  # noqa: E402
+from editinfinity.edit.sequence import NOT_STAGES  # noqa: E402
 from editinfinity.edit.settings import EditSettings, compile_enabled  # noqa: E402
 from editinfinity.models.bundle import load_models  # noqa: E402
 from editinfinity.models.checkpoints import write_model_index  # noqa: E402
@@ -114,7 +115,7 @@ def run_variant(name: str, overrides: dict, args, models, image: Path, case: dic
         summary = json.loads((out / "summary.json").read_text())
         totals.append(summary["seconds"]["total"])
         if first_stages is None:
-            first_stages = {k: v for k, v in summary["seconds"].items() if k not in ("total", "peak_gpu_memory_gb")}
+            first_stages = {k: v for k, v in summary["seconds"].items() if k not in NOT_STAGES}
     secs = summary["seconds"]
     cache_after = compile_cache_stats()
     return {
@@ -127,7 +128,7 @@ def run_variant(name: str, overrides: dict, args, models, image: Path, case: dic
         "compile_cache_counts": {k: cache_after[k] - cache_before[k] for k in cache_after
                                  if k.endswith(("_hit", "_miss", "_bypass", "graphs", "graph_break"))},
         "first_run_stage_seconds": first_stages,
-        "stage_seconds": {k: v for k, v in secs.items() if k not in ("total", "peak_gpu_memory_gb")},
+        "stage_seconds": {k: v for k, v in secs.items() if k not in NOT_STAGES},
         "total_seconds_warm": secs["total"],
         "total_seconds_all_runs": totals,
         "generation_seconds": secs["generate"],

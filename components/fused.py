@@ -30,7 +30,8 @@ def fused_edit(image_uri: str, prompt: str, edit_prompt: str, mode: str, target_
         mask = rt.fetch(mask_uri, f"{tmp}/mask") if mask_uri else None
         stages.run_edit(work, image=image, prompt=prompt, edit_prompt=edit_prompt, mode=mode,
                         target_word=target_word or None, mask=mask, mask_polarity=mask_polarity,
-                        resolution=resolution or None, preset=preset or None, models=rt.load_models(preset, weights),
+                        resolution=resolution or None, preset=preset or None,
+                        models_loader=lambda: rt.load_models(preset, weights),  # timed as load_models
                         settings=rt.edit_settings(prompt_iters=prompt_iters, lora_iters=lora_iters, seed=seed,
                                                   threshold=threshold), progress=False)
     # run_edit writes OUT/stages/<stage>; each becomes its own output artifact.

@@ -14,7 +14,6 @@ It runs the same in-memory stage functions as the CLI and the KFP components.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +37,7 @@ from .edit.masking import edit_weights
 from .edit.modes import infer_mode
 from .edit.prepare import CaseData, prepare_case
 from .edit.prompt_tuning import tune_prompt_embedding
+from .edit.sequence import StageTimer, Steps, run_stages
 from .edit.settings import EditSettings
 from .errors import InvalidCaseError
 from .models.bsq_vae import BSQVAE  # noqa: F401  (imported so from_pretrained can resolve the component classes)
@@ -111,8 +111,7 @@ class EditInfinityPipeline(DiffusionPipeline):
 
         mode = infer_mode(mask=mask, target_word=target_word)
         models = self.bundle()
-        seconds, losses = {}, {}
-        t = time.perf_counter()
+        losses: dict = {}
         if learned is not None:
             if image is not None or prompt is not None:
                 raise InvalidCaseError("edit(learned=...) takes the image and the prompt from the learned state; "
@@ -122,40 +121,42 @@ class EditInfinityPipeline(DiffusionPipeline):
             check_compatible(state, models, settings)
             spec = edit_spec(state, edit_prompt=edit_prompt, mode=mode, target_word=target_word, mask=mask,
                              mask_polarity=mask_polarity)
-            case = edit_case(models, state, spec, settings)
-            rows, lora_state, losses = state.rows, state.adapter, dict(state.losses)
-            seconds["prepare"] = time.perf_counter() - t
+            losses.update(state.losses)
         else:
             settings = settings or EditSettings.from_profile("default", **overrides)
             spec = CaseSpec(image=image, prompt=prompt, edit_prompt=edit_prompt, mode=mode, target_word=target_word,
                             mask=mask, mask_polarity=mask_polarity,
                             resolution=resolution or default_resolution(self.preset))
-            case = prepare_case(models, spec, settings)
-            seconds["prepare"] = time.perf_counter() - t
-            t = time.perf_counter()
+
+        # The steps in memory (edit.sequence runs them in order, for the modes that have them).
+        def tune(case):
             rows, losses["prompt_tuning"] = tune_prompt_embedding(models, case, settings, progress)
-            seconds["tune_prompt"] = time.perf_counter() - t
-            t = time.perf_counter()
+            return rows
+
+        def train(case, rows):
             lora_state, losses["lora"] = train_lora_adapter(models, case, rows, settings, progress)
-            seconds["train_lora"] = time.perf_counter() - t
-        # The same timing keys as ``run_edit``'s summary (prepare, tune_prompt, train_lora, attention, mask,
-        # generate, total).
-        amap = edit_mask = weights = None
-        if mode == "auto":
-            t = time.perf_counter()
-            amap = attention_map(models, case)
-            seconds["attention"] = time.perf_counter() - t
-        if mode != "whole":
-            t = time.perf_counter()
-            edit_mask, weights = edit_weights(case, amap, settings.threshold, settings.band, settings.core,
-                                              fill_holes=settings.fill_holes, min_region=settings.min_region)
-            seconds["mask"] = time.perf_counter() - t
-        t = time.perf_counter()
-        result = generate_edit(models, case, rows, lora_state, weights, settings)
-        seconds["generate"] = time.perf_counter() - t
-        seconds["total"] = sum(seconds.values())
-        return EditOutput(image=result.edited, reconstruction=result.reconstruction, case=case,
-                          prompt_embedding=rows, lora_state=lora_state, attention=amap, edit_mask=edit_mask,
-                          weights=weights, losses=losses, seconds=seconds)
+            return lora_state
+
+        def mask_weights(case, amap):
+            return edit_weights(case, amap, settings.threshold, settings.band, settings.core,
+                                fill_holes=settings.fill_holes, min_region=settings.min_region)
+
+        def generate(case, rows, lora_state, mask_and_weights):
+            weights = mask_and_weights[1] if mask_and_weights is not None else None
+            return generate_edit(models, case, rows, lora_state, weights, settings)
+
+        later = {"attention": lambda case: attention_map(models, case), "mask": mask_weights, "generate": generate}
+        if learned is not None:
+            steps = Steps(prepare=lambda: (edit_case(models, state, spec, settings), state.rows, state.adapter),
+                          learned=True, **later)
+        else:
+            steps = Steps(prepare=lambda: prepare_case(models, spec, settings), tune_prompt=tune, train_lora=train,
+                          **later)
+        timer = StageTimer(models, release_memory=settings.low_memory)
+        out = run_stages(steps, mode=mode, timer=timer)
+        edit_mask, weights = out.mask if out.mask is not None else (None, None)
+        return EditOutput(image=out.generate.edited, reconstruction=out.generate.reconstruction, case=out.case,
+                          prompt_embedding=out.prompt, lora_state=out.lora, attention=out.attention,
+                          edit_mask=edit_mask, weights=weights, losses=losses, seconds=timer.record())
 
     __call__ = edit

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
+from .edit.sequence import NOT_STAGES, STAGES  # the timing keys of summary["seconds"], in run order
 from .report import _fmt, atomic_write_text, attention_overlay, png_base64
 
 __all__ = ["region_overlay", "write_edit_report", "timing_bar_html"]
@@ -28,11 +29,6 @@ __all__ = ["region_overlay", "write_edit_report", "timing_bar_html"]
 EDIT_RGB = np.array([230, 40, 40], dtype=np.float64)
 BAND_RGB = np.array([250, 210, 0], dtype=np.float64)
 STAGE_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#9c755f", "#bab0ac")
-#: Entries of ``summary["seconds"]`` that are not stages of the edit itself.
-NOT_STAGES = ("total", "peak_gpu_memory_gb")
-#: The order the stages run in (edit.run); others follow in their own order.
-STAGE_ORDER = ("load_models", "learn", "prepare", "tune_prompt", "train_lora", "attention", "attention_and_mask",
-               "mask", "generate")
 
 
 def _nearest(grid: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -81,7 +77,7 @@ def timing_bar_html(seconds: Mapping[str, float]) -> str:
     """A horizontal bar split by the time of each stage, with a legend in seconds (``NOT_STAGES`` left out)."""
     stages = {k: float(v) for k, v in seconds.items()
               if k not in NOT_STAGES and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0}
-    rank = {name: i for i, name in enumerate(STAGE_ORDER)}
+    rank = {name: i for i, name in enumerate(STAGES)}
     stages = dict(sorted(stages.items(), key=lambda kv: rank.get(kv[0], len(rank))))
     total = sum(stages.values())
     if not stages or total <= 0:

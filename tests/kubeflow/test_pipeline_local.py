@@ -108,7 +108,8 @@ def summarize(out_dir, *, case_dir, generate_dir, mask_dir=None, attention_dir=N
 
 def run_edit(out_dir, *, image, prompt, edit_prompt, mode="auto", target_word=None, mask=None,
              mask_polarity="white-edit", resolution=None, preset=None, weights=None, device=None, models=None,
-             settings=None, overwrite=False, progress=True):
+             models_loader=None, settings=None, overwrite=False, progress=True):
+    models = models if models is not None else models_loader()  # the real run_edit times this as load_models
     _log("run_edit", mode=mode, settings=settings, models=models, progress=progress)
     st = Path(out_dir) / "stages"
     case = prepare(st / "case", image=image, prompt=prompt, edit_prompt=edit_prompt, mode=mode,

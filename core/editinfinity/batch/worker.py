@@ -156,8 +156,7 @@ class Worker:
         plan = self.plan
         uri = case_uri(plan, case)
         t = time.perf_counter()
-        status = {"id": case["id"], "spec": _spec(case), "worker": self.name, "learned": state.key,
-                  "learn_seconds": round(learn_seconds, 4)}
+        status = {"id": case["id"], "spec": _spec(case), "worker": self.name, "learned": state.key}
         try:
             mask = str(storage.cached_path(case["mask"])) if case.get("mask") else None
             with tempfile.TemporaryDirectory(prefix="editinfinity-case-") as tmp:
@@ -168,7 +167,7 @@ class Worker:
                 summary = json.loads((out / "summary.json").read_text())
                 storage.publish_dir(out, uri)
             status.update(status="done", output_uri=uri, metrics=summary.get("metrics", {}),
-                          seconds={**summary.get("seconds", {}), "case": round(time.perf_counter() - t, 4)})
+                          seconds=case_seconds(summary.get("seconds", {}), learn_seconds, time.perf_counter() - t))
         except Exception as exc:  # one bad case never stops the worker
             log.error("case %s failed: %s", case["id"], _error_line(exc))
             log.debug("%s", traceback.format_exc())
@@ -184,6 +183,14 @@ class Worker:
 
         if self.models.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def case_seconds(edit_seconds: dict, learn_seconds: float, case_seconds: float) -> dict:
+    """A case status's ``seconds``: the edit's summary timings (edit.sequence's keys), ``learn`` for the case that
+    paid for learning its image (as ``run_edit`` with a learned-state cache records it) and ``case``, the case's
+    wall time (edit and publishing, learning left out)."""
+    learned = {"learn": round(learn_seconds, 4)} if learn_seconds else {}
+    return {**learned, **edit_seconds, "case": round(case_seconds, 4)}
 
 
 def copy_weights(weights: str, local_dir) -> Path:

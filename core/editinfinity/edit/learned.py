@@ -44,6 +44,7 @@ from .images import image_digest
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, save_adapter, train_lora_adapter
 from .prepare import CaseData, SourceData, case_from_source, encode_source
 from .prompt_tuning import EMBEDDING_FILE, save_embedding, tune_prompt_embedding
+from .sequence import StageTimer, Steps, run_stages
 from .settings import EditSettings
 
 log = logging.getLogger(__name__)
@@ -141,21 +142,30 @@ def learn(models: ModelBundle, image, prompt: str, *, resolution: str | None = N
         raise InvalidCaseError("`prompt` is empty: give a sentence describing the source image")
     if resolution not in schedules.BUDGETS:
         raise InvalidCaseError(f"`resolution` must be one of {', '.join(schedules.BUDGETS)}, got {resolution!r}")
-    seconds, losses = {}, {}
-    t = time.perf_counter()
-    source = encode_source(models, image, prompt, resolution, settings)
-    seconds["prepare"] = round(time.perf_counter() - t, 4)
-    case = training_case(source, prompt, resolution, models.preset)
-    t = time.perf_counter()
-    rows, losses["prompt_tuning"] = tune_prompt_embedding(models, case, settings, progress)
-    seconds["tune_prompt"] = round(time.perf_counter() - t, 4)
-    t = time.perf_counter()
-    adapter, losses["lora"] = train_lora_adapter(models, case, rows, settings, progress)
-    seconds["train_lora"] = round(time.perf_counter() - t, 4)
+    losses: dict = {}
+    sources: list[SourceData] = []
+
+    def prepare_source() -> CaseData:
+        sources.append(encode_source(models, image, prompt, resolution, settings))
+        return training_case(sources[0], prompt, resolution, models.preset)
+
+    def tune(case: CaseData) -> torch.Tensor:
+        rows, losses["prompt_tuning"] = tune_prompt_embedding(models, case, settings, progress)
+        return rows
+
+    def train(case: CaseData, rows: torch.Tensor) -> dict:
+        adapter, losses["lora"] = train_lora_adapter(models, case, rows, settings, progress)
+        return adapter
+
+    # Steps 1-3 of the edit's sequence; the edit prompt is not known yet, so the mode does not matter.
+    timer = StageTimer(models, release_memory=settings.low_memory)
+    done = run_stages(Steps(prepare=prepare_source, tune_prompt=tune, train_lora=train), mode="whole", timer=timer,
+                      last="train_lora")
+    source, rows, adapter = sources[0], done.prompt, done.lora
     ident = identity(models, image_digest(image), prompt, resolution, settings)
     return LearnedState(source=source, prompt=prompt, resolution=resolution, rows=rows, adapter=adapter,
                         identity=ident, settings=dataclasses.replace(settings),
-                        image=image if isinstance(image, str) else None, losses=losses, seconds=seconds)
+                        image=image if isinstance(image, str) else None, losses=losses, seconds=timer.seconds)
 
 
 def save_learned(state: LearnedState, out_dir, *, overwrite: bool = False) -> Path:

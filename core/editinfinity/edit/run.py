@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ from .masking import load_weights, make_mask
 from .prepare import _default_resolution, load_case, prepare
 from .prompt_tuning import tune_prompt
 from .representation import representation_check
+from .sequence import StageTimer, Steps, run_stages
 from .settings import EditSettings
 
 log = logging.getLogger(__name__)
@@ -111,10 +113,14 @@ def summarize(out_dir, *, case_dir, generate_dir, mask_dir=None, attention_dir=N
 def run_edit(out_dir, *, image=None, prompt: str | None = None, edit_prompt: str, mode: str = "auto",
              target_word: str | None = None, mask: str | None = None, mask_polarity: str = "white-edit",
              resolution: str | None = None, preset: str | None = None, weights: str | None = None,
-             device: str | None = None, models: ModelBundle | None = None, settings: EditSettings | None = None,
+             device: str | None = None, models: ModelBundle | None = None,
+             models_loader: Callable[[], ModelBundle] | None = None, settings: EditSettings | None = None,
              overwrite: bool = False, progress: bool = True, learned: LearnedState | None = None,
              learned_cache: str | os.PathLike | None = None) -> Path:
     """Run every stage of one edit in this process and write the outputs to ``out_dir`` atomically.
+
+    Models: ``models`` (loaded by the caller before this run: the summary then has no ``load_models`` time), else
+    ``models_loader()``, else ``load_models(preset, weights=, device=)``; the last two are timed as ``load_models``.
 
     ``learned``: learned state of the image (``editinfinity.edit.learned``); prompt tuning and LoRA are then not
     run, and ``image``/``prompt``/``resolution`` come from it. ``learned_cache``: a folder of learned states keyed
@@ -130,16 +136,14 @@ def run_edit(out_dir, *, image=None, prompt: str | None = None, edit_prompt: str
                          mask_polarity=mask_polarity)
     # The output is claimed before the models load: a target we may not write fails at once.
     with claim_output(out_dir, overwrite=overwrite, inputs=(image, mask), what="edit") as tmp:
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        models = models or load_models(preset, weights=weights, device=device, bias_mode=settings.bias_mode)
-        timings["load_models"] = round(time.perf_counter() - t0, 4)
+        timer = StageTimer(models, release_memory=settings.low_memory)
+        if models is None:
+            models = timer("load_models", models_loader or partial(
+                load_models, preset, weights=weights, device=device, bias_mode=settings.bias_mode))
         extra: dict = {}
         if learned is None and learned_cache is not None:
-            t0 = time.perf_counter()
-            learned, hit = cached_learn(learned_cache, models, image, prompt, resolution=resolution, settings=settings,
-                                        progress=progress)
-            timings["learn"] = round(time.perf_counter() - t0, 4)
+            learned, hit = timer("learn", cached_learn, learned_cache, models, image, prompt, resolution=resolution,
+                                 settings=settings, progress=progress)
             extra["learned_cache_hit"] = hit
             spec = edit_spec(learned, edit_prompt=edit_prompt, mode=mode, target_word=target_word, mask=mask,
                              mask_polarity=mask_polarity)
@@ -147,61 +151,49 @@ def run_edit(out_dir, *, image=None, prompt: str | None = None, edit_prompt: str
             check_compatible(learned, models, settings)
             extra["learned"] = learned.key
         st = tmp / "stages"
-
-        cuda = models.device.type == "cuda"
-        memory: dict[str, float] = {}
-
-        def timed(name, fn, *args, **kwargs):
-            start = time.perf_counter()
-            result = fn(*args, **kwargs)
-            if settings.low_memory:
-                models.release_cached_memory()
-            if cuda:
-                torch.cuda.synchronize()
-                memory[name] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-            timings[name] = round(time.perf_counter() - start, 4)
-            return result
-
-        def prepare_stage(*args, **kwargs):
-            if settings.low_memory:
-                models.onload_text_encoder()
-            result = prepare(*args, **kwargs)
-            if settings.low_memory:
-                models.offload_text_encoder()
-            return result
-
+        # Steps 4-6 over stage directories (edit.sequence runs them in order, for the modes that have them).
+        later = {"attention": lambda case_dir: attention(case_dir, st / "attention", models=models),
+                 "mask": lambda case_dir, attention_dir: make_mask(
+                     case_dir, st / "mask", attention_dir=attention_dir, threshold=settings.threshold,
+                     band=settings.band, core=settings.core, fill_holes=settings.fill_holes,
+                     min_region=settings.min_region),
+                 "generate": lambda case_dir, prompt_dir, lora_dir, mask_dir: generate(
+                     case_dir, prompt_dir, lora_dir, st / "generate", mask_dir=mask_dir, seed=settings.seed,
+                     models=models, settings=settings)}
         if learned is not None:
             st.mkdir()
-            case_dir, prompt_dir, lora_dir = timed("prepare", write_edit_stages, models, learned, spec, st, settings)
+            steps = Steps(prepare=partial(write_edit_stages, models, learned, spec, st, settings), learned=True,
+                          **later)
         else:
-            case_dir = timed("prepare", prepare_stage, st / "case", image=image, prompt=prompt,
-                             edit_prompt=edit_prompt, mode=mode, target_word=target_word, mask=mask,
-                             mask_polarity=mask_polarity, resolution=resolution or _default_resolution(models),
-                             models=models, settings=settings)
-            prompt_dir = timed("tune_prompt", tune_prompt, case_dir, st / "prompt", iters=settings.prompt_iters,
-                               seed=settings.seed, models=models, settings=settings, progress=progress)
-            lora_dir = timed("train_lora", train_lora, case_dir, prompt_dir, st / "lora", iters=settings.lora_iters,
-                             seed=settings.seed, models=models, settings=settings, progress=progress)
-        attention_dir = mask_dir = None
-        if mode == "auto":
-            attention_dir = timed("attention", attention, case_dir, st / "attention", models=models)
-        if mode in ("auto", "mask"):
-            mask_dir = timed("mask", make_mask, case_dir, st / "mask", attention_dir=attention_dir,
-                             threshold=settings.threshold, band=settings.band,
-                             core=settings.core, fill_holes=settings.fill_holes,
-                             min_region=settings.min_region)
-        generate_dir = timed("generate", generate, case_dir, prompt_dir, lora_dir, st / "generate",
-                             mask_dir=mask_dir, seed=settings.seed, models=models, settings=settings)
-        timings["total"] = round(sum(v for k, v in timings.items() if k != "load_models"), 4)
-        if cuda:
-            timings["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        models_info = {"preset": models.preset, "source": models.source, "device": str(models.device),
-                       "frozen_dtype": str(models.frozen_dtype).removeprefix("torch.")}
-        extra["models"] = models_info
-        if cuda:
+            steps = Steps(
+                prepare=partial(_prepare_step, models, settings, st / "case", image=image, prompt=prompt,
+                                edit_prompt=edit_prompt, mode=mode, target_word=target_word, mask=mask,
+                                mask_polarity=mask_polarity, resolution=resolution or _default_resolution(models)),
+                tune_prompt=lambda case_dir: tune_prompt(case_dir, st / "prompt", iters=settings.prompt_iters,
+                                                         seed=settings.seed, models=models, settings=settings,
+                                                         progress=progress),
+                train_lora=lambda case_dir, prompt_dir: train_lora(
+                    case_dir, prompt_dir, st / "lora", iters=settings.lora_iters, seed=settings.seed, models=models,
+                    settings=settings, progress=progress),
+                **later)
+        dirs = run_stages(steps, mode=mode, timer=timer)
+        timings = timer.record()
+        extra["models"] = {"preset": models.preset, "source": models.source, "device": str(models.device),
+                           "frozen_dtype": str(models.frozen_dtype).removeprefix("torch.")}
+        if timer.cuda:
             # Running maximum of allocated GPU memory after each stage: the stage where it rises set the peak.
-            extra["peak_gpu_memory_gb_after_stage"] = memory
-        summarize(tmp, case_dir=case_dir, generate_dir=generate_dir, mask_dir=mask_dir,
-                  attention_dir=attention_dir, timings=timings, settings=settings, extra=extra)
+            extra["peak_gpu_memory_gb_after_stage"] = timer.memory
+        summarize(tmp, case_dir=dirs.case, generate_dir=dirs.generate, mask_dir=dirs.mask,
+                  attention_dir=dirs.attention, timings=timings, settings=settings, extra=extra)
     log.info("edit written to %s (%.1f s)", out_dir, timings.get("total", 0.0))
     return out_dir if "://" in str(out_dir) else Path(out_dir)
+
+
+def _prepare_step(models: ModelBundle, settings: EditSettings, out_dir, **case) -> Path:
+    """Stage A over files; with the low-memory setting T5 is on the GPU only meanwhile."""
+    if settings.low_memory:
+        models.onload_text_encoder()
+    out = prepare(out_dir, models=models, settings=settings, **case)
+    if settings.low_memory:
+        models.offload_text_encoder()
+    return out

@@ -1,0 +1,93 @@
+"""The stage sequence (edit.sequence): which steps run in which mode, in which order, under which timing keys; and
+run_edit's model loading timed only where the run loads the models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from editinfinity.edit.run import run_edit
+from editinfinity.edit.sequence import StageTimer, Steps, run_stages
+from editinfinity.edit.settings import EditSettings
+from editinfinity.models.bundle import load_models
+
+
+def _recording_steps(calls: list, learned: bool = False) -> Steps:
+    def step(name, result):
+        def fn(*args):
+            calls.append((name, args))
+            return result
+        return fn
+
+    prepare = step("prepare", ("case", "rows", "adapter") if learned else "case")
+    return Steps(prepare=prepare, tune_prompt=step("tune_prompt", "rows"), train_lora=step("train_lora", "adapter"),
+                 attention=step("attention", "amap"), mask=step("mask", "weights"),
+                 generate=step("generate", "edited"), learned=learned)
+
+
+@pytest.mark.parametrize("mode, ran", [
+    ("auto", ["prepare", "tune_prompt", "train_lora", "attention", "mask", "generate"]),
+    ("mask", ["prepare", "tune_prompt", "train_lora", "mask", "generate"]),
+    ("whole", ["prepare", "tune_prompt", "train_lora", "generate"]),
+])
+def test_steps_of_each_mode_in_order_with_their_inputs(mode, ran):
+    calls = []
+    timer = StageTimer()
+    out = run_stages(_recording_steps(calls), mode=mode, timer=timer)
+    assert [name for name, _ in calls] == ran
+    args = dict(calls)
+    assert args["tune_prompt"] == ("case",) and args["train_lora"] == ("case", "rows")
+    assert args["generate"] == ("case", "rows", "adapter", "weights" if mode != "whole" else None)
+    if mode != "whole":
+        assert args["mask"] == ("case", "amap" if mode == "auto" else None)
+    assert list(timer.seconds) == ran
+    assert (out.case, out.prompt, out.lora, out.generate) == ("case", "rows", "adapter", "edited")
+    record = timer.record()
+    assert record["total"] == pytest.approx(sum(timer.seconds.values()), abs=1e-3)
+    assert "peak_gpu_memory_gb" not in record  # no CUDA models
+
+
+def test_learned_state_skips_training_and_learning_stops_after_lora():
+    calls = []
+    run_stages(_recording_steps(calls, learned=True), mode="auto", timer=StageTimer())
+    assert [name for name, _ in calls] == ["prepare", "attention", "mask", "generate"]
+    calls.clear()
+    out = run_stages(_recording_steps(calls), mode="auto", timer=StageTimer(), last="train_lora")
+    assert [name for name, _ in calls] == ["prepare", "tune_prompt", "train_lora"] and out.generate is None
+    with pytest.raises(ValueError, match="last must be one of"):
+        run_stages(_recording_steps(calls), mode="auto", timer=StageTimer(), last="load_models")
+
+
+def test_timer_keys_and_total():
+    timer = StageTimer()
+    assert timer("load_models", lambda: None) is None
+    timer("prepare", lambda: 1)
+    with pytest.raises(ValueError, match="unknown stage 'tune-prompt'"):
+        timer("tune-prompt", lambda: 1)
+    record = timer.record()
+    assert set(record) == {"load_models", "prepare", "total"}
+    assert record["total"] == record["prepare"]  # model loading is not part of the edit's total
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_models("tiny", device="cpu")
+
+
+def test_run_edit_times_model_loading_only_when_it_loads(tmp_path, example, tiny):
+    settings = EditSettings(prompt_iters=1, lora_iters=1)
+    case = {"image": example["image"], "prompt": example["prompt"], "edit_prompt": example["edit_prompt"],
+            "mode": "whole", "settings": settings, "progress": False}
+    loaded = []
+
+    def loader():
+        loaded.append(True)
+        return tiny
+
+    given = json.loads((run_edit(tmp_path / "given", models=tiny, **case) / "summary.json").read_text())["seconds"]
+    timed = json.loads((run_edit(tmp_path / "loaded", models_loader=loader, **case) / "summary.json").read_text())
+    assert loaded == [True]
+    assert "load_models" not in given  # loaded by the caller before the run: not timed as if it took no time
+    assert timed["seconds"]["load_models"] >= 0 and set(timed["seconds"]) - {"load_models"} == set(given)
+    assert set(given) == {"prepare", "tune_prompt", "train_lora", "generate", "total"}
