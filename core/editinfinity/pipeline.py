@@ -58,7 +58,7 @@ class EditOutput:
     edit_mask: torch.Tensor | None = None
     weights: torch.Tensor | None = None
     losses: dict = field(default_factory=dict)
-    seconds: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)  # edit.sequence timing keys, as summary.json "seconds"
 
 
 class EditInfinityPipeline(DiffusionPipeline):
