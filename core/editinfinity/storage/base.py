@@ -260,7 +260,14 @@ class Backend:
 
     # -- error mapping (overridden) --------------------------------------------------------------------------
     def classify(self, exc: BaseException) -> tuple[str, str] | None:
-        """(kind, detail) for errors this backend understands; None lets the exception propagate unchanged."""
+        """(kind, detail) for errors this backend understands; None lets the exception propagate unchanged.
+
+        This default is where the object stores' own mappings end: the standard library's network errors are
+        transient, any other ``OSError`` is ``other``."""
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return "transient", f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, OSError):
+            return "other", f"{type(exc).__name__}: {exc}"
         return None
 
     def endpoint(self) -> str | None:

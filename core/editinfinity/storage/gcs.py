@@ -154,12 +154,9 @@ class GCSBackend(Backend):
                                        "Name or service not known", "nodename nor servname")):
                 return "unreachable", text
             return "transient", text
-        if isinstance(exc, (requests.exceptions.Timeout, requests.exceptions.ChunkedEncodingError,
-                            ConnectionError, TimeoutError)):
+        if isinstance(exc, (requests.exceptions.Timeout, requests.exceptions.ChunkedEncodingError)):
             return "transient", f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, OSError):
-            return "other", f"{type(exc).__name__}: {exc}"
-        return None
+        return super().classify(exc)
 
     def fix(self, kind: str, u: StorageURI, op: str) -> str:
         ep = self.endpoint()

@@ -92,17 +92,22 @@ def _parse_manifest(data: bytes, where: str) -> list[dict[str, Any]]:
         raise _Incomplete(f"{where} is not a valid manifest: {exc}") from exc
 
 
+def _source_and_target(op: str, local_dir: str | os.PathLike, uri: URILike,
+                       settings: StorageSettings | None) -> tuple[Path, StorageURI, Backend]:
+    """The local folder ``op`` sends (refused unless it is one), the target URI and its backend."""
+    root = Path(local_dir)
+    if not root.is_dir():
+        raise _storage_error("not_found", op, parse_uri(root), "not a directory", "pass an existing local directory")
+    u = parse_uri(uri)
+    return root, u, backend_for(u, settings)
+
+
 def upload_dir(local_dir: str | os.PathLike, uri: URILike, *, settings: StorageSettings | None = None) -> list[str]:
     """Upload every file under ``local_dir`` to ``uri``/relative path (no manifest; not atomic for readers).
 
     Use ``publish_dir`` for stage outputs that others read. Returns the object URIs.
     """
-    root = Path(local_dir)
-    if not root.is_dir():
-        raise _storage_error("not_found", "upload_dir", parse_uri(root), "not a directory",
-                             "pass an existing local directory")
-    u = parse_uri(uri)
-    be = backend_for(u, settings)
+    root, u, be = _source_and_target("upload_dir", local_dir, uri, settings)
     files = _walk_files(root)
 
     def one(item: tuple[str, Path]) -> str:
@@ -124,12 +129,7 @@ def publish_dir(local_dir: str | os.PathLike, uri: URILike, *, settings: Storage
     under ``uri`` that are not in the new manifest stay but are ignored by readers. Local: copy into a temp folder
     next to the target, write the manifest, rename onto the target (replacing it). Returns the manifest URI.
     """
-    root = Path(local_dir)
-    if not root.is_dir():
-        raise _storage_error("not_found", "publish_dir", parse_uri(root), "not a directory",
-                             "pass an existing local directory")
-    u = parse_uri(uri)
-    be = backend_for(u, settings)
+    root, u, be = _source_and_target("publish_dir", local_dir, uri, settings)
     manifest = build_manifest(root)
     manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
     if not u.is_remote:

@@ -186,11 +186,7 @@ class S3Backend(Backend):
             return "other", str(exc)
         if isinstance(exc, ValueError) and "endpoint" in str(exc).lower():
             return "invalid", f"{exc} (check AWS_ENDPOINT_URL / EDITINFINITY_S3_ENDPOINT)"
-        if isinstance(exc, (ConnectionError, TimeoutError)):
-            return "transient", f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, OSError):
-            return "other", f"{type(exc).__name__}: {exc}"
-        return None
+        return super().classify(exc)
 
     def fix(self, kind: str, u: StorageURI, op: str) -> str:
         ep = self.endpoint()
