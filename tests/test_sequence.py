@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from editinfinity.edit.run import run_edit
 from editinfinity.edit.sequence import StageTimer, Steps, run_stages
@@ -91,3 +92,59 @@ def test_run_edit_times_model_loading_only_when_it_loads(tmp_path, example, tiny
     assert "load_models" not in given  # loaded by the caller before the run: not timed as if it took no time
     assert timed["seconds"]["load_models"] >= 0 and set(timed["seconds"]) - {"load_models"} == set(given)
     assert set(given) == {"prepare", "tune_prompt", "train_lora", "generate", "total"}
+
+
+def _snapshot(case, settings) -> dict:
+    """Every value of the case and the settings, copied (tensors cloned)."""
+    return {"settings": settings.to_dict(), "spec": case.spec.to_dict(), "image": case.image.tobytes(),
+            "raw": case.raw_features.clone(), "bits": [b.clone() for b in case.bits],
+            "text": {k: (t.features.clone(), list(t.lens)) for k, t in case.text.items()},
+            "target_range": case.target_range, "run_id": case.run_id}
+
+
+def _same(a: dict, b: dict) -> bool:
+    def eq(x, y):
+        if isinstance(x, torch.Tensor):
+            return x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)
+        if isinstance(x, (list, tuple)):
+            return len(x) == len(y) and all(eq(i, j) for i, j in zip(x, y, strict=True))
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(eq(x[k], y[k]) for k in x)
+        return x == y
+
+    return eq(a, b)
+
+
+def test_stage_functions_leave_their_arguments_as_they_were(tmp_path, example, tiny):
+    """The in-memory stages never change the case or the settings they are given; the stages over folders take
+    iterations and seed as arguments and leave the caller's settings as they were."""
+    from editinfinity.edit.attention import attention_map
+    from editinfinity.edit.case import CaseSpec
+    from editinfinity.edit.generate import generate, generate_edit
+    from editinfinity.edit.lora import train_lora, train_lora_adapter
+    from editinfinity.edit.masking import edit_weights
+    from editinfinity.edit.prepare import prepare, prepare_case
+    from editinfinity.edit.prompt_tuning import tune_prompt, tune_prompt_embedding
+
+    settings = EditSettings(prompt_iters=1, lora_iters=1, seed=2)
+    spec = CaseSpec(image=example["image"], prompt=example["prompt"], edit_prompt=example["edit_prompt"],
+                    mode="auto", target_word=example["target_word"], resolution="0.06M")
+    case = prepare_case(tiny, spec, settings)
+    before = _snapshot(case, settings)
+    rows, _ = tune_prompt_embedding(tiny, case, settings, False)
+    adapter, _ = train_lora_adapter(tiny, case, rows, settings, False)
+    amap = attention_map(tiny, case)
+    _, weights = edit_weights(case, amap, settings.threshold, settings.band, settings.core)
+    generate_edit(tiny, case, rows, adapter, weights, settings)
+    assert _same(before, _snapshot(case, settings))
+
+    caller = EditSettings(prompt_iters=3, lora_iters=3, seed=0)
+    kept = caller.to_dict()
+    case_dir = prepare(tmp_path / "case", image=example["image"], prompt=example["prompt"],
+                       edit_prompt=example["edit_prompt"], mode="whole", models=tiny, settings=caller)
+    prompt_dir = tune_prompt(case_dir, tmp_path / "prompt", iters=1, seed=5, models=tiny, settings=caller,
+                             progress=False)
+    lora_dir = train_lora(case_dir, prompt_dir, tmp_path / "lora", iters=1, seed=5, models=tiny, settings=caller,
+                          progress=False)
+    generate(case_dir, prompt_dir, lora_dir, tmp_path / "gen", seed=5, models=tiny, settings=caller)
+    assert caller.to_dict() == kept
