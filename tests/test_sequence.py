@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from editinfinity.edit.run import run_edit
 from editinfinity.edit.sequence import StageTimer, Steps, run_stages
@@ -148,3 +150,19 @@ def test_stage_functions_leave_their_arguments_as_they_were(tmp_path, example, t
                           progress=False)
     generate(case_dir, prompt_dir, lora_dir, tmp_path / "gen", seed=5, models=tiny, settings=caller)
     assert caller.to_dict() == kept
+
+
+@pytest.mark.parametrize("mode", ["auto", "mask"])
+def test_python_pipeline_and_run_edit_give_one_edit_under_one_set_of_keys(tmp_path, example, tiny, mode):
+    from editinfinity.pipeline import EditInfinityPipeline
+
+    settings = EditSettings(prompt_iters=1, lora_iters=2, seed=4)
+    where = {"auto": {"target_word": example["target_word"]}, "mask": {"mask": example["mask"]}}[mode]
+    out = EditInfinityPipeline.from_bundle(tiny).edit(example["image"], example["prompt"], example["edit_prompt"],
+                                                      settings=settings, progress=False, **where)
+    run = run_edit(tmp_path / "cli", image=example["image"], prompt=example["prompt"],
+                   edit_prompt=example["edit_prompt"], mode=mode, models=tiny, settings=settings, progress=False,
+                   **where)
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(out.seconds) == set(summary["seconds"])
+    assert np.array_equal(np.asarray(out.image), np.asarray(Image.open(run / "edited.png")))

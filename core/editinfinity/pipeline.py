@@ -31,12 +31,11 @@ from .edit.learned import (
     edit_spec,
     learn,
     load_learned,
+    training_steps,
 )
-from .edit.lora import train_lora_adapter
 from .edit.masking import edit_weights
 from .edit.modes import infer_mode
 from .edit.prepare import CaseData, prepare_case
-from .edit.prompt_tuning import tune_prompt_embedding
 from .edit.sequence import StageTimer, Steps, run_stages
 from .edit.settings import EditSettings
 from .errors import InvalidCaseError
@@ -129,14 +128,6 @@ class EditInfinityPipeline(DiffusionPipeline):
                             resolution=resolution or default_resolution(self.preset))
 
         # The steps in memory (edit.sequence runs them in order, for the modes that have them).
-        def tune(case):
-            rows, losses["prompt_tuning"] = tune_prompt_embedding(models, case, settings, progress)
-            return rows
-
-        def train(case, rows):
-            lora_state, losses["lora"] = train_lora_adapter(models, case, rows, settings, progress)
-            return lora_state
-
         def mask_weights(case, amap):
             return edit_weights(case, amap, settings.threshold, settings.band, settings.core,
                                 fill_holes=settings.fill_holes, min_region=settings.min_region)
@@ -150,8 +141,8 @@ class EditInfinityPipeline(DiffusionPipeline):
             steps = Steps(prepare=lambda: (edit_case(models, state, spec, settings), state.rows, state.adapter),
                           learned=True, **later)
         else:
-            steps = Steps(prepare=lambda: prepare_case(models, spec, settings), tune_prompt=tune, train_lora=train,
-                          **later)
+            steps = Steps(prepare=lambda: prepare_case(models, spec, settings),
+                          **training_steps(models, settings, progress, losses), **later)
         timer = StageTimer(models, release_memory=settings.low_memory)
         out = run_stages(steps, mode=mode, timer=timer)
         edit_mask, weights = out.mask if out.mask is not None else (None, None)

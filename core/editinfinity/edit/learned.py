@@ -131,6 +131,21 @@ def training_case(source: SourceData, prompt: str, resolution: str, preset: str)
                     run_id="learn", preset=preset)
 
 
+def training_steps(models: ModelBundle, settings: EditSettings, progress: bool, losses: dict) -> dict:
+    """Steps 2 and 3 in memory (``edit.sequence.Steps`` fields): prompt tuning returns the rows, LoRA the adapter;
+    their loss curves go into ``losses`` (``prompt_tuning``, ``lora``)."""
+
+    def tune(case: CaseData) -> torch.Tensor:
+        rows, losses["prompt_tuning"] = tune_prompt_embedding(models, case, settings, progress)
+        return rows
+
+    def train(case: CaseData, rows: torch.Tensor) -> dict:
+        adapter, losses["lora"] = train_lora_adapter(models, case, rows, settings, progress)
+        return adapter
+
+    return {"tune_prompt": tune, "train_lora": train}
+
+
 def learn(models: ModelBundle, image, prompt: str, *, resolution: str | None = None,
           settings: EditSettings | None = None, progress: bool = True) -> LearnedState:
     """Encode the image and the source prompt, tune the prompt rows, train the LoRA adapter (stages A-C)."""
@@ -149,18 +164,10 @@ def learn(models: ModelBundle, image, prompt: str, *, resolution: str | None = N
         sources.append(encode_source(models, image, prompt, resolution, settings))
         return training_case(sources[0], prompt, resolution, models.preset)
 
-    def tune(case: CaseData) -> torch.Tensor:
-        rows, losses["prompt_tuning"] = tune_prompt_embedding(models, case, settings, progress)
-        return rows
-
-    def train(case: CaseData, rows: torch.Tensor) -> dict:
-        adapter, losses["lora"] = train_lora_adapter(models, case, rows, settings, progress)
-        return adapter
-
     # Steps 1-3 of the edit's sequence; the edit prompt is not known yet, so the mode does not matter.
     timer = StageTimer(models, release_memory=settings.low_memory)
-    done = run_stages(Steps(prepare=prepare_source, tune_prompt=tune, train_lora=train), mode="whole", timer=timer,
-                      last="train_lora")
+    done = run_stages(Steps(prepare=prepare_source, **training_steps(models, settings, progress, losses)),
+                      mode="whole", timer=timer, last="train_lora")
     source, rows, adapter = sources[0], done.prompt, done.lora
     ident = identity(models, image_digest(image), prompt, resolution, settings)
     return LearnedState(source=source, prompt=prompt, resolution=resolution, rows=rows, adapter=adapter,

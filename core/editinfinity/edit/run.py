@@ -3,7 +3,8 @@
 ``run_edit`` writes every stage directory under ``OUT/stages/`` (so any stage can be re-run or resumed with the
 per-stage commands) and the user-facing outputs at the top of ``OUT``: ``edited.png``, ``reconstruction.png``,
 ``mask.png``/``weights.png`` (modes with a mask), ``attention.png`` (mode auto), ``report.html`` and ``summary.json``.
-``OUT`` appears only once everything is written.
+``OUT`` appears only once everything is written. The steps run through ``edit.sequence.run_stages`` (the one
+sequence the Python pipeline and learning run too), timed under its keys.
 
 With ``settings.low_memory`` the T5 encoder leaves the GPU after prepare (and comes back for the next edit's
 prepare), every training block is checkpointed and cached GPU memory is released between stages; those moves are
