@@ -98,6 +98,10 @@ def test_worker_same_pixels_as_one_shot_and_resume(files, tmp_path, models):
     assert {i: s["status"] for i, s in statuses.items()} == {
         "a-green": "done", "a-yellow": "done", "a-mask": "done", "b-whole": "done", "fails": "failed"}
     assert "marks no pixel" in statuses["fails"]["error"]
+    done = [s["seconds"] for s in statuses.values() if s["status"] == "done"]
+    assert all({"prepare", "generate", "total", "case"} <= set(sec) for sec in done)
+    assert not any("load_models" in sec for sec in done)  # the models were loaded before the worker
+    assert sum("learn" in sec for sec in done) == 2  # once per image (a, b), on the case that paid for it
     assert len({statuses[i]["learned"] for i in ("a-green", "a-yellow", "a-mask")}) == 1
     for case in plan.cases:
         if case["id"] == "fails":
@@ -156,3 +160,5 @@ def test_cli_batch_run_writes_the_summary_page(files, tmp_path):
     assert "1 done, 1 failed, 1 invalid" in page
     rows = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
     assert {r["id"]: r["status"] for r in rows} == {"a-green": "done", "bad-word": "invalid", "fails": "failed"}
+    seconds = json.loads(open(status_uri(str(out), "a-green")).read())["seconds"]
+    assert seconds["load_models"] > 0 and seconds["learn"] > 0  # the worker loaded the models and learned the image

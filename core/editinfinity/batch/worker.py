@@ -87,6 +87,7 @@ class Worker:
         self.settings = EditSettings.from_dict(plan.settings)
         self.learned_cache = learned_cache
         t = time.perf_counter()
+        loaded_here = models is None
         if models is None:
             from ..models.bundle import load_models
 
@@ -96,7 +97,9 @@ class Worker:
             models = load_models(plan.preset or None, weights=weights, device=device,
                                  bias_mode=self.settings.bias_mode)
         self.models = models
-        self.load_seconds = time.perf_counter() - t
+        #: Seconds this worker spent loading the models (None: given loaded); the first case it edits records them.
+        self.load_seconds = time.perf_counter() - t if loaded_here else None
+        self._load_reported = False
 
     def run(self, groups: list[dict]) -> list[dict]:
         """Process ``groups``; returns one status per case (also written under ``_status/``)."""
@@ -167,7 +170,9 @@ class Worker:
                 summary = json.loads((out / "summary.json").read_text())
                 storage.publish_dir(out, uri)
             status.update(status="done", output_uri=uri, metrics=summary.get("metrics", {}),
-                          seconds=case_seconds(summary.get("seconds", {}), learn_seconds, time.perf_counter() - t))
+                          seconds=case_seconds(summary.get("seconds", {}), learn_seconds, time.perf_counter() - t,
+                                               None if self._load_reported else self.load_seconds))
+            self._load_reported = True
         except Exception as exc:  # one bad case never stops the worker
             log.error("case %s failed: %s", case["id"], _error_line(exc))
             log.debug("%s", traceback.format_exc())
@@ -185,12 +190,16 @@ class Worker:
             torch.cuda.empty_cache()
 
 
-def case_seconds(edit_seconds: dict, learn_seconds: float, case_seconds: float) -> dict:
-    """A case status's ``seconds``: the edit's summary timings (edit.sequence's keys), ``learn`` for the case that
-    paid for learning its image (as ``run_edit`` with a learned-state cache records it) and ``case``, the case's
-    wall time (edit and publishing, learning left out)."""
-    learned = {"learn": round(learn_seconds, 4)} if learn_seconds else {}
-    return {**learned, **edit_seconds, "case": round(case_seconds, 4)}
+def case_seconds(edit_seconds: dict, learn_seconds: float, case_seconds: float,
+                 load_seconds: float | None = None) -> dict:
+    """A case status's ``seconds``: the edit's summary timings (edit.sequence's keys), ``load_models`` for the
+    worker's first case when the worker loaded the models, ``learn`` for the case that paid for learning its image
+    (as ``run_edit`` with a learned-state cache records both) and ``case``, the case's wall time (edit and
+    publishing; loading and learning left out)."""
+    paid = {"load_models": round(load_seconds, 4)} if load_seconds is not None else {}
+    if learn_seconds:
+        paid["learn"] = round(learn_seconds, 4)
+    return {**paid, **edit_seconds, "case": round(case_seconds, 4)}
 
 
 def copy_weights(weights: str, local_dir) -> Path:
