@@ -146,15 +146,20 @@ def _metric_name(text: str) -> str:
 
 
 def summary_metrics(summary: Mapping[str, Any], timings: Mapping[str, float] | None = None) -> dict[str, float]:
-    """Numeric figures for the KFP Metrics view: quality metrics and ``seconds_<stage>``."""
+    """Numeric figures for the KFP Metrics view: quality metrics, ``seconds_<stage>`` (``edit.sequence`` keys and
+    ``seconds_total``) and ``peak_gpu_memory_gb``."""
+    from .edit.sequence import PEAK_MEMORY
+
     out = {_metric_name(k): v for k, v in _numbers(summary.get("metrics")).items()}
     seconds = {**_numbers(summary.get("seconds")), **_numbers(timings)}
-    out.update({f"seconds_{_metric_name(k)}": v for k, v in seconds.items()})
+    out.update({k if k == PEAK_MEMORY else f"seconds_{_metric_name(k)}": v for k, v in seconds.items()})
     return dict(sorted(out.items()))
 
 
 def summary_markdown(summary: Mapping[str, Any], *, output_uri: str = "", case_id: str = "") -> str:
     """A short Markdown report: the case, quality metrics, timings and where the results were published."""
+    from .edit.sequence import PEAK_MEMORY
+
     spec = summary.get("spec") or {}
     lines = [f"# EditInfinity edit{f' `{case_id}`' if case_id else ''}", "", "| | |", "|---|---|"]
     for key in ("mode", "prompt", "edit_prompt", "target_word", "resolution"):
@@ -166,8 +171,11 @@ def summary_markdown(summary: Mapping[str, Any], *, output_uri: str = "", case_i
     if metrics:
         lines += ["", "| metric | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in metrics.items()]
     seconds = _numbers(summary.get("seconds"))
+    peak = seconds.pop(PEAK_MEMORY, None)
     if seconds:
         lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in seconds.items()]
+    if peak is not None:
+        lines += ["", f"Peak GPU memory: {peak:.1f} GiB"]
     lines += ["", f"Results: `{output_uri}`" if output_uri else "Results: in the pipeline root (no output_uri)."]
     return "\n".join(lines) + "\n"
 

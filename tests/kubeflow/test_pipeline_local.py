@@ -260,8 +260,12 @@ def test_parse_cases_errors_name_the_line(lines, message):
 
 def test_summary_metrics():
     assert runtime.summary_metrics({"metrics": {"psnr": 30.5, "ssim": 0.9, "region": "x", "ok": True},
-                                    "seconds": {"train_lora": 12}}, {"generate": 3.0}) == {
-        "psnr": 30.5, "seconds_generate": 3.0, "seconds_train_lora": 12.0, "ssim": 0.9}
+                                    "seconds": {"train_lora": 12, "peak_gpu_memory_gb": 4.5}},
+                                   {"generate": 3.0}) == {
+        "psnr": 30.5, "seconds_generate": 3.0, "seconds_train_lora": 12.0, "ssim": 0.9, "peak_gpu_memory_gb": 4.5}
+    text = runtime.summary_markdown({"seconds": {"generate": 3.0, "total": 3.0, "peak_gpu_memory_gb": 4.5}})
+    assert "| generate | 3.0 |" in text and "Peak GPU memory: 4.5 GiB" in text
+    assert "| peak_gpu_memory_gb |" not in text  # not a time
 
 
 def test_weights_resolution_passes_local_and_hub_ids_through(tmp_path):

@@ -19,16 +19,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 #: Timing keys, in the order they run: model loading (only where the run loads the models itself), learning
 #: through a learned-state cache, then the six steps.
 STAGES = ("load_models", "learn", "prepare", "tune_prompt", "train_lora", "attention", "mask", "generate")
 #: The steps of :func:`run_stages` (the last six of ``STAGES``).
 STEPS = STAGES[2:]
-#: Entries of a ``seconds`` record that are not stages: the sum of the stages (``load_models`` left out) and the
-#: peak GPU memory in GiB (CUDA only).
-NOT_STAGES = ("total", "peak_gpu_memory_gb")
+#: The peak of allocated GPU memory in GiB (CUDA only), recorded beside the seconds (not a time).
+PEAK_MEMORY = "peak_gpu_memory_gb"
+#: Entries of a ``seconds`` record that are not stages: the sum of the stages (``load_models`` left out) and
+#: ``PEAK_MEMORY``.
+NOT_STAGES = ("total", PEAK_MEMORY)
 
 
 class StageTimer:
@@ -58,8 +58,10 @@ class StageTimer:
         if self.release_memory and self.models is not None:
             self.models.release_cached_memory()
         if self.cuda:
+            import torch
+
             torch.cuda.synchronize()
-            self.memory[name] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            self.memory[name] = _peak_gib()
         self.seconds[name] = round(time.perf_counter() - start, 4)
         return result
 
@@ -68,8 +70,14 @@ class StageTimer:
         out = dict(self.seconds)
         out["total"] = round(sum(v for k, v in self.seconds.items() if k != "load_models"), 4)
         if self.cuda:
-            out["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            out[PEAK_MEMORY] = _peak_gib()
         return out
+
+
+def _peak_gib() -> float:
+    import torch  # only on CUDA: the constants above are importable without torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3)
 
 
 @dataclass(frozen=True)
