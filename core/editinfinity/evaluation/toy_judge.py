@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 
 from .. import toyworld
+from ..edit.mask import cell_fractions_from_pixels
+from ..edit.masking import CELL_THRESHOLD
 from ..edit.modes import MODES
 from ..metrics import psnr
 from ..models import schedules
@@ -164,8 +166,21 @@ def _finite(v: float) -> float:
 
 
 def _cells(mask: np.ndarray, cell: int) -> np.ndarray:
+    """Cells touched by at least one pixel of ``mask`` (the measure before the fifth session, kept for comparison)."""
     m = torch.as_tensor(np.asarray(mask, dtype=bool)).float()[None, None]
     return torch.nn.functional.max_pool2d(m, cell)[0, 0].bool().numpy()
+
+
+def true_cells(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """The true edit region on the latent grid: the cells at least ``CELL_THRESHOLD`` (20 %) covered by ``mask``,
+    the rule by which the method itself turns a pixel mask into cells (``edit/masking.py``), so a user mask of the
+    exact region scores IoU 1."""
+    return (cell_fractions_from_pixels(np.asarray(mask, dtype=bool), grid) >= CELL_THRESHOLD).numpy()
+
+
+def _iou(truth: np.ndarray, pred: np.ndarray) -> float:
+    union = (truth | pred).sum()
+    return float((truth & pred).sum() / union) if union else 1.0
 
 
 def _judge_output(case: dict[str, Any], out, mode: str, seconds: float) -> dict[str, Any]:
@@ -176,12 +191,13 @@ def _judge_output(case: dict[str, Any], out, mode: str, seconds: float) -> dict[
            "old_value": case["old_value"], "new_value": case["new_value"], "seconds": round(seconds, 3),
            **judge_edit(case, edited, recon)}
     if out.edit_mask is not None:
-        truth = _cells(case["mask"], 16)
         pred = out.edit_mask.numpy().astype(bool)
-        if pred.shape == truth.shape:
-            union = (truth | pred).sum()
-            res["mask_iou"] = float((truth & pred).sum() / union) if union else 1.0
-            res["mask_cells"] = int(pred.sum())
+        truth = true_cells(case["mask"], pred.shape)
+        res["mask_iou"] = _iou(truth, pred)
+        any_pixel = _cells(case["mask"], case["mask"].shape[0] // pred.shape[0])
+        if any_pixel.shape == pred.shape:
+            res["mask_iou_any_pixel"] = _iou(any_pixel, pred)
+        res["mask_cells"] = int(pred.sum())
     return res
 
 
@@ -218,6 +234,9 @@ def summarise_edits(results: list[dict[str, Any]], mode: str, requested: int, tr
     if ious.size:
         summary.update(mask_iou_mean=float(ious.mean()), mask_iou_median=float(np.median(ious)),
                        mask_iou_ge_075_rate=float(np.mean(ious >= 0.75)))
+    old = np.array([r["mask_iou_any_pixel"] for r in results if "mask_iou_any_pixel" in r])
+    if old.size:
+        summary["mask_iou_any_pixel_mean"] = float(old.mean())
     summary["results"] = results
     return summary
 

@@ -86,6 +86,8 @@ class TextCondition:
     memory: torch.Tensor
     mask: torch.Tensor
     attn_mask: torch.Tensor | None
+    #: (B,) bools of the samples whose text condition dropout replaced (train mode), None when none was drawn
+    dropped: list[bool] | None = None
 
 
 class TextConditionCache:
@@ -373,7 +375,7 @@ class Infinity(ModelMixin, ConfigMixin):
             cond_BD = self.text_proj_for_sos(rows, attn_mask).float()
             memory, _ = TextFeatures(self.text_proj_for_ca(normed), text.lens).padded()
             gss = self.shared_ada_lin(cond_BD).view(cond_BD.shape[0], 1, 6, -1)
-        return TextCondition(cond_BD=cond_BD, gss=gss, memory=memory, mask=mask, attn_mask=attn_mask)
+        return TextCondition(cond_BD=cond_BD, gss=gss, memory=memory, mask=mask, attn_mask=attn_mask, dropped=drop)
 
     def embed_tokens(self, codes_BLd: torch.Tensor) -> torch.Tensor:
         """Next-scale inputs (B, n, d) -> (B, n, C), float32."""
@@ -419,7 +421,8 @@ class Infinity(ModelMixin, ConfigMixin):
         """Teacher-forced logits (B, L, 2d) from the next-scale inputs ``x_wo_prefix`` (B, L-1, d).
 
         ``generator`` drives condition dropout and DropPath (train mode only). ``attention_probe`` (e.g. an
-        :class:`AttentionMapCollector`) sees every block's cross-attention queries/keys of sample 0.
+        :class:`AttentionMapCollector`) sees every block's cross-attention queries/keys of sample 0 (a ``batched``
+        probe those of every sample; its ``on_condition(cond)``, if any, first gets the :class:`TextCondition`).
         ``text_cache`` (built from this same ``text``) replaces the text path by its cached outputs.
         """
         sched = self._check_schedule(schedule)
@@ -435,6 +438,9 @@ class Infinity(ModelMixin, ConfigMixin):
             if text_cache.lens != list(text.lens):
                 raise ValueError(f"`text_cache` was built for text lengths {text_cache.lens}, got {list(text.lens)}")
             cond = text_cache.select(self._draw_condition_drop(B, generator))
+        notify = getattr(attention_probe, "on_condition", None)
+        if notify is not None:  # a batched probe learns which samples lost their text
+            notify(cond)
         sos = cond.cond_BD.unsqueeze(1) + self.pos_start
         x = torch.cat([sos, self.embed_tokens(x_wo_prefix.to(self.device))], dim=1)
         x = x + self.lvl_embed.weight[self._schedule_tensor("level", sched, self.device,

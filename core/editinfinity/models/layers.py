@@ -22,7 +22,8 @@ from .rope import apply_rope
 
 BIAS_MODES = ("upstream", "editinfinity")
 
-#: Called by cross-attention for the conditional sample: ``probe(layer_index, q_LHc, k_THc)``.
+#: Called by cross-attention for the conditional sample: ``probe(layer_index, q_LHc, k_THc)``. A probe with a true
+#: ``batched`` attribute gets the whole batch instead: ``probe(layer_index, q_BLHc, k_BTHc, attn_mask)``.
 AttentionProbe = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
@@ -171,8 +172,11 @@ class CrossAttention(nn.Module):
         q = self.mat_q(x).view(B, L, self.num_heads, self.head_dim)
         k, v = self.keys_values(memory)
         if probe is not None:
-            n0 = int(attn_mask[0].sum()) if attn_mask is not None else k.shape[1]
-            probe(layer_index, q[0], k[0, :n0])
+            if getattr(probe, "batched", False):  # e.g. a training loss on the maps: every sample, with gradients
+                probe(layer_index, q, k, attn_mask)
+            else:
+                n0 = int(attn_mask[0].sum()) if attn_mask is not None else k.shape[1]
+                probe(layer_index, q[0], k[0, :n0])
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=attn_mask, scale=1.0 / math.sqrt(self.head_dim))
         return self.proj(out.transpose(1, 2).reshape(B, L, C))

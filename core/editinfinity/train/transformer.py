@@ -35,6 +35,7 @@ from ..models.infinity import Infinity
 from ..models.quantizer import bitwise_self_correction
 from ..models.text import STYLE_SUFFIX, TextFeatures, tokenize_prompts
 from . import common
+from .attention_loss import CrossAttentionTargets, object_coverage, word_token_weights
 from .data import TEXT_STREAM, TRANSFORMER_STREAM, SceneStream, render_batch, stream_rng
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,9 @@ class TransformerConfig:
     # Share of two-shape training scenes; None: the world's own 1-or-2 with equal odds. Raising it spends more of
     # the training on the harder two-object layouts (evaluation still draws from the world's distribution).
     two_shape_prob: float | None = None
+    # Weight of the auxiliary cross-attention loss (train/attention_loss.py: each object's colour and shape words
+    # should attend to that object's cells, the map the automatic mask thresholds); 0: off, the plain bit loss.
+    attn_loss_weight: float = 0.0
     # Latent replay: a FIFO buffer of `replay_size` encoded pictures, of which `replay_refresh` are replaced by new
     # ones every step; a batch samples the buffer. Each picture is used ~batch_size/replay_refresh times (with new
     # bit flips and prompt variants), and the VAE encodes replay_refresh pictures per step instead of batch_size.
@@ -101,6 +105,8 @@ class TransformerConfig:
             raise ValueError("noise_strength must be in [0, 1]")
         if self.two_shape_prob is not None and not 0 <= self.two_shape_prob <= 1:
             raise ValueError("two_shape_prob must be in [0, 1] (or null for the world's own distribution)")
+        if self.attn_loss_weight < 0:
+            raise ValueError("attn_loss_weight must be >= 0 (0 turns the attention loss off)")
         if self.batch_size < 1 or self.rows < 0:
             raise ValueError("batch_size must be positive and rows non-negative")
         if self.replay_size and (self.replay_refresh < 1 or self.replay_size % self.replay_refresh
@@ -321,6 +327,14 @@ def load_initial_weights(transformer: Infinity, text_encoder, directory: Path) -
     log.info("transformer: initialised from %s", directory)
 
 
+def attention_targets(tokenizer, scenes: list, schedule, rows: int, device) -> CrossAttentionTargets:
+    """The attention-loss probe of a batch (train/attention_loss.py) with its tensors on ``device``."""
+    weights, objects, valid = word_token_weights(tokenizer, scenes, rows)
+    coverage = object_coverage(scenes, schedules.last_grid(schedule))
+    return CrossAttentionTargets(schedule, to_device(weights, device), to_device(objects, device),
+                                 to_device(valid, device), to_device(coverage, device))
+
+
 def load_frozen_vae(vae: BSQVAE | str | Path, device: torch.device) -> BSQVAE:
     """The VAE that codes the pictures, frozen, in eval mode on ``device``."""
     if not isinstance(vae, BSQVAE):
@@ -405,6 +419,7 @@ def train_transformer(config: TransformerConfig, run_dir: str | Path, vae: BSQVA
         # float32 encoder, exactly as the prepare stage codes a picture (bits are signs)
         return vae_model.encode_raw(render_batch(scenes, dev, noise=config.image_noise, generator=gen))
 
+    attn_loss = config.attn_loss_weight > 0
     replay_on = config.replay_size > 0
     per_step = config.replay_refresh if replay_on else config.batch_size
     with SceneStream(config.seed, TRANSFORMER_STREAM, per_step, start=state.step, width=config.image_size,
@@ -429,16 +444,23 @@ def train_transformer(config: TransformerConfig, run_dir: str | Path, vae: BSQVA
             with torch.set_grad_enabled(config.train_text_encoder):  # float32, as the prepare stage runs it
                 text = encode_captions(tokenizer, text_encoder, prompts, dev)
             text = append_rows(text, rows, chosen)
+            probe = attention_targets(tokenizer, scenes, schedule, max(text.lens), dev) if attn_loss else None
             with common.autocast(dev):
-                logits = transformer(text, x_in, schedule, generator=gen)
+                logits = transformer(text, x_in, schedule, attention_probe=probe, generator=gen)
             logits = logits.float()
             loss = transformer.bit_loss(logits, gt_bits, schedule)
+            extra = {}
+            if probe is not None:
+                attn = probe.loss()
+                loss = loss + config.attn_loss_weight * attn
+                extra["attn_loss"] = attn.detach()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             opt.step()
             acc, acc_coarse = bit_accuracy(logits, gt_bits, coarse)
-            return {"loss": loss.detach().float(), "bit_acc": acc, "coarse_acc": acc_coarse, "grad_norm": grad_norm}
+            return {"loss": loss.detach().float(), "bit_acc": acc, "coarse_acc": acc_coarse, "grad_norm": grad_norm,
+                    **extra}
 
         last = common.run_steps(
             "transformer", run_dir, state, common.Budget(steps=config.steps, minutes=config.minutes),
