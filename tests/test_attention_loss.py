@@ -15,7 +15,6 @@ from editinfinity.models.quantizer import bitwise_self_correction
 from editinfinity.models.text import STYLE_SUFFIX, target_token_range
 from editinfinity.train import common
 from editinfinity.train.attention_loss import (
-    CrossAttentionTargets,
     caption_word_spans,
     object_coverage,
     word_token_weights,

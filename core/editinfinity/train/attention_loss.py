@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .. import toyworld
 from ..models import schedules
+from ..toyworld.scene import _shape_on_grid
 
 #: Supervised words per caption: colour and shape of each of at most two objects, in caption order.
 WORDS_PER_OBJECT = 2
@@ -90,7 +91,7 @@ def _scene_coverage(scene: toyworld.Scene, grid: tuple[int, int], sub: int) -> n
     hK, wK = grid
     xs = (np.arange(wK * sub, dtype=np.float64)[None, :] + 0.5) * (scene.width / (wK * sub))
     ys = (np.arange(hK * sub, dtype=np.float64)[:, None] + 0.5) * (scene.height / (hK * sub))
-    masks = [np.broadcast_to(toyworld._shape_on_grid(s.kind, s.cx, s.cy, s.size, xs, ys), (hK * sub, wK * sub))
+    masks = [np.broadcast_to(_shape_on_grid(s.kind, s.cx, s.cy, s.size, xs, ys), (hK * sub, wK * sub))
              for s in scene.shapes]
     out = np.zeros((MAX_OBJECTS, hK, wK), dtype=np.float32)
     for i, m in enumerate(masks):

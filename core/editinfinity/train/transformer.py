@@ -11,6 +11,9 @@ Text: the captions' T5 rows, trained jointly with the transformer by default (a 
 "a red circle and a blue square" from "a blue circle and a red square"). Part of the batch uses the styled prompt
 (``caption + STYLE_SUFFIX``) and part of those get 20 appended rows — zeros or small random vectors — because
 the edit stages append learned rows (zero-initialised) after the styled prompt.
+
+Optionally (``attn_loss_weight`` > 0) the loss adds the auxiliary cross-attention loss of
+:mod:`editinfinity.train.attention_loss`: each object's colour and shape words attend to that object's cells.
 """
 
 from __future__ import annotations
