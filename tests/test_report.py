@@ -116,3 +116,25 @@ def test_to_pil_rounds_to_the_nearest_byte_and_clamps():
     assert out.shape == (2, 8, 3) and out.dtype == np.uint8
     assert out[0, :, 0].tolist() == [0, 1, 100, 101, 127, 255, 255, 0]
     assert (out == out[:1, :, :1]).all()  # every channel and row alike
+
+
+def test_decoded_pictures_become_bytes_in_one_place():
+    """The toy model's training and judging use the edit's conversion (``to_pil``), not a copy of it: the same
+    bytes for a batch, and the rounding expression written once under core/."""
+    import re
+    from pathlib import Path
+
+    from editinfinity.edit.generate import to_pil
+    from editinfinity.edit.pixels import to_bytes
+
+    torch.manual_seed(0)
+    batch = torch.rand(3, 3, 4, 5) * 2.4 - 1.2
+    got = to_bytes(batch)
+    assert got.shape == (3, 4, 5, 3) and got.dtype == np.uint8
+    for i in range(3):
+        assert (got[i] == np.asarray(to_pil(batch[i:i + 1]))).all()
+    core = Path(__file__).resolve().parents[1] / "core" / "editinfinity"
+    places = [f"{p.relative_to(core)}:{n}" for p in core.rglob("*.py")
+              for n, line in enumerate(p.read_text().splitlines(), 1)
+              if re.search(r"\*\s*127\.5\)?\s*\.round\(\)", line)]
+    assert len(places) == 1, places

@@ -23,7 +23,7 @@ from ..models.quantizer import scale_codes_on_grid
 from .artifacts import stage_output
 from .lora import load_adapter, lora_adapter, lora_config
 from .masking import load_weights
-from .pixels import keep_source_pixels
+from .pixels import keep_source_pixels, to_bytes
 from .prepare import CaseData, load_case, require_models
 from .prompt_tuning import load_embedding
 from .settings import EditSettings
@@ -31,9 +31,8 @@ from .training import make_generator, styled_text
 
 
 def to_pil(img: torch.Tensor) -> Image.Image:
-    """(1, 3, H, W) in [-1, 1] -> RGB PIL, rounding to the nearest byte (the reference truncates; docs/method.md "Output encoding")."""
-    arr = ((img[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(np.ascontiguousarray(arr))
+    """(1, 3, H, W) in [-1, 1] -> RGB PIL, rounding to the nearest byte (:func:`editinfinity.edit.pixels.to_bytes`)."""
+    return Image.fromarray(np.ascontiguousarray(to_bytes(img[:1])[0]))
 
 
 @dataclass

@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ["pixel_keep_weights", "keep_source_pixels"]
+__all__ = ["pixel_keep_weights", "keep_source_pixels", "to_bytes"]
+
+
+def to_bytes(img: torch.Tensor) -> np.ndarray:
+    """``(B, 3, H, W)`` in [-1, 1] -> ``(B, H, W, 3)`` uint8, rounding to the nearest byte (the published code
+    truncates; docs/method.md "Output encoding"). The one conversion of decoded pictures to bytes."""
+    arr = ((img.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return arr.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _neighbourhood(grid: torch.Tensor, op: str) -> torch.Tensor:

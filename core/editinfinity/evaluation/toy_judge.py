@@ -23,11 +23,12 @@ from .. import toyworld
 from ..edit.mask import cell_fractions_from_pixels
 from ..edit.masking import CELL_THRESHOLD
 from ..edit.modes import MODES
+from ..edit.pixels import to_bytes
 from ..metrics import psnr
 from ..models import schedules
 from ..models.text import encode_prompts
 from ..train.common import autocast
-from ..train.data import EDIT_SEED_BASE, heldout_scenes, to_uint8
+from ..train.data import EDIT_SEED_BASE, heldout_scenes
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def generate_pictures(transformer, vae, tokenizer, text_encoder, prompts: Sequen
         with autocast(device):  # as the generate stage: bf16 on GPU
             res = transformer.generate(text, schedule, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, generator=gen)
             img = vae.decode(res.summed_codes)
-        out += list(to_uint8(img))
+        out += list(to_bytes(img))
     return out
 
 

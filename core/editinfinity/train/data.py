@@ -174,9 +174,3 @@ def render_batch(scenes: Sequence[toyworld.Scene], device: torch.device | str = 
         x = torch.round(x + z * std).clamp_(0, 255)
     x = x.div(255)
     return x.add(x).add_(-1)
-
-
-def to_uint8(img: torch.Tensor) -> np.ndarray:
-    """``(B, 3, H, W)`` in [-1, 1] -> ``(B, H, W, 3)`` uint8, rounding to the nearest byte (as ``generate.to_pil``)."""
-    arr = ((img.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return arr.permute(0, 2, 3, 1).cpu().numpy()

@@ -24,13 +24,14 @@ import numpy as np
 import torch
 
 from .. import toyworld
+from ..edit.pixels import to_bytes
 from ..errors import CheckpointError
 from ..metrics import psnr
 from ..models import schedules
 from ..models.bsq_vae import BSQVAE
 from ..models.quantizer import multiscale_quantize
 from . import common
-from .data import VAE_STREAM, SceneStream, heldout_scenes, render_batch, to_uint8
+from .data import VAE_STREAM, SceneStream, heldout_scenes, render_batch
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +142,8 @@ def heldout_psnr(vae: BSQVAE, scenes: list[toyworld.Scene], schedule, device: to
         for i in range(0, len(scenes), batch):
             chunk = scenes[i:i + batch]
             img = render_batch(chunk, device)
-            rec = to_uint8(reconstruct(vae, img, schedule))
-            src = to_uint8(img)
+            rec = to_bytes(reconstruct(vae, img, schedule))
+            src = to_bytes(img)
             values += [psnr(s, r) for s, r in zip(src, rec, strict=True)]
     finally:
         vae.train(was_training)
