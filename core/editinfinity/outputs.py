@@ -153,6 +153,21 @@ def _write_record(folder: Path, what: str) -> None:
     record = {"format": RECORD_FORMAT, "what": what, "files": [f for f in _files(folder) if f != RECORD],
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (folder / RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    _usual_modes(folder)
+
+
+def _usual_modes(folder: Path) -> None:
+    """Give every file and folder of a result the modes the user's umask asks for (``0o666 & ~umask``, folders
+    ``0o777 & ~umask``): some writers (safetensors, temporary files) create their files 0600."""
+    from .storage.base import current_umask
+
+    umask = current_umask()
+    for dirpath, _dirs, files in os.walk(folder):
+        os.chmod(dirpath, 0o777 & ~umask)
+        for f in files:
+            p = os.path.join(dirpath, f)
+            if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~umask)
 
 
 def _protected(out: Path, inputs: Iterable) -> str | None:
@@ -474,7 +489,6 @@ def _keep_aside(tmp: Path, target: Path) -> Path:
 
 
 def _publish(tmp: Path, target: Path, *, overwrite: bool, inputs: list, flag: str) -> None:
-    os.chmod(tmp, 0o777 & ~_umask())
     exists = os.path.lexists(target)
     if overwrite and exists and not (target.is_dir() and not target.is_symlink() and not any(target.iterdir())):
         ok, reason = is_ours(target)
@@ -500,12 +514,6 @@ def _publish(tmp: Path, target: Path, *, overwrite: bool, inputs: list, flag: st
             raise OutputError(f"{flag} {target} appeared while this run was working (another run or program "
                               f"wrote it); nothing there was touched. This run's result is kept at {kept}") from None
         raise _fs_error(exc, "publish", target) from None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ---------------------------------------------------------------------------------------------------------------

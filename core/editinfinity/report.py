@@ -8,13 +8,10 @@ embedded as base64 PNG, no external assets), written atomically.
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -194,17 +191,11 @@ def write_report_html(path, *, images: Mapping[str, Image.Image], prompts: Mappi
 
 
 def atomic_write_text(out: Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``out`` through a temporary file in the same folder; returns ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` (UTF-8) to ``out`` through a temporary file in the same folder, with the mode the user's
+    umask asks for; returns ``out``."""
+    from .storage.base import _atomic_write
+
+    _atomic_write(Path(out), lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return out
 
 

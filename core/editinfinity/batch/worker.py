@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..errors import EditInfinityError
 from ..runtime import resolve_weights
+from ..storage.base import current_umask
 from .plan import BatchPlan, read_plan, split
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,7 @@ def copy_weights(weights: str, local_dir) -> Path:
     try:
         t = time.perf_counter()
         shutil.copytree(src, tmp, dirs_exist_ok=True)
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp made it 0700
         try:
             os.rename(tmp, dest)
         except OSError:  # another worker's copy won

@@ -75,8 +75,8 @@ class CaseSpec:
     def validate(self, *, check_files: bool = True) -> CaseSpec:
         """Check every field; raise :class:`InvalidCaseError` naming the field and the fix. Returns ``self``.
 
-        An edit prompt equal to the prompt is allowed (it reconstructs the source) but logged as a warning.
-        ``check_files`` also checks that local image/mask paths exist (URIs are not checked).
+        An edit prompt equal to the prompt is allowed (it reconstructs the source); :meth:`warn_if_reconstruction`
+        says so once per edit. ``check_files`` also checks that local image/mask paths exist (URIs are not checked).
         """
         for name in ("prompt", "edit_prompt"):
             value = getattr(self, name)
@@ -86,9 +86,6 @@ class CaseSpec:
             if not isinstance(value, str) or not value.strip():
                 what = "the source image" if name == "prompt" else "the wanted result"
                 raise InvalidCaseError(f"`{name}` is empty: give a sentence describing {what}")
-        if " ".join(self.prompt.split()) == " ".join(self.edit_prompt.split()):
-            logger.warning("`edit_prompt` equals `prompt` (%r): the result will reconstruct the source image",
-                           self.prompt)
         if self.mode not in MODES:
             raise InvalidCaseError(f"`mode` must be one of {', '.join(MODES)}, got {self.mode!r}")
         self._validate_mode_fields()
@@ -111,6 +108,13 @@ class CaseSpec:
             if self.mask is not None:
                 self._check_file("mask", self.mask)
         return self
+
+    def warn_if_reconstruction(self) -> None:
+        """Log a warning when the edit prompt equals the prompt: the edit then reconstructs the source. Called once
+        per edit, where its case is made (``prepare.case_from_source``), not by every check of the spec."""
+        if " ".join(self.prompt.split()) == " ".join(self.edit_prompt.split()):
+            logger.warning("`edit_prompt` equals `prompt` (%r): the result will reconstruct the source image",
+                           self.prompt)
 
     def _validate_mode_fields(self) -> None:
         has_word = self.target_word is not None and str(self.target_word).strip() != ""

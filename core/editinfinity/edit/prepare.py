@@ -127,6 +127,7 @@ def case_from_source(models: ModelBundle, source: SourceData, spec: CaseSpec,
     """Complete ``source`` into the case of ``spec``: the edit prompt's features, the target word's tokens (mode
     auto) or the user mask on the grid (mode mask)."""
     settings = settings or EditSettings()
+    spec.warn_if_reconstruction()
     tok, enc = models.tokenizer, _text_encoder(models)
     text = {**source.text, "edit_styled": encode_prompts(tok, enc, [style_prompt(spec.edit_prompt)],
                                                          extra_rows=settings.style_rows).to("cpu")}

@@ -107,8 +107,10 @@ def _root_cause(exc: BaseException) -> BaseException:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _current_umask() -> int:
-    # os.umask() is a process-wide set-and-restore (racy under threads); Linux exposes it read-only instead.
+def current_umask() -> int:
+    """The process's umask, read now (the modes our files get: ``0o666 & ~umask``, folders ``0o777 & ~umask``).
+
+    ``os.umask()`` is a process-wide set-and-restore (racy under threads); Linux exposes it read-only instead."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
@@ -118,8 +120,6 @@ def _current_umask() -> int:
         pass
     return 0o022
 
-
-_UMASK = _current_umask()
 
 
 def sha256_file(path: str | os.PathLike, bufsize: int = 4 * MiB) -> str:
@@ -148,7 +148,7 @@ def _atomic_write(dest: Path, write: Callable[[Path], T]) -> T:
     try:
         result = write(tmp)
         _fsync_file(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, dest)
         return result
     except BaseException:
@@ -169,7 +169,7 @@ def _install_dir(tmp: Path, dest: Path, *, replace_existing: bool = True) -> boo
     kept and ``tmp`` discarded (``replace_existing=False``, used by the cache where another process may have won
     the race). Returns True when ``tmp`` was installed.
     """
-    os.chmod(tmp, 0o777 & ~_UMASK)
+    os.chmod(tmp, 0o777 & ~current_umask())
     if not replace_existing:
         try:
             os.rename(tmp, dest)

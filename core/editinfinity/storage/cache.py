@@ -14,7 +14,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from .base import _COMMON_FIXES, _UMASK, MANIFEST_NAME, _install_dir, _make_temp_dir_near, _storage_error
+from .base import (
+    _COMMON_FIXES,
+    MANIFEST_NAME,
+    _install_dir,
+    _make_temp_dir_near,
+    _storage_error,
+    current_umask,
+)
 from .objects import _fetch_object, backend_for, stat
 from .publish import _dir_plan, _download_plan, build_manifest, publish_dir
 from .settings import StorageSettings
@@ -74,7 +81,7 @@ def cached_path(uri: URILike, *, verify: bool = True, settings: StorageSettings 
         # Key the cache by what was actually downloaded (the object may have changed since the first stat).
         target = _cache_target(u, got.version_token)
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(tmp_name, 0o666 & ~_UMASK)
+        os.chmod(tmp_name, 0o666 & ~current_umask())
         os.replace(tmp_name, target)
     finally:
         with contextlib.suppress(OSError):

