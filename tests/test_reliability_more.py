@@ -54,3 +54,33 @@ def test_atomic_writers_outside_a_result_folder_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert {n: oct(m) for n, m in _modes(tmp_path).items() if n != "."} == {"page.html": "0o640", "blob.bin": "0o640"}
+
+
+def test_weights_given_as_file_uris_are_used_as_local_paths(tmp_path):
+    """``--weights file://DIR`` (the CLI, the library's ``load_models``, the pods' and batch workers'
+    ``resolve_weights``) and ``file://`` checkpoint files of ``convert`` are their local paths."""
+    import torch
+    from safetensors.torch import save_file
+
+    from editinfinity.models.bundle import load_models
+    from editinfinity.models.checkpoints.convert import read_checkpoint
+    from editinfinity.models.presets import bundled_weights_dir
+    from editinfinity.runtime import resolve_weights
+
+    toy = bundled_weights_dir("toy")
+    uri = toy.resolve().as_uri()
+    assert uri.startswith("file:///")
+    assert resolve_weights(uri) == str(toy.resolve())
+    models = load_models("toy", weights=uri, device="cpu", text_encoder=False)
+    assert models.source == str(toy.resolve())
+    save_file({"w": torch.arange(3.0)}, str(tmp_path / "a b.safetensors"))
+    assert read_checkpoint((tmp_path / "a b.safetensors").as_uri())["w"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_file_uri_weights_on_the_command_line(tmp_path, case):  # noqa: F811
+    missing = tmp_path / "no-such-weights"
+    proc = cli(*edit_args(case, tmp_path / "out", *FAST, "--weights", missing.as_uri()))
+    one_line_error(proc, 2, f"'{missing}' is not a directory")
+    proc = cli(*edit_args(case, tmp_path / "out", *FAST, "--weights", f"file:{missing}"))
+    one_line_error(proc, 2, "--weights", "mistyped file URI")
+    assert not (tmp_path / "out").exists()

@@ -505,6 +505,22 @@ def _edit_learned(args, progress: bool) -> int:
     return 0
 
 
+#: Options that take a local path or a name that is not a path (a hub id): a ``file://`` URI becomes its path.
+PATH_OR_NAME_OPTIONS = ("weights", "transformer", "vae", "text_encoder")
+
+
+def _file_uris_as_paths(args) -> None:
+    from .storage.uri import InvalidURIError, file_uri_path
+
+    for name in PATH_OR_NAME_OPTIONS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            try:
+                setattr(args, name, file_uri_path(value))
+            except InvalidURIError as exc:
+                raise InvalidURIError(f"--{name.replace('_', '-')}: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import interrupts
 
@@ -513,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser(argv)
         args = parser.parse_args(argv)
+        _file_uris_as_paths(args)
         level = logging.WARNING - 10 * min(args.verbose, 2)
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
         return _run(args)

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .storage.uri import has_scheme
+from .storage.uri import file_uri_path, has_scheme
 
 if TYPE_CHECKING:
     from .edit.settings import EditSettings
@@ -42,8 +42,7 @@ def resolve_weights(weights: str) -> str | None:
     directory, a hub id) is passed through."""
     if not weights:
         return None
-    if weights.startswith("file://"):
-        return weights[len("file://"):]
+    weights = file_uri_path(weights)
     if has_scheme(weights):
         from . import storage
 

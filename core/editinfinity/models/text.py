@@ -230,13 +230,16 @@ _T5_SOURCE = ("a T5 checkpoint directory (config.json, weights, tokenizer files)
 
 def resolve_pretrained(path_or_hub_id: str | os.PathLike, *, what: str = "text encoder",
                        expected: str = _T5_SOURCE) -> Path:
-    """A local directory holding the T5 checkpoint: the path itself, or a hub id resolved through huggingface_hub.
+    """A local directory holding the T5 checkpoint: the path itself (or a ``file://`` URI), or a hub id resolved
+    through huggingface_hub.
 
     Hub ids honour ``HF_HUB_OFFLINE`` (then only the local cache is used) and ``HF_HOME``/``HF_HUB_CACHE``.
     Raises :class:`CheckpointError` naming the source (``what``: which option gave it, ``expected``: what it should
     be) and the fix when nothing usable is found.
     """
-    src = os.fspath(path_or_hub_id)
+    from ..storage.uri import file_uri_path
+
+    src = file_uri_path(os.fspath(path_or_hub_id))
     local = Path(src).expanduser()
     if local.is_dir():
         return local

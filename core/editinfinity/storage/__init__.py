@@ -43,7 +43,7 @@ from .objects import (
 )
 from .publish import build_manifest, download_dir, publish_dir, read_manifest, upload_dir
 from .settings import StorageSettings
-from .uri import InvalidURIError, StorageURI, has_scheme, is_remote, join_uri, parse_uri
+from .uri import InvalidURIError, StorageURI, file_uri_path, has_scheme, is_remote, join_uri, parse_uri
 
 # What callers use (the CLI, stages, runtime, evaluation, tests); the backends stay inside the package.
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "download",
     "download_dir",
     "exists",
+    "file_uri_path",
     "has_scheme",
     "is_remote",
     "join_uri",

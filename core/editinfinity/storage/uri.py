@@ -128,6 +128,15 @@ def has_scheme(uri: URILike) -> bool:
     return isinstance(uri, StorageURI) or "://" in str(uri)
 
 
+def file_uri_path(value):
+    """A ``file://`` URI (or a mistyped ``file:`` one, refused) as its local path; anything else unchanged (a plain
+    path, a hub id such as ``google/flan-t5-xl``, a ``gs://`` / ``s3://`` URI): for the options that take a local
+    path or something that is not a path at all (``--weights``, ``--text-encoder``, checkpoint files)."""
+    if isinstance(value, str) and value[:5].lower() == "file:":
+        return parse_uri(value).key
+    return value
+
+
 def join_uri(base: str | os.PathLike, *parts: str) -> str:
     """``parts`` under ``base``: joined with '/' for a URI, as a path of this OS for a local path."""
     base = str(base)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from ...errors import CheckpointError
 from ...outputs import claim_output
+from ...storage.uri import file_uri_path
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,8 @@ PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 def read_checkpoint(path: str | os.PathLike, *, unwrap: tuple[str, ...] = ("vae", "state_dict", "model")) -> dict:
     """Read a tensor dict from a safetensors or ``.pth`` file (``weights_only=True``), unwrapping a single
-    top-level container key such as ``'vae'``."""
-    path = Path(path)
+    top-level container key such as ``'vae'``. ``path`` may be a ``file://`` URI."""
+    path = Path(file_uri_path(os.fspath(path)))
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path (download the official weights "
                               "first, see README 'Official weights')")
