@@ -84,3 +84,40 @@ def test_file_uri_weights_on_the_command_line(tmp_path, case):  # noqa: F811
     proc = cli(*edit_args(case, tmp_path / "out", *FAST, "--weights", f"file:{missing}"))
     one_line_error(proc, 2, "--weights", "mistyped file URI")
     assert not (tmp_path / "out").exists()
+
+
+BLOCK_HEAVY = """
+import sys
+for name in ("torch", "diffusers", "transformers"):
+    sys.modules[name] = None  # importing them now fails: a command that needs them cannot answer
+from editinfinity.cli import main
+for argv in ARGVS:
+    print(main(argv), flush=True)
+"""
+
+
+def test_a_bad_out_is_refused_before_the_heavy_imports(tmp_path, case):  # noqa: F811
+    """Parsing the command line and checking a local ``--out`` import neither torch, diffusers nor transformers
+    (seconds to import), so a bad ``--out`` is answered at once; docs/reliability.md has the timings."""
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    argvs = [edit_args(case, foreign, "--preset", "tiny"),
+             edit_args(case, foreign, "--preset", "tiny", "--overwrite"),
+             edit_args(case, a_file / "out", "--preset", "tiny"),
+             ["demo", "--out", foreign],
+             ["prepare", "--image", case["image"], "--prompt", "p", "--edit-prompt", "q", "--whole-image",
+              "--out", Path(case["image"]).parent],
+             ["learn", "--image", case["image"], "--prompt", "p", "--out", "s3:/bucket"]]
+    code = f"ARGVS = {[[str(a) for a in argv] for argv in argvs]!r}\n" + BLOCK_HEAVY
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout.split() == ["2", "2", "3", "2", "2", "2"], (proc.stdout, proc.stderr)
+    errors = proc.stderr.splitlines()
+    for needle, line in zip(["not empty", "not an earlier editinfinity result", "is a file, not a folder",
+                             "not empty", "is the folder of the input", "mistyped s3 URI"], errors):
+        assert needle in line, (needle, line)
+    assert (foreign / "keep.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "file.txt", "foreign"]

@@ -372,6 +372,11 @@ def _run(args) -> int:
         for line in clean(args.folders, dry_run=args.dry_run) or ["nothing to clean"]:
             print(line)
         return 0
+    if hasattr(args, "out") and hasattr(args, "overwrite"):  # before the heavy imports below (seconds)
+        from .outputs import precheck_output
+
+        precheck_output(args.out, overwrite=args.overwrite,
+                        inputs=[getattr(args, n, None) for n in INPUT_OPTIONS])
     if args.quiet:
         _quiet_libraries()
     from .edit import stages
@@ -505,6 +510,9 @@ def _edit_learned(args, progress: bool) -> int:
     return 0
 
 
+#: Options naming what a command reads (an --out may never be one of them, their folder or a folder holding them).
+INPUT_OPTIONS = ("image", "mask", "case", "learned", "case_dir", "prompt_dir", "lora_dir", "mask_dir",
+                 "attention_dir", "transformer", "vae", "text_encoder")
 #: Options that take a local path or a name that is not a path (a hub id): a ``file://`` URI becomes its path.
 PATH_OR_NAME_OPTIONS = ("weights", "transformer", "vae", "text_encoder")
 

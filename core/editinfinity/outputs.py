@@ -47,7 +47,8 @@ from .errors import OutputError, StorageError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RECORD", "claim_output", "check_output", "is_ours", "stale_folders", "clean", "Leftover"]
+__all__ = ["RECORD", "claim_output", "check_output", "precheck_output", "is_ours", "stale_folders", "clean",
+           "Leftover"]
 
 #: Ownership record written into every published folder: the files that make up the result.
 RECORD = ".editinfinity-output.json"
@@ -244,6 +245,29 @@ def check_output(out, *, overwrite: bool = False, inputs: Iterable = (), flag: s
         raise StorageError(f"cannot create {flag} {out}: {base} is "
                            f"{'on a read-only file system' if ro else 'not writable (permissions, or an immutable folder)'}; "
                            f"choose a writable {flag}")
+
+
+def precheck_output(out, *, overwrite: bool = False, inputs: Iterable = (), flag: str = "--out") -> None:
+    """:func:`check_output` for ``out`` given as a path or URI, cheap enough to run before a command's heavy
+    imports (torch, diffusers: seconds): a malformed URI or a local target this run may not write fails at once.
+    Remote targets are checked by :func:`claim_output` (before any model loads); it checks local ones again."""
+    from .storage.uri import InvalidURIError, file_uri_path, has_scheme, parse_uri
+
+    try:
+        u = parse_uri(str(out))
+    except InvalidURIError as exc:
+        raise InvalidURIError(f"{flag}: {exc}") from None
+    if u.is_remote:
+        return
+    local = []
+    for inp in inputs:
+        try:
+            inp = file_uri_path(inp)
+        except InvalidURIError:
+            continue  # refused, naming its flag, where the input is read
+        if isinstance(inp, (str, os.PathLike)) and not has_scheme(inp):
+            local.append(inp)
+    check_output(u.key, overwrite=overwrite, inputs=local, flag=flag)
 
 
 def _read_only(path: Path) -> bool:

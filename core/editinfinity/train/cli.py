@@ -9,8 +9,6 @@ import argparse
 import logging
 from pathlib import Path
 
-from . import common
-
 log = logging.getLogger(__name__)
 
 
@@ -37,6 +35,8 @@ def _common_args(p: argparse.ArgumentParser, default_config: Path) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
+    from . import common
+
     over = common.parse_overrides(args.set)
     for key in ("minutes", "steps", "workers"):
         if getattr(args, key) is not None:
@@ -46,6 +46,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def train_vae_command(args: argparse.Namespace) -> int:
     """``editinfinity train-vae``."""
+    from . import common
     from .vae import VAEConfig, train_vae
 
     _verbose(args)
@@ -59,6 +60,7 @@ def train_vae_command(args: argparse.Namespace) -> int:
 
 def train_transformer_command(args: argparse.Namespace) -> int:
     """``editinfinity train``."""
+    from . import common
     from .transformer import TransformerConfig, train_transformer
 
     _verbose(args)
@@ -78,7 +80,7 @@ def train_toy_command(args: argparse.Namespace) -> int:
 
 def add_train_parser(subparsers) -> None:
     """Register ``train-vae``, ``train`` and ``train-toy`` on the main CLI's subparsers."""
-    from .toy import TRANSFORMER_CONFIG, VAE_CONFIG, add_toy_arguments
+    from .options import TRANSFORMER_CONFIG, VAE_CONFIG, add_toy_arguments
 
     p = subparsers.add_parser("train-vae", help="train a BSQ VAE on toy-world pictures",
                               description="Train a BSQ VAE (reconstruction of the multi-scale quantised latent).")

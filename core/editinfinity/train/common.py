@@ -27,10 +27,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, InvalidCaseError
+from .options import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 CHECKPOINT = "checkpoint"
 STATE_FILE = "training_state.pt"
 

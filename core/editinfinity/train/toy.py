@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from .. import __version__
 from ..errors import InvalidCaseError
 from . import common
+from .options import TRANSFORMER_CONFIG, VAE_CONFIG, add_toy_arguments  # noqa: F401  (re-exported)
 from .transformer import TransformerConfig, train_transformer
 from .vae import VAEConfig, heldout_psnr, train_vae
 
@@ -38,45 +39,6 @@ log = logging.getLogger(__name__)
 
 #: Upper bound on the shipped weights (every ``*.safetensors`` file of the output directory).
 MAX_WEIGHT_BYTES = 40 * 1024 * 1024
-VAE_CONFIG = common.CONFIG_DIR / "toy_vae.yaml"
-TRANSFORMER_CONFIG = common.CONFIG_DIR / "toy_transformer.yaml"
-
-
-def add_toy_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The driver's options (shared by ``python -m editinfinity.train.toy`` and ``editinfinity train-toy``)."""
-    p.add_argument("--out", required=True, help="weights directory to write (the layout load_models reads)")
-    p.add_argument("--work", help="training state directory (checkpoints, logs); default OUT.work")
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--phase", choices=("all", "vae", "transformer"), default="all",
-                   help="run both phases, or one (the transformer phase needs the VAE phase's output)")
-    p.add_argument("--vae-minutes", type=float, help="VAE training time (default from the config: 3)")
-    p.add_argument("--transformer-minutes", type=float, help="transformer training time (default from the config: 7)")
-    p.add_argument("--vae-steps", type=int, help="cap on VAE optimizer steps")
-    p.add_argument("--transformer-steps", type=int, help="cap on transformer optimizer steps")
-    p.add_argument("--vae-config", default=None, help=f"VAE YAML config (default {VAE_CONFIG.name})")
-    p.add_argument("--transformer-config", default=None, help=f"transformer YAML config (default "
-                   f"{TRANSFORMER_CONFIG.name})")
-    p.add_argument("--vae-set", action="append", metavar="KEY=VALUE", help="override a VAE setting (repeatable)")
-    p.add_argument("--transformer-set", action="append", metavar="KEY=VALUE",
-                   help="override a transformer setting, e.g. model.depth=4 (repeatable)")
-    p.add_argument("--workers", type=int, help="scene-sampling processes per phase (default from the configs)")
-    p.add_argument("--vae-from", metavar="DIR",
-                   help="use this trained VAE (save_pretrained layout, e.g. presets/toy/vae) instead of training one")
-    p.add_argument("--vae-decoder-minutes", type=float, metavar="MIN",
-                   help="with --vae-from: fine-tune that VAE's decoder for MIN minutes, encoder frozen (the bit "
-                        "codes, and so a transformer trained on them, stay valid)")
-    p.add_argument("--init-from", metavar="DIR",
-                   help="start the transformer and T5 from this weights directory (e.g. the bundled presets/toy) "
-                        "instead of a random initialisation")
-    p.add_argument("--check-images", type=int, default=200,
-                   help="held-out pictures for the final VAE PSNR check of the exported weights (0: skip)")
-    p.add_argument("--resume", action="store_true", help="continue the runs found in --work")
-    p.add_argument("--extend", action="store_true",
-                   help="with --resume: train finished phases for another budget (--vae-minutes / "
-                        "--transformer-minutes more), with a fresh warm-up and cosine cycle")
-    p.add_argument("--overwrite", action="store_true", help="delete OUT and --work first")
-    p.add_argument("--progress", action="store_true", help="tqdm bars (default: log lines only)")
-    return p
 
 
 def _config_path(given: str | None, default: Path) -> Path | None:
