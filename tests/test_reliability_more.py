@@ -5,6 +5,7 @@ run settings honoured by the library and the batch planner alike."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -117,7 +118,66 @@ def test_a_bad_out_is_refused_before_the_heavy_imports(tmp_path, case):  # noqa:
     assert proc.stdout.split() == ["2", "2", "3", "2", "2", "2"], (proc.stdout, proc.stderr)
     errors = proc.stderr.splitlines()
     for needle, line in zip(["not empty", "not an earlier editinfinity result", "is a file, not a folder",
-                             "not empty", "is the folder of the input", "mistyped s3 URI"], errors):
+                             "not empty", "is the folder of the input", "mistyped s3 URI"], errors, strict=True):
         assert needle in line, (needle, line)
     assert (foreign / "keep.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == [
         "file.txt", "foreign"]
+
+
+def test_toy_piebench_out_is_claimed_like_every_result(tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    toy = ["eval", "toy-piebench", "--per-type", "1", "--types", "0"]
+    one_line_error(cli(*toy, "--out", foreign), 2, "not empty", "--overwrite")
+    one_line_error(cli(*toy, "--out", foreign, "--overwrite"), 2, "not an earlier editinfinity result")
+    assert sorted(p.name for p in foreign.iterdir()) == ["keep.txt"]
+    out = tmp_path / "set"
+    proc = cli(*toy, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "mapping_file.json").is_file() and (out / ".editinfinity-output.json").is_file()
+    one_line_error(cli(*toy, "--out", out), 2, "pass --overwrite")
+    assert cli(*toy, "--out", out, "--overwrite").returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "set"]  # no temporary folder or lock left
+
+
+def test_batch_plan_out_replaces_only_a_plan_file(tmp_path, case):  # noqa: F811
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text(json.dumps({"id": "one", "image": case["image"], "prompt": case["prompt"],
+                                 "edit_prompt": case["edit_prompt"]}) + "\n")
+    plan = ["batch", "plan", "--cases", cases, "--output-uri", tmp_path / "results", "--preset", "tiny"]
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}')
+    one_line_error(cli(*plan, "--out", notes), 2, "already exists", "--overwrite")
+    one_line_error(cli(*plan, "--out", notes, "--overwrite"), 2, "not a file this command wrote")
+    one_line_error(cli(*plan, "--out", tmp_path), 2, "is a folder")
+    assert notes.read_text() == '{"mine": true}'
+    out = tmp_path / "plans" / "plan.json"
+    proc = cli(*plan, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["format"].startswith("editinfinity-batch-plan/")
+    one_line_error(cli(*plan, "--out", out), 2, "already exists")
+    assert cli(*plan, "--out", out, "--overwrite").returncode == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["plan.json"]
+
+
+def test_toy_training_folders_of_others_are_refused_and_never_removed(tmp_path, capsys):
+    from editinfinity.train.toy import main as train_toy
+
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_text("mine")
+    assert train_toy(["--out", str(foreign), "--vae-steps", "1"]) == 2
+    assert "holds no training run of ours" in capsys.readouterr().err
+    assert train_toy(["--out", str(foreign), "--overwrite"]) == 2
+    # an earlier toy run's folder with a file of the user's added: --overwrite refuses, naming it
+    out = tmp_path / "toy"
+    (out / "vae").mkdir(parents=True)
+    (out / "training.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    assert train_toy(["--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and len(err.strip().splitlines()) == 2, err
+    assert train_toy(["--out", str(tmp_path / "new"), "--work", str(foreign)]) == 2
+    assert (foreign / "cat.jpg").read_text() == "mine" and (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "toy"]

@@ -39,6 +39,7 @@ def add_batch_parser(sub) -> None:
     c = cmds.add_parser("plan", help="validate the cases on the CPU, group them by image, split into shards")
     _plan_args(c)
     c.add_argument("--out", required=True, help="plan file to write (JSON)")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it is a plan file written earlier")
     c.set_defaults(handler=_cmd_plan)
 
     c = cmds.add_parser("work", help="run one shard of a plan (one process, or one per --devices entry)")
@@ -61,6 +62,7 @@ def add_batch_parser(sub) -> None:
     c.add_argument("--devices", default=None, help="worker processes of each shard, e.g. cuda:0,cuda:1")
     c.add_argument("--learned-cache", default=None, help="learned-state cache folder (shared by re-runs)")
     c.add_argument("--plan-out", default=None, help="where to keep the plan (default: a temporary file)")
+    c.add_argument("--overwrite", action="store_true", help="replace --plan-out if it is a plan file written earlier")
     c.set_defaults(handler=_cmd_run)
 
 
@@ -79,11 +81,28 @@ def _make_plan(args):
                      mask_polarity=args.mask_polarity, settings=_settings(args))
 
 
+def _is_plan(path: Path) -> bool:
+    """Whether ``path`` is a plan file we wrote (what ``--overwrite`` may replace)."""
+    from .plan import FORMAT
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _claim_plan(path, args, flag: str):
+    from ..file_outputs import claim_file
+
+    return claim_file(path, overwrite=args.overwrite, is_ours=_is_plan, flag=flag)
+
+
 def _cmd_plan(args) -> int:
     from .plan import write_plan
 
-    plan = _make_plan(args)
-    write_plan(plan, args.out)
+    with _claim_plan(args.out, args, "--out") as tmp:  # checked before the cases are read
+        plan = _make_plan(args)
+        write_plan(plan, tmp)
     print(json.dumps({"plan": args.out, "valid": len(plan.cases), "invalid": len(plan.invalid),
                       "groups": len(plan.groups), "shards": len(plan.shards)}))
     return 0
@@ -131,9 +150,19 @@ def _cmd_run(args) -> int:
     from .outcomes import publish_summary, summarize_batch
     from .plan import write_plan
 
+    if args.plan_out:
+        from ..file_outputs import check_file
+
+        check_file(args.plan_out, overwrite=args.overwrite, is_ours=_is_plan, flag="--plan-out")
     plan = _make_plan(args)
     with tempfile.TemporaryDirectory(prefix="editinfinity-batch-") as tmp:
-        plan_path = write_plan(plan, args.plan_out or Path(tmp) / "plan.json")
+        plan_path = Path(tmp) / "plan.json"
+        if args.plan_out:
+            with _claim_plan(args.plan_out, args, "--plan-out") as kept:
+                write_plan(plan, kept)
+            plan_path = Path(args.plan_out)
+        else:
+            write_plan(plan, plan_path)
         for shard in range(len(plan.shards)):
             _work(plan_path, plan, shard, args)
     summary = summarize_batch(plan)

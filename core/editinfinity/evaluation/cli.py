@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..cli_options import OVERWRITE_HELP
 from ..edit.modes import MODES
 from ..errors import InvalidCaseError
 
@@ -54,13 +55,18 @@ def _cmd_piebench(args: argparse.Namespace) -> int:
 
 
 def _cmd_toy(args: argparse.Namespace) -> int:
+    from ..outputs import claim_output, precheck_output
+
+    precheck_output(args.out, overwrite=args.overwrite)  # before the toy world's imports
     from .toy import TOY_TYPES, build_toy_piebench
 
     types = tuple(int(t) for t in args.types.split(",")) if args.types else TOY_TYPES
     bad = sorted(set(types) - set(TOY_TYPES))
     if bad:
         raise InvalidCaseError(f"--types {bad} have no toy-world version; choose from {TOY_TYPES}")
-    print(build_toy_piebench(args.out, per_type=args.per_type, types=types, seed=args.seed))
+    with claim_output(args.out, overwrite=args.overwrite, what="toy-piebench") as tmp:
+        build_toy_piebench(tmp, per_type=args.per_type, types=types, seed=args.seed)
+    print(args.out)
     return 0
 
 
@@ -105,7 +111,8 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.set_defaults(handler=_cmd_piebench)
 
     t = cmds.add_parser("toy-piebench", help="write a small PIE-Bench-format data set from the toy world")
-    t.add_argument("--out", required=True, help="folder to write the PIE-Bench-format set into")
+    t.add_argument("--out", required=True, help="folder to write the PIE-Bench-format set into (or gs:// / s3:// URI)")
+    t.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     t.add_argument("--per-type", type=int, default=4, help="cases per edit type (default 4)")
     t.add_argument("--types", default=None, help="comma-separated subset of 0,1,2,3,6,8")
     t.add_argument("--seed", type=int, default=0, help="seed of the generated scenes (default 0)")

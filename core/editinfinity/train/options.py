@@ -43,6 +43,6 @@ def add_toy_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--extend", action="store_true",
                    help="with --resume: train finished phases for another budget (--vae-minutes / "
                         "--transformer-minutes more), with a fresh warm-up and cosine cycle")
-    p.add_argument("--overwrite", action="store_true", help="delete OUT and --work first")
+    p.add_argument("--overwrite", action="store_true", help="remove OUT and --work first (only folders holding nothing but an earlier toy training)")
     p.add_argument("--progress", action="store_true", help="tqdm bars (default: log lines only)")
     return p

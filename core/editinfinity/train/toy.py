@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import __version__
-from ..errors import InvalidCaseError
+from ..errors import EditInfinityError, InvalidCaseError
 from . import common
 from .options import TRANSFORMER_CONFIG, VAE_CONFIG, add_toy_arguments  # noqa: F401  (re-exported)
 from .transformer import TransformerConfig, train_transformer
@@ -383,13 +383,32 @@ def _short_command(command: str) -> str:
 # driver
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the phases ``args`` asks for; returns the exit code (1 when the weights exceed 40 MB)."""
+#: What the driver writes at the top of ``--out`` (``train.log``: where the shipped preset's log was kept) and of
+#: ``--work``: a non-empty folder holding none of these is not ours and is refused; ``--overwrite`` removes only a
+#: folder holding nothing else.
+OUT_NAMES = ("vae", "transformer", "text_encoder", "tokenizer", "model_index.json", "training.json", "MODEL_CARD.md",
+             "train.log")
+WORK_NAMES = ("vae", "transformer", "vae-decoder")
+
+
+def check_folders(args: argparse.Namespace) -> tuple[Path, Path]:
+    """``--out`` and ``--work`` checked (see ``OUT_NAMES``), and removed first with ``--overwrite``."""
+    from ..file_outputs import check_training_folder
+
     out = Path(args.out)
     work = Path(args.work) if args.work else out.with_name(out.name + ".work")
-    if args.overwrite:
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+    inputs = (args.vae_from, args.init_from)
+    for remove in ((False, True) if args.overwrite else (False,)):
+        out = check_training_folder(out, flag="--out", ours=OUT_NAMES, overwrite=args.overwrite, remove=remove,
+                                    inputs=inputs)
+        work = check_training_folder(work, flag="--work", ours=WORK_NAMES, overwrite=args.overwrite, remove=remove,
+                                     inputs=inputs)
+    return out, work
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the phases ``args`` asks for; returns the exit code (1 when the weights exceed 40 MB)."""
+    out, work = check_folders(args)
     vae_cfg, tr_cfg = load_configs(args)
     device = common.resolve_device(args.device)
     work.mkdir(parents=True, exist_ok=True)
@@ -487,7 +506,11 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m editinfinity.train.toy``: returns the exit code."""
     args = build_parser().parse_args(argv)
     setup_logging()
-    return run(args)
+    try:
+        return run(args)
+    except EditInfinityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

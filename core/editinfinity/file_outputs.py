@@ -1,0 +1,122 @@
+"""Output ownership (:mod:`editinfinity.outputs`) for the outputs that are not result folders: a single file (a batch
+plan) and a resumable training folder (``python -m editinfinity.train.toy --out/--work``).
+
+* A file ``--out`` (:func:`claim_file`): checked before any work; an existing file needs ``--overwrite`` and is
+  replaced only when ``is_ours`` recognises it (a folder, a link or someone else's file never); one writer at a time
+  (the same lock file as a result folder); the new file is written beside the target and put in place at the end
+  with one step that, without ``--overwrite``, never replaces a file that appeared meanwhile.
+* A training folder (:func:`check_training_folder`): resumed in place by design, so it is not claimed; a non-empty
+  folder that holds nothing a run of ours writes is refused, and ``--overwrite`` removes only a folder of ours
+  (never the root, the home folder, the current folder or one holding it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from .errors import OutputError
+from .outputs import _fs_error, _host, _Lock, _make_parents, _protected, _remove_empty, check_output
+
+__all__ = ["claim_file", "check_training_folder"]
+
+
+def _file_problem(target: Path, overwrite: bool, is_ours: Callable[[Path], bool], flag: str) -> str | None:
+    if not os.path.lexists(target):
+        return None
+    if target.is_symlink() or not target.is_file():
+        return f"{flag} {target} is {'a symbolic link' if target.is_symlink() else 'a folder'}; give a file name"
+    if not overwrite:
+        return f"{flag} {target} already exists; pass --overwrite to replace it, or choose another {flag}"
+    if not is_ours(target):
+        return (f"{flag} {target} is not a file this command wrote, so --overwrite will not replace it; choose "
+                f"another {flag}")
+    return None
+
+
+def check_file(out, *, overwrite: bool, is_ours: Callable[[Path], bool], flag: str = "--out") -> Path:
+    """Refuse a file target this run may not write (changes nothing); returns it as an absolute path."""
+    target = Path(os.path.abspath(os.path.expanduser(str(out))))
+    problem = _file_problem(target, overwrite, is_ours, flag)
+    if problem:
+        raise OutputError(problem)
+    if not os.path.lexists(target):
+        check_output(target, flag=flag)  # the folder it goes in: a file in the way, read-only, unwritable
+    return target
+
+
+@contextlib.contextmanager
+def claim_file(out, *, overwrite: bool = False, is_ours: Callable[[Path], bool], flag: str = "--out") -> Iterator[Path]:
+    """Yield a private path beside the local file ``out`` for the command to write; put it at ``out`` when the block
+    succeeds (see the module docstring). Raises :class:`OutputError` / ``StorageError`` before the block runs."""
+    target = check_file(out, overwrite=overwrite, is_ours=is_ours, flag=flag)
+    made = _make_parents(target)
+    lock = _Lock(target, flag)
+    try:
+        lock.acquire()
+    except BaseException:
+        _remove_empty(made)
+        raise
+    tmp = target.parent / f".{target.name[:100]}.editinfinity-tmp-{_host()}-{os.getpid()}-{secrets.token_hex(3)}"
+    published = False
+    try:
+        check_file(target, overwrite=overwrite, is_ours=is_ours, flag=flag)  # again, under the lock
+        try:
+            yield tmp
+            if overwrite and os.path.lexists(target):
+                problem = _file_problem(target, overwrite, is_ours, flag)
+                if problem:
+                    raise OutputError(problem)
+                os.replace(tmp, target)
+            else:
+                try:
+                    os.link(tmp, target)  # fails when something appeared at the target meanwhile
+                except OSError as exc:
+                    if exc.errno == errno.EEXIST:
+                        raise OutputError(f"{flag} {target} appeared while this run was working; nothing there was "
+                                          "touched") from None
+                    raise _fs_error(exc, "write", target) from None
+            published = True
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    finally:
+        lock.release()
+        if not published:
+            _remove_empty(made)
+
+
+def check_training_folder(folder, *, flag: str, ours: Iterable[str], overwrite: bool = False,
+                          remove: bool = False, inputs: Iterable = ()) -> Path:
+    """Refuse a non-empty ``folder`` that holds none of the names ``ours`` (what a training run of ours writes at
+    its top level); with ``overwrite``, also refuse a folder holding anything else or a protected place, and with
+    ``remove`` remove it. Returns the absolute path."""
+    path = Path(os.path.abspath(os.path.expanduser(str(folder))))
+    if not os.path.lexists(path):
+        check_output(path, flag=flag)  # where it goes: a file in the way, read-only, unwritable
+        return path
+    if path.is_symlink() or not path.is_dir():
+        raise OutputError(f"{flag} {path} is {'a symbolic link' if path.is_symlink() else 'a file'}; give a folder")
+    entries = {p.name for p in path.iterdir()}
+    if not entries:
+        return path
+    known = set(ours)
+    if not entries & known:
+        raise OutputError(f"{flag} {path} is not empty and holds no training run of ours ({', '.join(sorted(known))}"
+                          f"); choose a new folder")
+    if overwrite:
+        why = _protected(path, [i for i in inputs if i])
+        foreign = sorted(entries - known)
+        if why or foreign:
+            why = why or (f"holds {', '.join(foreign[:3])}{' and more' if len(foreign) > 3 else ''}, which no "
+                          "training run of ours writes")
+            raise OutputError(f"{flag} {path} {why}; --overwrite never removes it: move those out or choose a new "
+                              "folder")
+        if remove:
+            shutil.rmtree(path)
+    return path
