@@ -21,8 +21,9 @@ def batch_plan(cases_uri: str, output_uri: str, shards: int, preset: str, weight
 
     Args:
         cases_uri: JSONL cases file (path, gs://, s3://): one case per line with ``image``, ``prompt``,
-            ``edit_prompt`` and optionally ``id``, ``mode``, ``target_word``, ``mask``; relative paths are resolved
-            against the file's folder.
+            ``edit_prompt`` and optionally ``id``, ``mode``, ``target_word``, ``mask`` and the case's own run settings
+            (``seed``, ``prompt_iters``, ``lora_iters``, ``threshold``; ``preset`` must be the batch's); relative
+            paths are resolved against the file's folder.
         output_uri: Results root: ``<output_uri>/<id>/`` per case, ``index.html`` over all.
         shards: Number of worker pods.
         preset: Model preset name; empty for the default preset.

@@ -162,3 +162,36 @@ def test_cli_batch_run_writes_the_summary_page(files, tmp_path):
     assert {r["id"]: r["status"] for r in rows} == {"a-green": "done", "bad-word": "invalid", "fails": "failed"}
     seconds = json.loads(open(status_uri(str(out), "a-green")).read())["seconds"]
     assert seconds["load_models"] > 0 and seconds["learn"] > 0  # the worker loaded the models and learned the image
+
+
+def test_a_cases_run_settings_are_used_by_the_planner_and_the_worker(files, models, tmp_path):
+    """seed / prompt_iters / lora_iters / threshold / preset on a line of the cases file, read as the CLI's --case
+    reads them: they apply to that case; cases learn together only with equal learning settings; another preset
+    than the batch's makes the case invalid."""
+    from editinfinity.batch.cases import parse_cases
+    from editinfinity.errors import InvalidCaseError
+
+    d, p = files["dir"], files["prompt"]
+    base = {"image": str(d / "a.png"), "prompt": p, "edit_prompt": files["edit_prompt"]}
+    lines = [{"id": "plain", **base, "mode": "whole"},
+             {"id": "same-seed", **base, "mode": "whole", "seed": SETTINGS.seed},
+             {"id": "own-threshold", **base, "target_word": "circle", "threshold": 0.3},
+             {"id": "more-lora", **base, "mode": "whole", "lora_iters": SETTINGS.lora_iters + 1},
+             {"id": "other-model", **base, "mode": "whole", "preset": "toy"}]
+    cases = parse_cases("\n".join(json.dumps(x) for x in lines), cases_uri=str(d / "cases.jsonl"))
+    out = tmp_path / "out"
+    plan = make_plan(cases, output_uri=str(out), preset="tiny", settings=SETTINGS)
+    assert [c["id"] for c in plan.invalid] == ["other-model"]
+    assert "differs from the batch's preset 'tiny'" in plan.invalid[0]["error"]
+    groups = {tuple(c["id"] for c in g["cases"]): g.get("settings") for g in plan.groups}
+    assert groups == {("plain", "same-seed", "own-threshold"): None,
+                      ("more-lora",): {"lora_iters": SETTINGS.lora_iters + 1}}
+    statuses = Worker(plan, models=models).run(plan.groups)
+    assert {s["id"]: s["status"] for s in statuses} == dict.fromkeys(["plain", "same-seed", "own-threshold",
+                                                                       "more-lora"], "done")
+    ran = {i: json.loads((out / i / "summary.json").read_text())["settings"]
+           for i in ("plain", "own-threshold", "more-lora")}
+    assert ran["plain"]["threshold"] == SETTINGS.threshold and ran["own-threshold"]["threshold"] == 0.3
+    assert ran["plain"]["lora_iters"] == SETTINGS.lora_iters and ran["more-lora"]["lora_iters"] == SETTINGS.lora_iters + 1
+    with pytest.raises(InvalidCaseError, match=r"line 1: `seed` 'x' is not valid; see --seed"):
+        parse_cases(json.dumps({**base, "seed": "x"}), cases_uri="cases.jsonl")

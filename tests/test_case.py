@@ -366,10 +366,22 @@ def test_from_yaml_and_json(tmp_path, image_file):
     )
     spec = CaseSpec.from_file(yaml_path)
     assert spec.mode == "mask" and spec.mask == str(mask) and spec.image == str(image_file)
-    # A method setting in a case file is refused, not silently ignored.
-    yaml_path.write_text(yaml_path.read_text() + "seed: 3\n")
-    with pytest.raises(InvalidCaseError, match=r"unknown field\(s\) seed; allowed: image, prompt"):
-        CaseSpec.from_file(yaml_path)
+    assert spec.run_settings == {}
+    # The run settings a case file may give are kept and used (as the CLI's --case uses them), never dropped.
+    yaml_path.write_text(yaml_path.read_text() + "seed: 3\nprompt_iters: 0\nlora_iters: 7\nthreshold: 0.25\n"
+                         "preset: tiny\n")
+    spec = CaseSpec.from_file(yaml_path)
+    assert spec.run_settings == {"seed": 3, "prompt_iters": 0, "lora_iters": 7, "threshold": 0.25, "preset": "tiny"}
+    assert "seed" not in spec.to_dict() and "run_settings" not in spec.to_dict()
+    settings = spec.edit_settings()
+    assert (settings.seed, settings.prompt_iters, settings.lora_iters, settings.threshold) == (3, 0, 7, 0.25)
+    reference = spec.edit_settings("reference", seed=5, lora_iters=None)  # an override replaces the file's value
+    assert (reference.seed, reference.lora_iters, reference.lora_batch) == (5, 7, 2)
+    for bad, flag in (("seed: -1", "--seed"), ("lora_iters: 2.5", "--lora-iters"), ("threshold: 1.5", "--threshold"),
+                      ("prompt_iters: true", "--prompt-iters"), ("preset: ''", "--preset")):
+        yaml_path.write_text("image: img.png\nprompt: a cup\nedit_prompt: a mug\nmode: whole\n" + bad + "\n")
+        with pytest.raises(InvalidCaseError, match=rf"`{bad.split(':')[0]}` .* is not valid; see {flag}"):
+            CaseSpec.from_file(yaml_path)
     json_path = tmp_path / "case.json"
     json_path.write_text(json.dumps({"image": str(image_file), "prompt": "a cup", "edit_prompt": "a mug",
                                      "mode": "whole", "resolution": "0.25M"}))
@@ -384,7 +396,7 @@ def test_case_file_errors(tmp_path, image_file):
     with pytest.raises(InvalidCaseError, match=r"bad\.yaml is not valid YAML"):
         CaseSpec.from_file(p)
     p.write_text("image: img.png\nprompt: a\nedit_prompt: b\nmode: whole\ncolour: red\n")
-    with pytest.raises(InvalidCaseError, match=r"unknown field\(s\) colour; allowed: image, prompt"):
+    with pytest.raises(InvalidCaseError, match=r"unknown field\(s\) colour; allowed: image, prompt.*, seed"):
         CaseSpec.from_file(p)
     p.write_text("image: img.png\nedit_prompt: b\n")
     with pytest.raises(InvalidCaseError, match=r"missing required field `prompt`"):

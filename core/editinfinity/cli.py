@@ -207,32 +207,10 @@ def _add_plugin_commands(sub, argv: list[str] | None) -> None:
         sub.add_parser(ep.name, help=f"{ep.name} commands (from {ep.value.split(':')[0]})", add_help=False)
 
 
-#: Case-file fields that are settings of the run, and the flag that gives each on the command line.
-CASE_SETTINGS = {"seed": "--seed", "prompt_iters": "--prompt-iters", "lora_iters": "--lora-iters",
-                 "threshold": "--threshold", "preset": "--preset"}
 #: Case fields that a flag given with --case replaces (the summary lists what it replaced).
 CASE_FLAGS = {"image": "--image", "prompt": "--prompt", "edit_prompt": "--edit-prompt", "resolution": "--resolution",
               "mask_polarity": "--mask-polarity"}
 CASE_FIELDS = ("image", "prompt", "edit_prompt", "mode", "target_word", "mask", "mask_polarity", "resolution")
-
-
-def _case_setting(key: str, value, source: str):
-    """A setting read from a case file, checked as its flag would be."""
-    from .cli_options import ITERS, SEED, fraction
-
-    check = {"seed": SEED, "prompt_iters": ITERS, "lora_iters": ITERS, "threshold": fraction}.get(key)
-    ok = isinstance(value, str) and value.strip() if key == "preset" else \
-        isinstance(value, (int, float)) and not isinstance(value, bool) and (key == "threshold" or isinstance(value,
-                                                                                                             int))
-    if ok and check is not None:
-        try:
-            check(str(value))
-        except argparse.ArgumentTypeError:
-            ok = False
-    if not ok:
-        raise InvalidCaseError(f"{source}: `{key}` {value!r} is not valid; see {CASE_SETTINGS[key]} in "
-                               "`editinfinity edit --help`")
-    return value
 
 
 def _case_kwargs(args) -> tuple[dict, dict]:
@@ -242,7 +220,7 @@ def _case_kwargs(args) -> tuple[dict, dict]:
     are used where the matching flag is not given; flags given with ``--case`` replace the file's values, and
     ``overrides`` lists every value they replaced. A case file without ``resolution`` gets the preset's.
     """
-    from .edit.case import CaseSpec, read_case_file
+    from .edit.case import RUN_SETTINGS, CaseSpec, read_case_file
 
     notes: dict = {}
     if not getattr(args, "case", None):
@@ -264,11 +242,11 @@ def _case_kwargs(args) -> tuple[dict, dict]:
             given = set(CASE_FIELDS) - {"resolution"}
         else:
             raw = read_case_file(path)
-            from_file = {k: _case_setting(k, raw.pop(k), source) for k in list(raw) if k in CASE_SETTINGS}
             spec = CaseSpec.from_dict(raw, base_dir=path.parent, source=source, check_files=True)
+            from_file = spec.run_settings
             kw = {k: getattr(spec, k) for k in CASE_FIELDS}
             kw["resolution"] = raw.get("resolution")  # absent: the preset's default, as without a case file
-            given = set(raw)
+            given = set(raw) - set(RUN_SETTINGS)
         overrides: dict = {}
         for key, value in from_file.items():
             flag_value = getattr(args, key, None)

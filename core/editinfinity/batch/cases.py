@@ -1,4 +1,8 @@
-"""The batch cases file (JSONL, one case per line): read by URI, validate, one dict of strings per case."""
+"""The batch cases file (JSONL, one case per line): read by URI, validate, one dict per case.
+
+A line may give the run settings a case file may give (``edit.case.RUN_SETTINGS``: seed, update counts, threshold,
+preset), read by the same function as the CLI's ``--case`` and ``CaseSpec.from_file``; they apply to that case
+(``make_plan`` groups and checks them), the batch's own settings to the others."""
 
 from __future__ import annotations
 
@@ -22,8 +26,12 @@ def _join_uri(base_dir: str, ref: str) -> str:
     return join_uri(base_dir, ref)
 
 
-def parse_cases(text: str, *, cases_uri: str = "cases", output_uri: str = "") -> list[dict[str, str]]:
-    """Validate JSONL cases; each becomes a dict of strings (the ParallelFor item). Errors name the line."""
+def parse_cases(text: str, *, cases_uri: str = "cases", output_uri: str = "") -> list[dict]:
+    """Validate JSONL cases; each becomes a dict of strings, plus ``settings`` (a dict) when the line gives run
+    settings. Errors name the line."""
+    # imported here: edit.case imports torch (models.schedules)
+    from ..edit.case import RUN_SETTINGS, split_run_settings
+
     base = posixpath.dirname(cases_uri) if has_scheme(cases_uri) else os.path.dirname(cases_uri)
     cases: list[dict[str, str]] = []
     seen: set[str] = set()
@@ -37,9 +45,11 @@ def parse_cases(text: str, *, cases_uri: str = "cases", output_uri: str = "") ->
             raise InvalidCaseError(f"{where}: not JSON ({exc.msg})") from None
         if not isinstance(entry, dict):
             raise InvalidCaseError(f"{where}: each line must be a JSON object")
+        entry, settings = split_run_settings(entry, where)
         unknown = set(entry) - _CASE_KEYS
         if unknown:
-            raise InvalidCaseError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_CASE_KEYS)}")
+            raise InvalidCaseError(f"{where}: unknown keys {sorted(unknown)}; allowed: "
+                                   f"{sorted(_CASE_KEYS) + sorted(RUN_SETTINGS)}")
         missing = [k for k in ("image", "prompt", "edit_prompt") if not entry.get(k)]
         if missing:
             raise InvalidCaseError(f"{where}: missing {', '.join(missing)}")
@@ -55,13 +65,15 @@ def parse_cases(text: str, *, cases_uri: str = "cases", output_uri: str = "") ->
         seen.add(case["id"])
         case["image"], case["mask"] = _join_uri(base, case["image"]), _join_uri(base, case["mask"])
         case["output_uri"] = f"{output_uri.rstrip('/')}/{case['id']}" if output_uri else ""
+        if settings:
+            case["settings"] = settings
         cases.append(case)
     if not cases:
         raise InvalidCaseError(f"{cases_uri}: no cases (one JSON object per line)")
     return cases
 
 
-def read_cases(cases_uri: str, output_uri: str = "") -> list[dict[str, str]]:
+def read_cases(cases_uri: str, output_uri: str = "") -> list[dict]:
     """Read a JSONL cases file by path or URI and validate it (see ``parse_cases``)."""
     from .. import storage
 

@@ -39,7 +39,9 @@ class BatchPlan:
     resolution: str = ""
     mask_polarity: str = "white-edit"
     settings: dict = field(default_factory=dict)  # EditSettings.to_dict()
-    groups: list[dict] = field(default_factory=list)  # {"key", "image", "prompt", "cases": [case, ...]}
+    # {"key", "image", "prompt", "cases": [case, ...]} and "settings" (learning settings of its cases that differ from
+    # ``settings``)
+    groups: list[dict] = field(default_factory=list)
     invalid: list[dict] = field(default_factory=list)  # case + {"error"}
     shards: list[list[int]] = field(default_factory=list)  # group indices per shard
 
@@ -109,6 +111,18 @@ def check_case(case: dict, *, resolution: str, mask_polarity: str) -> str:
     return image_digest(image)
 
 
+#: Run settings a case may give (``edit.case.RUN_SETTINGS``) that change what is learned: cases differing in one of
+#: them are learned separately. The others (threshold) apply to the case's edit only; ``preset`` must be the batch's.
+LEARN_SETTINGS = ("seed", "prompt_iters", "lora_iters")
+
+
+def case_settings(base, case: dict):
+    """The ``EditSettings`` of one case: ``base`` (the batch's) with the case's own run settings."""
+    import dataclasses
+
+    return dataclasses.replace(base, **{k: v for k, v in (case.get("settings") or {}).items() if k != "preset"})
+
+
 def split(groups: list[dict], shards: int) -> list[list[int]]:
     """Deal group indices to ``shards`` bins, largest estimated cost first, each to the cheapest bin so far
     (deterministic: ties go to the lower index). Empty bins are dropped."""
@@ -133,22 +147,32 @@ def make_plan(cases: list[dict], *, output_uri: str, shards: int = 1, preset: st
     if not output_uri:
         raise InvalidCaseError("a batch needs an output_uri: the workers publish each case there and skip the cases "
                                "already done when the batch is run again")
+    from ..models.presets import default_preset_name
+
     settings = settings or EditSettings()
+    model = preset or default_preset_name()
     res = resolution or default_resolution(preset)
     if res not in schedules.BUDGETS:
         raise InvalidCaseError(f"`resolution` must be one of {', '.join(schedules.BUDGETS)}, got {res!r}")
     groups: dict[tuple[str, str], dict] = {}
     invalid = []
     for case in cases:
+        given = case.get("settings") or {}
         try:
+            if given.get("preset", model) != model:
+                raise InvalidCaseError(f"`preset` {given['preset']!r} differs from the batch's preset {model!r} (a "
+                                       f"batch runs one model): run this case in a batch with --preset "
+                                       f"{given['preset']}")
             digest = check_case(case, resolution=res, mask_polarity=mask_polarity)
         except EditInfinityError as exc:
             log.warning("case %s is invalid: %s", case["id"], exc)
             invalid.append({**case, "error": str(exc)})
             continue
-        group = groups.setdefault((digest, case["prompt"]), {"key": f"{digest[:16]}-{len(groups):04d}",
-                                                              "image": case["image"], "prompt": case["prompt"],
-                                                              "cases": []})
+        # cases learn together only with the same learning settings (the case's own, else the batch's)
+        learning = {k: given.get(k, getattr(settings, k)) for k in LEARN_SETTINGS}
+        group = groups.setdefault((digest, case["prompt"], tuple(learning.values())), {
+            "key": f"{digest[:16]}-{len(groups):04d}", "image": case["image"], "prompt": case["prompt"], "cases": [],
+            **({"settings": own} if (own := {k: v for k, v in learning.items() if v != getattr(settings, k)}) else {})})
         group["cases"].append(case)
     ordered = list(groups.values())
     plan = BatchPlan(output_uri=output_uri, preset=preset, weights=weights, resolution=res,

@@ -27,7 +27,7 @@ from pathlib import Path
 from ..errors import EditInfinityError
 from ..runtime import resolve_weights
 from ..storage.base import current_umask
-from .plan import BatchPlan, read_plan, split
+from .plan import BatchPlan, case_settings, read_plan, split
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,8 @@ class Worker:
         from ..edit.learned import cached_learn, learn
 
         image = str(storage.cached_path(group["image"]))
-        kw = {"resolution": self.plan.resolution or None, "settings": self.settings, "progress": self.progress}
+        settings = case_settings(self.settings, group)  # the group's learning settings
+        kw = {"resolution": self.plan.resolution or None, "settings": settings, "progress": self.progress}
         if self.learned_cache:
             state, _ = cached_learn(self.learned_cache, self.models, image, group["prompt"], **kw)
         else:
@@ -167,7 +168,8 @@ class Worker:
                 out = Path(tmp) / "out"
                 run_edit(out, edit_prompt=case["edit_prompt"], mode=case["mode"],
                          target_word=case.get("target_word") or None, mask=mask, mask_polarity=plan.mask_polarity,
-                         models=self.models, settings=self.settings, progress=self.progress, learned=state)
+                         models=self.models, settings=case_settings(self.settings, case), progress=self.progress,
+                         learned=state)
                 summary = json.loads((out / "summary.json").read_text())
                 storage.publish_dir(out, uri)
             status.update(status="done", output_uri=uri, metrics=summary.get("metrics", {}),

@@ -1,16 +1,21 @@
 """The case description (``CaseSpec``): what one edit is, with validation, and reading it from case files.
 
-Every field of a case file is a ``CaseSpec`` field and is used; any other key is refused (``from_dict``), so a case
-file never has a setting silently dropped. The image and mask files are read by ``images`` and ``user_mask``.
+Every field of a case file is used; any other key is refused (``from_dict``), so a case file never has a setting
+silently dropped. Besides the case's own fields a case file may give the run settings of ``RUN_SETTINGS`` (seed,
+update counts, threshold, preset): :func:`split_run_settings` is the one reader of them, for the CLI (``--case``),
+the library (``CaseSpec.from_file``; ``spec.run_settings``, ``spec.edit_settings()``) and the batch cases file
+(``batch.cases``, also read by the KFP batch components). The image and mask files are read by ``images`` and
+``user_mask``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -25,6 +30,43 @@ from editinfinity.storage.uri import has_scheme
 logger = logging.getLogger(__name__)
 
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# run settings a case file may give
+
+#: Case-file fields that are settings of the run rather than of the case, and the flag that gives each on the
+#: command line (where a flag given with ``--case`` replaces the file's value).
+RUN_SETTINGS = {"seed": "--seed", "prompt_iters": "--prompt-iters", "lora_iters": "--lora-iters",
+                "threshold": "--threshold", "preset": "--preset"}
+
+
+def _run_setting(key: str, value, source: str):
+    """``value`` of the run setting ``key``, checked as its flag checks it (``cli_options``)."""
+    from ..cli_options import ITERS, SEED, fraction
+
+    if key == "preset":
+        ok = isinstance(value, str) and bool(value.strip())
+    else:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = number and (key == "threshold" or isinstance(value, int))
+        if ok:
+            check = {"seed": SEED, "prompt_iters": ITERS, "lora_iters": ITERS, "threshold": fraction}[key]
+            try:
+                check(str(value))
+            except argparse.ArgumentTypeError:
+                ok = False
+    if not ok:
+        raise InvalidCaseError(f"{source}: `{key}` {value!r} is not valid; see {RUN_SETTINGS[key]} in "
+                               "`editinfinity edit --help`")
+    return value
+
+
+def split_run_settings(data: dict, source: str = "case") -> tuple[dict, dict]:
+    """``(case fields, run settings)`` of a case-file mapping; each run setting (``RUN_SETTINGS``) is checked as
+    its command-line flag would be, and refused naming the field and the flag."""
+    run = {k: _run_setting(k, v, source) for k, v in data.items() if k in RUN_SETTINGS}
+    return {k: v for k, v in data.items() if k not in RUN_SETTINGS}, run
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -51,7 +93,9 @@ class CaseSpec:
             (``models.presets.default_resolution``), chosen when the case is prepared.
 
     The method's settings (seed, updates, threshold, ...) are not part of a case: they are ``EditSettings``, given
-    on the command line or in Python. A case file naming them is refused (unknown field), not silently ignored.
+    on the command line or in Python. A case file may still give those of ``RUN_SETTINGS``: they are kept in
+    ``run_settings`` (not a case field: not in ``to_dict``) and applied by :meth:`edit_settings` (the preset is for
+    whoever loads the models: ``run_settings.get("preset")``).
     """
 
     image: str | Image.Image
@@ -62,6 +106,7 @@ class CaseSpec:
     mask: str | None = None
     mask_polarity: str = "white-edit"
     resolution: str | None = None
+    run_settings: dict = field(default_factory=dict, compare=False, metadata={"case_field": False})
 
     def __post_init__(self) -> None:
         # Paths are kept as strings so that the spec stays JSON-able (``to_dict``).
@@ -167,12 +212,21 @@ class CaseSpec:
     # -- conversion -------------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        """Plain JSON-able dict of the public fields (for ``case.json``)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        """Plain JSON-able dict of the case's fields (for ``case.json``; ``run_settings`` are not among them)."""
+        return {name: getattr(self, name) for name in self.field_names()}
 
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.init]
+        return [f.name for f in dataclasses.fields(cls) if f.init and f.metadata.get("case_field", True)]
+
+    def edit_settings(self, profile: str = "default", **overrides):
+        """The method's settings for this case: ``profile``'s, with the case file's run settings, then
+        ``overrides`` (None values ignored; an override replaces the file's value, as a flag given with ``--case``
+        does)."""
+        from .settings import EditSettings
+
+        given = {k: v for k, v in self.run_settings.items() if k != "preset"}
+        return EditSettings.from_profile(profile, **{**given, **{k: v for k, v in overrides.items() if v is not None}})
 
     @classmethod
     def from_dict(cls, data: dict, *, base_dir=None, source: str = "case", validate: bool = True,
@@ -185,10 +239,12 @@ class CaseSpec:
         """
         if not isinstance(data, dict):
             raise InvalidCaseError(f"{source} must be a mapping of field: value, got {type(data).__name__}")
+        data, run_settings = split_run_settings(data, source)
         allowed = cls.field_names()
         unknown = sorted(set(data) - set(allowed))
         if unknown:
-            raise InvalidCaseError(f"{source}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+            raise InvalidCaseError(f"{source}: unknown field(s) {', '.join(unknown)}; allowed: "
+                                   f"{', '.join([*allowed, *RUN_SETTINGS])}")
         for name in ("image", "prompt", "edit_prompt"):
             if data.get(name) is None:
                 raise InvalidCaseError(f"{source}: missing required field `{name}`")
@@ -202,12 +258,13 @@ class CaseSpec:
                 kwargs[name] = str(Path(base_dir) / value)
             elif isinstance(value, Path):
                 kwargs[name] = str(value)
-        spec = cls(**kwargs)
+        spec = cls(**kwargs, run_settings=run_settings)
         return spec.validate(check_files=check_files) if validate else spec
 
     @classmethod
     def from_file(cls, path, *, validate: bool = True) -> CaseSpec:
-        """Read a YAML (``.yaml``/``.yml``) or JSON (``.json``) case file; keys are the field names."""
+        """Read a YAML (``.yaml``/``.yml``) or JSON (``.json``) case file; keys are the field names and the run
+        settings of ``RUN_SETTINGS`` (kept in ``run_settings``)."""
         p = Path(path)
         return cls.from_dict(read_case_file(p), base_dir=p.parent, source=f"case file {p}", validate=validate,
                              check_files=True)
