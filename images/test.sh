@@ -21,6 +21,7 @@ ROOT=$PWD
 PY="${PY:-$ROOT/.venv/bin/python}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 WORK="${IMAGE_TEST_WORK:-$ROOT/build/image-test}"
+mkdir -p "$WORK"
 T0=$SECONDS
 TIMINGS=()
 
@@ -88,6 +89,17 @@ if [ "$(basename "$DOCKER")" = podman ]; then
     RUN_ARGS+=(--ulimit "nofile=$(ulimit -Sn):$(ulimit -Sn)" --ulimit "nproc=$nproc:$nproc")
 fi
 export DOCKER
+# An engine that is installed but cannot work here (no storage driver, no user namespaces in a nested sandbox) is
+# this machine's limit, not a defect of the project.
+"$DOCKER" info >/dev/null 2>"$WORK/engine-info.err" \
+    || skip "$DOCKER is installed but does not work here: $(head -c 300 "$WORK/engine-info.err")"
+
+# can_run IMAGE: start a container of a base image that is not ours (or our plain Debian base) and run `true`; a
+# machine whose runtime cannot start containers (cgroups, seccomp, namespaces) skips instead of failing.
+can_run() {
+    timeout -k 10 300 "$DOCKER" run --rm "${ENGINE_ARGS[@]}" "${RUN_ARGS[@]}" "$1" true >/dev/null 2>"$WORK/can-run.err" \
+        || skip "$DOCKER cannot start a container of $1 here: $(head -c 300 "$WORK/can-run.err")"
+}
 
 # ---- build (skipped when the image was built from this very commit and the tree is clean) ----------------------
 build() {
@@ -100,6 +112,11 @@ build() {
     if [ "$BASE" = local ]; then
         [ "$(id -u)" = 0 ] || skip "no registry base ($PYTHON_IMAGE cannot be pulled) and debootstrap needs root"
         command -v debootstrap >/dev/null 2>&1 || skip "no registry base and no debootstrap (apt-get install debootstrap)"
+        mirror="${MIRROR:-http://deb.debian.org/debian}"
+        curl -sSf -o /dev/null --max-time 30 "$mirror/dists/${SUITE:-bookworm}/Release" 2>/dev/null \
+            || skip "no registry base and the Debian mirror $mirror cannot be reached for debootstrap (set MIRROR)"
+    else
+        can_run "$PYTHON_IMAGE"
     fi
     curl -sSf -o /dev/null --max-time 30 https://pypi.org/simple/pip/ 2>/dev/null \
         || skip "PyPI (https://pypi.org/simple/) cannot be reached: the image builds install from it"
@@ -121,6 +138,7 @@ build() {
         timed "$what" 1800 make -s base-image BASE=local BUILD_ARGS="${ENGINE_ARGS[*]}" \
             || fail "building the Debian base image (images/base/build.sh) failed"
         image_size "base image" "$base_image"
+        can_run "$base_image"
     fi
 
     say "building $CPU_IMAGE (base: $BASE, torch: ${TORCH_ARGS[*]:-Dockerfile default}, engine: $DOCKER ${ENGINE_ARGS[*]})"
