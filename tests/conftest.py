@@ -27,6 +27,16 @@ def _deterministic_cpu():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (training tests: on a shared 2-core runner, two oneDNN threads contending with
+    other work run 2-10x slower)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def example() -> dict:
     """The bundled demo case (shapes), with absolute image and mask paths."""

@@ -34,12 +34,7 @@ TINY = {"model": {"depth": 2, "embed_dim": 64, "num_heads": 2}, "resolution": GR
         "minutes": 0, "warmup_steps": 1, "rows": 3, "replay_size": 8, "replay_refresh": 2, "cond_drop_rate": 0.0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tokenizer():

@@ -44,13 +44,7 @@ TINY_TRANSFORMER = {"model": {"depth": 1, "embed_dim": 64, "num_heads": 2}, "res
                     "minutes": 0, "warmup_steps": 2, "rows": 3, "replay_size": 8, "replay_refresh": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # One thread: on a shared 2-core runner, two oneDNN threads contending with other work run 2-10x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vae_config(**kw) -> VAEConfig:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .errors import OutputError
-from .outputs import _fs_error, _host, _Lock, _make_parents, _protected, _remove_empty, check_output
+from .outputs import _fs_error, _host, _lock_target, _protected, _remove_empty, check_output
 
 __all__ = ["claim_file", "check_training_folder"]
 
@@ -55,13 +55,7 @@ def claim_file(out, *, overwrite: bool = False, is_ours: Callable[[Path], bool],
     """Yield a private path beside the local file ``out`` for the command to write; put it at ``out`` when the block
     succeeds (see the module docstring). Raises :class:`OutputError` / ``StorageError`` before the block runs."""
     target = check_file(out, overwrite=overwrite, is_ours=is_ours, flag=flag)
-    made = _make_parents(target)
-    lock = _Lock(target, flag)
-    try:
-        lock.acquire()
-    except BaseException:
-        _remove_empty(made)
-        raise
+    lock, made = _lock_target(target, flag)
     tmp = target.parent / f".{target.name[:100]}.editinfinity-tmp-{_host()}-{os.getpid()}-{secrets.token_hex(3)}"
     published = False
     try:

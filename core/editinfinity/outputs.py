@@ -449,13 +449,7 @@ def claim_output(out, *, overwrite: bool = False, inputs: Iterable = (), flag: s
         yield target  # already claimed by this process (a command claims before it calls a library function)
         return
     check_output(target, overwrite=overwrite, inputs=inputs, flag=flag)
-    made = _make_parents(target)
-    lock = _Lock(target, flag)
-    try:
-        lock.acquire()
-    except BaseException:
-        _remove_empty(made)
-        raise
+    lock, made = _lock_target(target, flag)
     published = False
     try:
         _clean_for(target)
@@ -481,6 +475,19 @@ def claim_output(out, *, overwrite: bool = False, inputs: Iterable = (), flag: s
         if not published:
             _remove_empty(made)
     log.info("wrote %s", target)
+
+
+def _lock_target(target: Path, flag: str) -> tuple[_Lock, list[Path]]:
+    """Make ``target``'s missing parent folders and take its lock; the lock and the folders made (removed again,
+    if empty, when the lock cannot be taken)."""
+    made = _make_parents(target)
+    lock = _Lock(target, flag)
+    try:
+        lock.acquire()
+    except BaseException:
+        _remove_empty(made)
+        raise
+    return lock, made
 
 
 def _make_parents(target: Path) -> list[Path]:
