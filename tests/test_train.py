@@ -461,6 +461,48 @@ def test_lineage_keeps_the_whole_history_of_chained_init_from_runs(tmp_path):
     assert lineage(tmp_path / "nothing") is None
 
 
+def test_weights_exported_mid_run_keep_their_lineage(tmp_path, vae_dir):
+    """A run cut short (a device call's end) leaves weights exported at a checkpoint; a run started from them must
+    still count the steps and commands behind them (the shipped toy weights came from such a chain)."""
+    from editinfinity.train.toy import lineage, progress_record
+
+    earlier = {"steps": 7, "seconds": 40.0, "total_steps": 30, "total_seconds": 200.0, "commands": ["train a"]}
+    cfg = tiny_transformer_config(steps=5)
+    part = train_transformer(cfg, tmp_path / "run", vae_dir, device="cpu", stop_at=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    rec = progress_record(tmp_path / "run", cfg, earlier)
+    (out / "training.json").write_text(json.dumps({"commands": ["train b"], "transformer": rec}))
+    got = lineage(out)
+    assert rec["in_progress"] and got["steps"] == part.steps == 3
+    assert got["total_steps"] == 30 + 3 and got["commands"] == ["train a", "train b"]
+    assert got["total_seconds"] == pytest.approx(200.0 + rec["seconds"], abs=0.11) and rec["seconds"] > 0
+    assert progress_record(tmp_path / "nothing", cfg, None)["steps"] == 0
+
+
+def test_toy_driver_records_progress_with_every_checkpoint_export(tmp_path, monkeypatch):
+    """The driver's own wiring: a run that dies after a checkpoint export leaves a training.json that says how far
+    the exported weights were trained."""
+    import editinfinity.train.toy as toy
+
+    calls = []
+    real = toy.export_text_encoder
+
+    def export_then_die(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("the pod was stopped")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(toy, "export_text_encoder", export_then_die)
+    out = tmp_path / "toy"
+    args = _tiny_driver_args(out) + ["--transformer-set", "checkpoint_minutes=0", "--transformer-steps", "3"]
+    with pytest.raises(KeyboardInterrupt):
+        toy.main(args)
+    rec = json.loads((out / "training.json").read_text())["transformer"]
+    assert rec["in_progress"] and rec["steps"] == 1 and rec["config"]["batch_size"] == TINY_TRANSFORMER["batch_size"]
+
+
 def test_scene_batch_two_shape_share_is_configurable_and_seeded():
     default = scene_batch(4, 2, 9, 300)
     assert default == scene_batch(4, 2, 9, 300, two_shape_prob=None)  # None keeps the world's own sampler

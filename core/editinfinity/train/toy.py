@@ -185,6 +185,19 @@ def lineage(weights_dir: Path) -> dict[str, Any] | None:
             "commands": commands}
 
 
+def progress_record(run_dir: Path, cfg, started_from: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``transformer`` entry of ``training.json`` while the run is under way: its steps and training seconds at
+    the last checkpoint, so that the weights exported with that checkpoint keep their lineage (:func:`lineage`)
+    when a run is cut short and a later run starts from them."""
+    ckpt = common.find_checkpoint(run_dir)
+    meta = json.loads((ckpt / "state.json").read_text()) if ckpt is not None else {}
+    rec: dict[str, Any] = {"config": common.config_dict(cfg), "steps": meta.get("step", 0),
+                           "seconds": round(float(meta.get("elapsed", 0.0)), 1), "in_progress": True}
+    if started_from:
+        rec["started_from"] = started_from
+    return rec
+
+
 def use_existing_vae(vae_dir: Path, out: Path, device: torch.device, vae_cfg: VAEConfig,
                      check_images: int) -> dict[str, Any]:
     """``--vae-from``: export a trained VAE into ``out/vae`` and measure it, instead of training one."""
@@ -456,6 +469,8 @@ def run(args: argparse.Namespace) -> int:
             export_diffusers_fp16(transformer, out / "transformer")
             export_text_encoder(text_encoder, out / "text_encoder")
             log.info("toy: %s transformer and text encoder exported to %s", "final" if final else "checkpoint", out)
+            if not final:  # weights exported mid-run say what they were trained for (an --init-from source)
+                record.update(transformer=progress_record(tr_run, tr_cfg, started_from))
 
         res = train_transformer(tr_cfg, tr_run, vae_dir, device=device, resume=args.resume or args.extend,
                                 extend=args.extend, progress=args.progress, on_save=on_save)
