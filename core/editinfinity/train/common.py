@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "training_state.pt"
+#: Beside it: step, elapsed seconds, config and loss history as JSON (read by resume and by the toy driver).
+META_FILE = "state.json"
 
 C = TypeVar("C")
 
@@ -330,7 +332,7 @@ def save_checkpoint(run_dir: Path, modules: Mapping[str, torch.nn.Module], optim
     torch.save(payload, tmp / STATE_FILE)
     meta = {"step": state.step, "total_steps": state.total_steps, "elapsed": round(state.elapsed, 3),
             "finished": state.finished, "config": config, "history": state.history}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
@@ -372,7 +374,7 @@ def load_checkpoint(ckpt: Path, modules: Mapping[str, torch.nn.Module], optimize
         if name in payload["generators"]:
             gen.set_state(payload["generators"][name])
     torch.set_rng_state(payload["torch_rng"])
-    meta = json.loads((ckpt / "state.json").read_text())
+    meta = json.loads((ckpt / META_FILE).read_text())
     total = int(payload["total_steps"])
     return TrainState(step=int(payload["step"]), total_steps=None if total < 0 else total,
                       elapsed=float(payload["elapsed"]), history=list(meta.get("history", [])),

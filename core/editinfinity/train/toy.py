@@ -190,7 +190,7 @@ def progress_record(run_dir: Path, cfg, started_from: dict[str, Any] | None) -> 
     the last checkpoint, so that the weights exported with that checkpoint keep their lineage (:func:`lineage`)
     when a run is cut short and a later run starts from them."""
     ckpt = common.find_checkpoint(run_dir)
-    meta = json.loads((ckpt / "state.json").read_text()) if ckpt is not None else {}
+    meta = json.loads((ckpt / common.META_FILE).read_text()) if ckpt is not None else {}
     rec: dict[str, Any] = {"config": common.config_dict(cfg), "steps": meta.get("step", 0),
                            "seconds": round(float(meta.get("elapsed", 0.0)), 1), "in_progress": True}
     if started_from:
