@@ -394,3 +394,18 @@ def test_tiny_t5_config_builds_an_encoder(tokenizer_dir):
     with torch.no_grad():
         out = model(**batch).last_hidden_state
     assert out.shape == (2, batch["input_ids"].shape[1], 128) and torch.isfinite(out).all()
+
+
+def test_calibration_seeds_are_disjoint_from_the_evaluation_seeds():
+    # a preset's inference defaults are chosen on the calibration set; the evaluation's held-out sets must differ
+    from editinfinity.evaluation.toy_judge import edit_cases
+    from editinfinity.train.scenes import SEED_SETS, heldout_scenes
+
+    (scene_held, edit_held), (scene_cal, edit_cal) = SEED_SETS["heldout"], SEED_SETS["calibration"]
+    assert len({scene_held, edit_held, scene_cal, edit_cal}) == 4
+    held = [tw.caption(s) + repr(s) for s in heldout_scenes(30, base=scene_held)]
+    cal = [tw.caption(s) + repr(s) for s in heldout_scenes(30, base=scene_cal)]
+    assert not set(held) & set(cal)
+    held_cases, cal_cases = edit_cases(10, base=edit_held), edit_cases(10, base=edit_cal)
+    assert [c["case"] for c in cal_cases] == list(range(10))  # numbered from the set's own base
+    assert not {repr(c["source_scene"]) for c in held_cases} & {repr(c["source_scene"]) for c in cal_cases}

@@ -425,6 +425,16 @@ def test_toy_driver_writes_a_loadable_directory_and_the_eval_script_runs_on_it(t
     assert holes["settings"] == {"fill_holes": True, "min_region": 0.01} and "mask_iou_mean" in holes
     assert auto["present_rate"] == np.mean([r["present"] for r in auto["results"]]) and not merged["limited"]
 
+    # the calibration seed set: other scenes and cases, and the report says which set it used
+    assert toy_eval.main(["--weights", str(out), "--device", "cpu", "--seeds", "calibration", "--vae-images", "0",
+                          "--generations", "1", "--edits", "0", "--mask-edits", "0", "--whole-edits", "0",
+                          "--keep-cases", "--out", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    from editinfinity.train.scenes import CALIBRATION_SEED_BASE, heldout_scenes
+    assert report["seeds"]["set"] == "calibration" and report["seeds"]["scenes_from"] == CALIBRATION_SEED_BASE
+    first = heldout_scenes(1, base=CALIBRATION_SEED_BASE)[0]
+    assert report["text_to_image"]["cases"][0]["caption"] == tw.caption(first)
+
     # out of time: the edit sections stop before their first case and the JSON says so
     assert toy_eval.main(["--weights", str(out), "--device", "cpu", "--limit", "1", "--max-minutes", "1e-6",
                           "--out", str(report_path)]) == 0

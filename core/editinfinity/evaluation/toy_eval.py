@@ -34,7 +34,7 @@ from editinfinity.evaluation.toy_judge import edit_cases, edit_eval, summarise_e
 from editinfinity.models.bundle import load_models
 from editinfinity.models.schedules import get_schedule
 from editinfinity.pipeline import EditInfinityPipeline
-from editinfinity.train.data import EDIT_SEED_BASE, HELDOUT_SEED_BASE, heldout_scenes
+from editinfinity.train.data import SEED_SETS, heldout_scenes
 from editinfinity.train.vae import heldout_psnr
 
 TARGETS = {"vae_psnr_db": 30.0, "text_to_image_objects_ok": 0.95, "text_to_image_two_objects_ok": 0.90,
@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                          "learned once): e.g. holes:fill_holes=1; reported under edits.auto_variants")
     ap.add_argument("--shard", default="0/1", metavar="I/N", help="edit only the cases i with i %% N == I")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge shard reports (--keep-cases) into --out")
+    ap.add_argument("--seeds", choices=sorted(SEED_SETS), default="heldout",
+                    help="seed set of the scenes and edit cases: heldout (the evaluation) or calibration (where a "
+                         "preset's inference defaults are chosen; train/scenes.py)")
     ap.add_argument("--batch", type=int, default=32, help="text-to-image batch")
     ap.add_argument("--keep-cases", action="store_true", help="store every case's verdict in the JSON")
     ap.add_argument("--max-minutes", type=float, default=None,
@@ -174,20 +177,22 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     deadline = t0 + 60 * args.max_minutes if args.max_minutes else None
 
+    scene_base, edit_base = SEED_SETS[args.seeds]
     models = load_models("toy", weights=args.weights, device=args.device)
     load_s = time.perf_counter() - t0
     schedule = get_schedule(1.0, "0.06M")
     report: dict = {"command": " ".join(["python -m editinfinity.evaluation.toy_eval", *(argv if argv is not None else sys.argv[1:])]),
                     "weights": models.source, "device": str(models.device), "editinfinity": __version__,
                     "torch": torch.__version__, "python": platform.python_version(), "targets": TARGETS,
-                    "seeds": {"scenes_from": HELDOUT_SEED_BASE, "edit_cases_from": EDIT_SEED_BASE},
+                    "seeds": {"set": args.seeds, "scenes_from": scene_base, "edit_cases_from": edit_base},
                     "settings": settings.to_dict(), "seconds": {"load": round(load_s, 2)}}
     if torch.cuda.is_available() and models.device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(models.device)
 
     if cap(args.vae_images) > 0:
         t = time.perf_counter()
-        report["vae"] = heldout_psnr(models.vae, heldout_scenes(cap(args.vae_images)), schedule, models.device)
+        report["vae"] = heldout_psnr(models.vae, heldout_scenes(cap(args.vae_images), base=scene_base), schedule,
+                                     models.device)
         report["seconds"]["vae"] = round(time.perf_counter() - t, 2)
         write(report)
         logging.info("VAE PSNR %.2f dB on %d pictures", report["vae"]["mean_psnr"], report["vae"]["images"])
@@ -196,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         t2i = text_to_image_eval(models.transformer, models.vae, models.tokenizer, models.text_encoder,
                                  cap(args.generations), schedule=schedule, cfg=settings.cfg, tau=settings.tau,
-                                 seed=settings.seed, batch=args.batch)
+                                 seed=settings.seed, batch=args.batch,
+                                 scenes=heldout_scenes(cap(args.generations), base=scene_base))
         report["text_to_image"] = _strip(t2i, args.keep_cases)
         report["seconds"]["text_to_image"] = round(time.perf_counter() - t, 2)
         write(report)
@@ -204,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                      t2i["generations"])
 
     pipe = EditInfinityPipeline.from_bundle(models)
-    cases = edit_cases(max(cap(args.edits), cap(args.mask_edits), cap(args.whole_edits)))
+    cases = edit_cases(max(cap(args.edits), cap(args.mask_edits), cap(args.whole_edits)), base=edit_base)
     report["edits"] = {}
     for mode, n in (("auto", cap(args.edits)), ("mask", cap(args.mask_edits)), ("whole", cap(args.whole_edits))):
         if n <= 0:

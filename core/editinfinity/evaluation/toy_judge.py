@@ -130,10 +130,9 @@ def keep_region(edit_mask: np.ndarray, cell: int = 16, dilate_cells: int = 1) ->
 
 
 def edit_cases(n: int, base: int = EDIT_SEED_BASE, width: int = 256, height: int = 256) -> list[dict[str, Any]]:
-    """``n`` held-out edit cases (one object's colour or kind changes) from ``toyworld.make_edit_case``; ``case``
-    numbers them from ``EDIT_SEED_BASE`` (the seed's offset)."""
-    return [{**toyworld.make_edit_case(base + i, width, height), "case": base + i - EDIT_SEED_BASE}
-            for i in range(n)]
+    """``n`` edit cases (one object's colour or kind changes) from ``toyworld.make_edit_case`` with the seeds
+    ``base, base+1, ...`` (default: the held-out ones); ``case`` numbers them from ``base`` (the seed's offset)."""
+    return [{**toyworld.make_edit_case(base + i, width, height), "case": i} for i in range(n)]
 
 
 def judge_edit(case: dict[str, Any], edited: np.ndarray, reconstruction: np.ndarray | None = None,
@@ -251,7 +250,7 @@ def edit_eval(pipe, n: int, mode: str, settings, *, base: int = EDIT_SEED_BASE,
     ``truncated`` and covers the cases done. ``variants`` (``{name: EditSettings}`` differing from ``settings``
     only in edit settings, e.g. the mask cleanup): every case is learned once with ``settings`` and edited with
     each variant from that learned state (the same pixels as one-shot edits); returns ``{name: summary}``.
-    Each result records its case's ``case`` number (``EDIT_SEED_BASE`` offset) so shards can be merged.
+    Each result records its case's ``case`` number (offset from the seed base) so shards can be merged.
     """
     cases = list(cases) if cases is not None else edit_cases(n, base)
     names = list(variants) if variants else [None]

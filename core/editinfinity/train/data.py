@@ -26,8 +26,11 @@ import torch
 
 from .. import toyworld
 from .scenes import (  # noqa: F401  re-exported: the seed conventions live with the sampler
+    CALIBRATION_EDIT_SEED_BASE,
+    CALIBRATION_SEED_BASE,
     EDIT_SEED_BASE,
     HELDOUT_SEED_BASE,
+    SEED_SETS,
     TEXT_STREAM,
     TRAIN_TAG,
     TRANSFORMER_STREAM,

@@ -24,6 +24,14 @@ VAE_STREAM, TRANSFORMER_STREAM, TEXT_STREAM = 1, 2, 3
 HELDOUT_SEED_BASE = 1_000_000
 #: Integer seeds of held-out edit cases (``toyworld.make_edit_case``).
 EDIT_SEED_BASE = 2_000_000
+#: Integer seeds of the calibration sets (scenes, edit cases): where a preset's inference defaults (sampling, mask
+#: threshold) are chosen, so that the evaluation's held-out seeds above stay untouched by that choice. Never used by
+#: training either (same argument as the held-out seeds).
+CALIBRATION_SEED_BASE = 3_000_000
+CALIBRATION_EDIT_SEED_BASE = 4_000_000
+#: Seed bases of each named seed set: (scenes, edit cases).
+SEED_SETS = {"heldout": (HELDOUT_SEED_BASE, EDIT_SEED_BASE),
+             "calibration": (CALIBRATION_SEED_BASE, CALIBRATION_EDIT_SEED_BASE)}
 
 
 def stream_rng(seed: int, stream: int, step: int) -> np.random.Generator:
