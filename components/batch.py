@@ -33,7 +33,7 @@ def batch_plan(cases_uri: str, output_uri: str, shards: int, preset: str, weight
         prompt_iters: Prompt-tuning updates.
         lora_iters: LoRA updates.
         seed: Random seed.
-        threshold: Attention-mask threshold.
+        threshold: Attention-mask threshold in [0, 1); negative for the preset's (0.3 toy, 0.5 otherwise).
         plan: The plan every worker reads (JSON).
         report: Counts and the invalid cases with their errors.
 
@@ -42,13 +42,12 @@ def batch_plan(cases_uri: str, output_uri: str, shards: int, preset: str, weight
     """
     from pathlib import Path
 
+    from editinfinity import runtime as rt
     from editinfinity import storage
     from editinfinity.batch.cases import read_cases
     from editinfinity.batch.plan import make_plan, write_plan
-    from editinfinity.edit.settings import EditSettings
 
-    settings = EditSettings.from_profile("default", prompt_iters=prompt_iters, lora_iters=lora_iters, seed=seed,
-                                         threshold=threshold)
+    settings = rt.edit_settings(prompt_iters=prompt_iters, lora_iters=lora_iters, seed=seed, threshold=threshold)
     made = make_plan(read_cases(cases_uri, output_uri), output_uri=output_uri, shards=shards, preset=preset,
                      weights=weights, resolution=resolution, mask_polarity=mask_polarity, settings=settings)
     write_plan(made, plan.path)

@@ -14,7 +14,7 @@ def fused_edit(image_uri: str, prompt: str, edit_prompt: str, mode: str, target_
                edited: Output[Artifact]):
     """Run prepare, tune-prompt, train-lora, attention, mask and generate in one process.
 
-    Parameters mean the same as in the per-stage components. Stages a mode skips (attention outside mode auto,
+    Parameters mean the same as in the per-stage components (``threshold``: negative for the preset's). Stages a mode skips (attention outside mode auto,
     the mask in mode whole) leave an output folder holding only ``skipped.json``.
     """
     import tempfile

@@ -32,7 +32,7 @@ def piebench_cases(data_uri: str, output_uri: str, mode: str, types: str, limit:
         prompt_iters: Prompt-tuning updates.
         lora_iters: LoRA updates.
         seed: Random seed.
-        threshold: Attention-mask threshold.
+        threshold: Attention-mask threshold in [0, 1); negative for the preset's (0.3 toy, 0.5 otherwise).
 
     Returns:
         One ``{"shard", "ids"}`` per worker: the well-formed selected cases' ids, comma-separated (malformed
@@ -64,7 +64,7 @@ def piebench_worker(data_uri: str, case_ids: str, output_uri: str, mode: str, pr
         prompt_iters: Prompt-tuning updates.
         lora_iters: LoRA updates.
         seed: Random seed.
-        threshold: Attention-mask threshold.
+        threshold: Attention-mask threshold in [0, 1); negative for the preset's (0.3 toy, 0.5 otherwise).
 
     Returns:
         JSON counts of the shard's cases by status (done, resumed, failed).
@@ -98,7 +98,7 @@ def piebench_score(results: list, data_uri: str, output_uri: str, mode: str, typ
         prompt_iters: Prompt-tuning updates (recorded).
         lora_iters: LoRA updates (recorded).
         seed: Random seed (recorded).
-        threshold: Attention-mask threshold (recorded).
+        threshold: Attention-mask threshold (recorded); negative for the preset's.
         clip: CLIP weights (folder on the model cache, hub id, gs:// / s3://); empty: not computed.
         dino: DINO ViT-B/8 weights (transformers folder / hub id, or dino_vitbase8_pretrain.pth); empty: not computed.
         lpips: Folder with squeezenet1_1-*.pth and LPIPS v0.1 squeeze.pth; empty: not computed.

@@ -35,7 +35,7 @@ def check_case(image_uri: str, prompt: str, edit_prompt: str, mode: str, target_
         prompt_iters: Prompt-tuning updates.
         lora_iters: LoRA updates.
         seed: Random seed.
-        threshold: Attention-mask threshold.
+        threshold: Attention-mask threshold in [0, 1); negative for the preset's (0.3 toy, 0.5 otherwise).
 
     Returns:
         The content key (image pixels, mask bytes, prompts, mode fields, settings).
@@ -46,7 +46,7 @@ def check_case(image_uri: str, prompt: str, edit_prompt: str, mode: str, target_
                                target_word=target_word, mask_uri=mask_uri, mask_polarity=mask_polarity,
                                resolution=resolution, preset=preset, weights=weights,
                                settings={"prompt_iters": prompt_iters, "lora_iters": lora_iters, "seed": seed,
-                                         "threshold": threshold})
+                                         "threshold": rt.mask_threshold(threshold)})
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
@@ -151,14 +151,16 @@ def mask(case: Input[Dataset], threshold: float, edit_mask: Output[Artifact],
 
     Args:
         case: The prepared case.
-        threshold: Attention threshold between the map's min and max (mode auto).
+        threshold: Attention threshold between the map's min and max (mode auto); negative for the case's
+            preset's (``Preset.mask_threshold``). The stage records the value used.
         edit_mask: Output folder with ``mask.png``, ``weights.safetensors`` and ``weights.png``.
         attention_map: The attention map (mode auto); absent in mode mask.
     """
     from editinfinity import runtime as rt
     from editinfinity.edit import stages
 
-    stages.make_mask(case.path, edit_mask.path, attention_dir=rt.optional_dir(attention_map), threshold=threshold)
+    stages.make_mask(case.path, edit_mask.path, attention_dir=rt.optional_dir(attention_map),
+                     threshold=rt.mask_threshold(threshold))
     edit_mask.metadata.update(rt.stage_metadata(edit_mask.path))
 
 

@@ -42,7 +42,7 @@ def make_batch_pipeline(profile: Profile | None = None, fused: bool = False, par
                               "with one summary page.")
     def batch_edit(cases_uri: str, output_uri: str, shards: int = cap, mask_polarity: str = "white-edit",
                    preset: str = default_preset, weights: str = default_weights, resolution: str = "",
-                   prompt_iters: int = 10, lora_iters: int = 50, seed: int = 0, threshold: float = 0.5,
+                   prompt_iters: int = 10, lora_iters: int = 50, seed: int = 0, threshold: float = -1.0,
                    learned_cache: str = default_cache):
         """Edit every case of a cases file.
 
@@ -57,7 +57,7 @@ def make_batch_pipeline(profile: Profile | None = None, fused: bool = False, par
             prompt_iters: Prompt-tuning updates.
             lora_iters: LoRA updates.
             seed: Random seed.
-            threshold: Attention-mask threshold.
+            threshold: Attention-mask threshold in [0, 1); -1 (default, any negative): the preset's (0.3 toy, 0.5 otherwise).
             learned_cache: Folder of learned states keyed by content (shared by runs); empty for none.
         """
         plan = cpu_task(batch_plan(cases_uri=cases_uri, output_uri=output_uri, shards=shards, preset=preset,

@@ -40,7 +40,7 @@ def make_edit_pipeline(profile: Profile | None = None, fused: bool = False):
     def edit(image_uri: str, prompt: str, edit_prompt: str, mode: str = "auto", target_word: str = "",
              mask_uri: str = "", mask_polarity: str = "white-edit", preset: str = default_preset,
              weights: str = default_weights, resolution: str = "", prompt_iters: int = 10, lora_iters: int = 50,
-             seed: int = 0, threshold: float = 0.5, output_uri: str = "", case_id: str = "") -> str:
+             seed: int = 0, threshold: float = -1.0, output_uri: str = "", case_id: str = "") -> str:
         """Edit one image.
 
         Args:
@@ -57,7 +57,7 @@ def make_edit_pipeline(profile: Profile | None = None, fused: bool = False):
             prompt_iters: Prompt-tuning updates.
             lora_iters: LoRA updates.
             seed: Random seed.
-            threshold: Attention-mask threshold (mode auto).
+            threshold: Attention-mask threshold in [0, 1); -1 (default, any negative): the preset's (0.3 toy, 0.5 otherwise); mode auto.
             output_uri: Where to publish the results; empty keeps them in the pipeline root only.
             case_id: Case name (batch runs).
         """

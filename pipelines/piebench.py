@@ -33,7 +33,7 @@ def make_piebench_pipeline(profile: Profile | None = None, parallelism: int | No
                   description="EditInfinity on PIE-Bench: edit every case, score as PnP-Inversion, one table.")
     def piebench(data_uri: str, output_uri: str, mode: str = "auto", types: str = "", limit: int = 0,
                  shards: int = cap, preset: str = default_preset, weights: str = default_weights, resolution: str = "",
-                 prompt_iters: int = 10, lora_iters: int = 50, seed: int = 0, threshold: float = 0.5,
+                 prompt_iters: int = 10, lora_iters: int = 50, seed: int = 0, threshold: float = -1.0,
                  clip: str = "", dino: str = "", lpips: str = ""):
         """Edit and score PIE-Bench.
 
@@ -50,7 +50,7 @@ def make_piebench_pipeline(profile: Profile | None = None, parallelism: int | No
             prompt_iters: Prompt-tuning updates.
             lora_iters: LoRA updates.
             seed: Random seed.
-            threshold: Attention-mask threshold.
+            threshold: Attention-mask threshold in [0, 1); -1 (default, any negative): the preset's (0.3 toy, 0.5 otherwise).
             clip: CLIP weights (openai/clip-vit-large-patch14 as a folder on the model cache); empty: not computed.
             dino: DINO ViT-B/8 weights (facebook/dino-vitb8 folder or dino_vitbase8_pretrain.pth); empty: not computed.
             lpips: Folder with squeezenet1_1-*.pth and LPIPS v0.1 squeeze.pth; empty: not computed.

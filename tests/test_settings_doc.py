@@ -67,6 +67,9 @@ def test_profile_defaults_are_the_documented_values(table, profile):
         want = values[profile]
         if field == "lr":  # unset: the preset's rate (Preset.edit_lr); the Infinity family's is the documented one
             got = learning_rate(settings)
+        elif field == "threshold":  # unset: the preset's (Preset.mask_threshold); the method's for a non-preset
+            assert settings.threshold is None
+            got = settings.mask_threshold(None)
         elif field == "TARGETS":
             got, want = sorted(lora_config(settings).target_modules), sorted(want)
             assert sorted(TARGETS) == want

@@ -18,6 +18,7 @@ from .cli_options import (
     OVERWRITE_HELP,
     SEED,
     SEED_HELP,
+    THRESHOLD_HELP,
     fraction,
 )
 from .cli_options import add_case_args as _add_case_args
@@ -125,7 +126,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             p.add_argument("--attention-dir", help="directory written by attention (mode auto)")
             # defaults from EditSettings, so this stage command and `edit` cannot drift apart
             p.add_argument("--threshold", type=fraction, default=_settings_default("threshold"),
-                           help="attention mask threshold, a fraction in [0, 1)")
+                           help=THRESHOLD_HELP)
             p.add_argument("--core-threshold", type=float, default=_settings_default("core"), dest="core",
                            help=CORE_HELP)
             p.add_argument("--fill-holes", action=argparse.BooleanOptionalAction,

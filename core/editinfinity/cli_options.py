@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from .edit.modes import MASK_POLARITIES, MODES  # noqa: F401  (MODES: re-exported for the CLI)
+from .models.presets import PRESETS, Preset
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -37,6 +38,10 @@ OVERWRITE_HELP = ("replace --out if it holds an earlier editinfinity result (nev
 SEED_HELP = "seed of every random draw (integer 0 .. 2**64-1)"
 CORE_HELP = ("automatic mask hysteresis: keep only regions above --threshold that reach this level somewhere "
              "(drops stray weak cells); 0 keeps every cell above the threshold, as the reference")
+THRESHOLD_HELP = ("automatic mask threshold, a fraction of the attention map's range in [0, 1) (default: the "
+                  "preset's, " + ", ".join(f"{p.mask_threshold} for {p.name}" for p in PRESETS.values()
+                                          if p.mask_threshold != Preset.mask_threshold)
+                  + f", {Preset.mask_threshold} (the method's) otherwise)")
 KEEP_PIXELS_HELP = ("output the source's own pixels where the keep weight is 1 and the decoded edit where it is 0, "
                     "mixed smoothly through the band (--no-keep-pixels: the decode of the blended codes, as published)")
 FILL_HOLES_HELP = "automatic mask cleanup: fill holes inside the selected regions"
@@ -83,7 +88,7 @@ def add_settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=SEED, default=None, help=SEED_HELP + " (default 0)")
     p.add_argument("--prompt-iters", type=ITERS, default=None, help="prompt-tuning optimizer updates (default 10)")
     p.add_argument("--lora-iters", type=ITERS, default=None, help="LoRA optimizer updates (default 50)")
-    p.add_argument("--threshold", type=fraction, default=None, help="attention mask threshold (default 0.5)")
+    p.add_argument("--threshold", type=fraction, default=None, help=THRESHOLD_HELP)
     p.add_argument("--core-threshold", type=float, default=None, dest="core",
                    help=f"{CORE_HELP} (default: {settings_default('core')})")
     p.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=None,

@@ -58,12 +58,25 @@ def load_models(preset: str, weights: str, *, text_encoder: bool = True) -> Mode
     return _load(preset or None, weights=resolve_weights(weights), text_encoder=text_encoder)
 
 
-def edit_settings(*, prompt_iters: int, lora_iters: int, seed: int, threshold: float) -> EditSettings:
-    """The method's settings (default profile) with the pipeline's overrides."""
+#: The pipelines' ``threshold`` when none is given: any negative number means "the preset's" (``None`` in
+#: ``EditSettings``). A number, not an optional parameter: kfp.local (2.17) cannot run a pipeline whose optional
+#: parameter is left unset, and KFP backends before kubeflow/pipelines#11788 fail the tasks it is passed to.
+UNSET_THRESHOLD = -1.0
+
+
+def mask_threshold(value: float | None) -> float | None:
+    """A pipeline's ``threshold`` parameter as ``EditSettings.threshold``: negative (``UNSET_THRESHOLD``) or None ->
+    None (the preset's); a number in [0, 1] as given (others are refused by the settings' validation)."""
+    return None if value is None or value < 0 else float(value)
+
+
+def edit_settings(*, prompt_iters: int, lora_iters: int, seed: int, threshold: float | None = None) -> EditSettings:
+    """The method's settings (default profile) with the pipeline's overrides (``threshold``: see
+    :func:`mask_threshold`)."""
     from .edit.settings import EditSettings
 
     return EditSettings.from_profile("default", prompt_iters=prompt_iters, lora_iters=lora_iters, seed=seed,
-                                     threshold=threshold)
+                                     threshold=mask_threshold(threshold))
 
 
 def stage_metadata(stage_dir: str | os.PathLike, **extra: Any) -> dict:
@@ -216,7 +229,14 @@ def case_content_key(*, image_uri: str, prompt: str, edit_prompt: str, mode: str
     the prompt, mask readable, mode consistent; InvalidCaseError otherwise) and return a key of their content: the
     image's pixel digest, the mask file's sha256, the prompts, the mode's fields and the settings. Given to a cached
     step as a parameter, it makes KFP's cache hit when the same content comes again (under any URI) and miss when
-    the content behind a URI changed."""
+    the content behind a URI changed.
+
+    ``settings`` are keyed as given: an unset threshold stays ``None``, never the preset's value it resolves to.
+    This CPU step cannot know for sure which preset the GPU pods load (``preset`` "" is whatever default their
+    image has), so keying on a resolved value could let an unset threshold and an explicit 0.5 share a key while
+    their masks differ; keyed as given they never do (the preset name is in the key too). An unset threshold and
+    an explicit equal value miss each other's cache, which costs a re-run, not a wrong result; a preset default
+    changed by a later release comes with new images, which KFP's cache keys on already."""
     import hashlib
 
     from . import storage

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import InvalidCaseError, StageError
+from ..models.presets import effective_mask_threshold
 from ..report import mask_picture, weights_picture
 from .artifacts import read_stage, read_tensors, stage_output
 from .attention import load_attention
@@ -30,19 +31,21 @@ WEIGHTS_FILE = "weights.safetensors"
 CELL_THRESHOLD = 0.2
 
 
-def edit_weights(case: CaseData, attention: torch.Tensor | None, threshold: float = 0.5, band: str = "scaled",
-                 core: float = 0.0, *, fill_holes: bool = False,
+def edit_weights(case: CaseData, attention: torch.Tensor | None, threshold: float | None = None,
+                 band: str = "scaled", core: float = 0.0, *, fill_holes: bool = False,
                  min_region: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(edit_mask bool (hK,wK), keep weights W float32 (hK,wK)); W = 1 keeps the source code. ``band``: the
-    smoothing band's width (:func:`~editinfinity.edit.mask.band_for_grid`); ``core``: the automatic mask's
-    hysteresis level (:func:`~editinfinity.edit.mask.threshold_attention`); ``fill_holes`` / ``min_region``: its
-    cleanup (:func:`~editinfinity.edit.mask.clean_mask`; user masks are used as given)."""
+    """(edit_mask bool (hK,wK), keep weights W float32 (hK,wK)); W = 1 keeps the source code. ``threshold``: the
+    automatic mask's cut (None: the case's preset's, ``Preset.mask_threshold``); ``band``: the smoothing band's
+    width (:func:`~editinfinity.edit.mask.band_for_grid`); ``core``: the automatic mask's hysteresis level
+    (:func:`~editinfinity.edit.mask.threshold_attention`); ``fill_holes`` / ``min_region``: its cleanup
+    (:func:`~editinfinity.edit.mask.clean_mask`; user masks are used as given)."""
     require_mode(case, "auto", "mask", stage="mask")
     kernel = band_for_grid(case.grid, band)
     if case.spec.mode == "auto":
         if attention is None:
             raise StageError("mode auto needs the attention stage's output (--attention DIR)")
-        edit = clean_mask(threshold_attention(attention, threshold, core), holes=fill_holes, min_region=min_region)
+        cut = effective_mask_threshold(threshold, case.preset)
+        edit = clean_mask(threshold_attention(attention, cut, core), holes=fill_holes, min_region=min_region)
         weights = torch.as_tensor(weights_from_edit_mask(edit, **kernel))
     else:
         edit = case.user_cells >= CELL_THRESHOLD
@@ -59,22 +62,25 @@ def load_weights(mask_dir, run_id: str | None = None) -> tuple[torch.Tensor, tor
     return t["edit_mask"].bool(), t["weights"]
 
 
-def make_mask(case_dir, out_dir, *, attention_dir=None, threshold: float = 0.5, band: str = "scaled",
+def make_mask(case_dir, out_dir, *, attention_dir=None, threshold: float | None = None, band: str = "scaled",
               core: float = 0.0, fill_holes: bool = False, min_region: float = 0.0,
               overwrite: bool = False) -> Path:
-    """Stage E over files: writes ``weights.safetensors``, ``mask.png`` and ``weights.png``."""
+    """Stage E over files: writes ``weights.safetensors``, ``mask.png`` and ``weights.png``. ``threshold`` None:
+    the case's preset's; ``stage.json`` records the threshold used and whether it was given or the preset's."""
     for name, value in (("--threshold", threshold), ("--core-threshold", core)):
-        if not 0.0 <= value <= 1.0:
+        if value is not None and not 0.0 <= value <= 1.0:
             raise InvalidCaseError(f"{name} must be in [0, 1] (a level between the map's min and max), got {value}")
     if not 0.0 <= min_region < 1.0:
         raise InvalidCaseError(f"--min-region must be a fraction of the grid in [0, 1), got {min_region}")
     case = load_case(case_dir)
     started = time.perf_counter()  # after loading: the stage's own work
     amap = load_attention(attention_dir, run_id=case.run_id) if case.spec.mode == "auto" else None
-    edit, weights = edit_weights(case, amap, threshold, band, core, fill_holes=fill_holes, min_region=min_region)
+    cut = effective_mask_threshold(threshold, case.preset)
+    edit, weights = edit_weights(case, amap, cut, band, core, fill_holes=fill_holes, min_region=min_region)
     size = (case.image.width, case.image.height)
     with stage_output(out_dir, "mask", run_id=case.run_id, overwrite=overwrite, started=started,
-                      settings={"threshold": threshold, "core": core, "band": band,
+                      settings={"threshold": cut, "threshold_source": "given" if threshold is not None else "preset",
+                                "core": core, "band": band,
                                 "fill_holes": fill_holes, "min_region": min_region,
                                 **band_for_grid(case.grid, band)}
                       ) as (tmp, record):

@@ -101,7 +101,7 @@ def summarize(out_dir, *, case_dir, generate_dir, mask_dir=None, attention_dir=N
         log.warning("%s", representation["warning"])
     summary = {"spec": case.spec.to_dict(), "schedule": [list(s) for s in case.schedule],
                "image_size": [case.image.height, case.image.width], "run_id": case.run_id, "preset": case.preset,
-               "settings": settings.to_dict() if settings else None, "seconds": timings or {},
+               "settings": settings.effective_dict(case.preset) if settings else None, "seconds": timings or {},
                "keep_pixels": bool(record.get("keep_pixels", False)), "metrics": metrics,
                "representation": representation, "versions": versions(), **(extra or {})}
     write_json(out_dir / "summary.json", summary)

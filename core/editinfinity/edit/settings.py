@@ -85,9 +85,10 @@ class EditSettings:
     # Stochastic regularisers active in the published training (its model trains in training mode).
     cond_drop_rate: float = 0.1
     drop_path_rate: float = 0.1
-    # Stage E: mask threshold between min and max of the attention map; smoothing band "scaled" (the reference's
-    # 1- and 4-cell distances as fractions of a 64-cell side: identical at 1M) or "reference" (cells on any grid).
-    threshold: float = 0.5
+    # Stage E: mask threshold between min and max of the attention map (None: the preset's, Preset.mask_threshold:
+    # the method's 0.5, 0.3 for the toy model; see mask_threshold); smoothing band "scaled" (the reference's 1- and
+    # 4-cell distances as fractions of a 64-cell side: identical at 1M) or "reference" (cells on any grid).
+    threshold: float | None = None
     band: str = "scaled"
     # Hysteresis of the automatic mask: keep only selected regions that reach this relative level somewhere (stray
     # weak cells are dropped); 0 (any value <= threshold) keeps every cell above `threshold`, as the reference does.
@@ -138,7 +139,7 @@ class EditSettings:
     def validate(self) -> None:
         if self.prompt_iters < 0 or self.lora_iters < 0:
             raise InvalidCaseError("--prompt-iters and --lora-iters must be >= 0")
-        if not 0.0 <= self.threshold <= 1.0:
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise InvalidCaseError(f"--threshold must be in [0, 1], got {self.threshold}")
         if not 0.0 <= self.core <= 1.0:
             raise InvalidCaseError(f"--core-threshold must be in [0, 1], got {self.core}")
@@ -156,6 +157,12 @@ class EditSettings:
             raise InvalidCaseError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                                    f"got {self.attention_backend!r}")
 
+    def mask_threshold(self, preset: str | None) -> float:
+        """``threshold``, or when unset the automatic mask's threshold of ``preset`` (``Preset.mask_threshold``)."""
+        from ..models.presets import effective_mask_threshold
+
+        return effective_mask_threshold(self.threshold, preset)
+
     @property
     def effective_checkpointing(self) -> str | int:
         """``checkpointing`` with ``low_memory`` applied: low memory turns ``"auto"`` into ``"all"``."""
@@ -166,6 +173,11 @@ class EditSettings:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         return d
+
+    def effective_dict(self, preset: str | None) -> dict:
+        """:meth:`to_dict` with what a setting left unset resolves to for ``preset``: the mask threshold (what
+        summaries, reports and benchmark records show: the number used, never ``None``)."""
+        return {**self.to_dict(), "threshold": self.mask_threshold(preset)}
 
     @classmethod
     def from_dict(cls, d: dict) -> EditSettings:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..cli_options import OVERWRITE_HELP
+from ..cli_options import OVERWRITE_HELP, THRESHOLD_HELP
 from ..edit.modes import MODES
 from ..errors import InvalidCaseError
 
@@ -97,7 +97,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--seed", type=int, default=None, help="seed of every edit (default: the profile's)")
     p.add_argument("--prompt-iters", type=int, default=None, help="prompt-tuning updates (default 10)")
     p.add_argument("--lora-iters", type=int, default=None, help="LoRA updates (default 50)")
-    p.add_argument("--threshold", type=float, default=None, help="attention mask threshold (default 0.5)")
+    p.add_argument("--threshold", type=float, default=None, help=THRESHOLD_HELP)
     p.add_argument("--clip", default=None, metavar="PATH|HUB_ID",
                    help="CLIP weights (openai/clip-vit-large-patch14 in the paper); without: CLIP not computed")
     p.add_argument("--dino", default=None, metavar="PATH|HUB_ID",

@@ -85,8 +85,9 @@ class BenchConfig:
     settings: EditSettings
 
     def to_dict(self) -> dict:
+        # the settings as used (an unset threshold: the preset's), so a resumed run compares what its edits use
         return {"mode": self.mode, "preset": self.preset, "weights": self.weights, "resolution": self.resolution,
-                "settings": self.settings.to_dict()}
+                "settings": self.settings.effective_dict(self.preset)}
 
 
 #: Settings that change speed or memory, not the edits; a resumed run may change them.
@@ -275,7 +276,8 @@ def _header(config: BenchConfig, data: PieBenchSet, result: BenchResult, describ
     return [
         f"- Settings: preset `{config.preset}`{f' (weights `{config.weights}`)' if config.weights else ''}, mode "
         f"`{config.mode}`, resolution {config.resolution or 'the preset default'}, profile {s.profile}, "
-        f"prompt tuning {s.prompt_iters} updates, LoRA {s.lora_iters} updates, threshold {s.threshold}, "
+        f"prompt tuning {s.prompt_iters} updates, LoRA {s.lora_iters} updates, mask threshold "
+        f"{s.mask_threshold(config.preset)}{'' if s.threshold is not None else ' (the preset default)'}, "
         f"seed {s.seed}, device {device or 'auto'}; editinfinity {__version__}.",
         f"- Data: `{data.root}`: {len(data.cases) + len(data.errors)} of {data.total_entries} entries"
         f"{f' ({selection})' if selection else ''}; {result.ok} scored, {result.failed} failed, "

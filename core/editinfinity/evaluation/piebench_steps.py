@@ -38,12 +38,14 @@ log = logging.getLogger(__name__)
 
 
 def bench_config(*, mode: str, preset: str, weights: str, resolution: str, prompt_iters: int, lora_iters: int,
-                 seed: int, threshold: float) -> BenchConfig:
-    """The run configuration from pipeline parameters ("" = default)."""
+                 seed: int, threshold: float | None = None) -> BenchConfig:
+    """The run configuration from pipeline parameters ("" = default; ``threshold`` negative or None: the preset's,
+    ``runtime.mask_threshold``)."""
     from ..models.presets import default_preset_name
+    from ..runtime import mask_threshold
 
     settings = EditSettings.from_profile("default", prompt_iters=prompt_iters, lora_iters=lora_iters, seed=seed,
-                                         threshold=threshold)
+                                         threshold=mask_threshold(threshold))
     return BenchConfig(mode=mode, preset=preset or default_preset_name(), weights=weights or None,
                        resolution=resolution or None, settings=settings)
 

@@ -32,6 +32,7 @@ from editinfinity import __version__
 from editinfinity.edit.settings import EditSettings
 from editinfinity.evaluation.toy_judge import edit_cases, edit_eval, summarise_edits, text_to_image_eval
 from editinfinity.models.bundle import load_models
+from editinfinity.models.presets import mask_threshold_for
 from editinfinity.models.schedules import get_schedule
 from editinfinity.pipeline import EditInfinityPipeline
 from editinfinity.train.data import SEED_SETS, heldout_scenes
@@ -74,6 +75,8 @@ def parse_variant(text: str, settings: EditSettings) -> tuple[str, EditSettings,
         if key not in types:
             raise SystemExit(f"--variant {text}: unknown setting {key!r}")
         kind = types[key]
+        if kind is type(None):  # a setting unset by default (threshold: the preset's): a number
+            kind = int if value.lstrip("-").isdigit() else float
         changes[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     if not name or not changes:
         raise SystemExit(f"--variant {text}: expected NAME:key=value[,key=value...]")
@@ -130,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tau", type=float, default=None, help="temperature (default: EditSettings, 0.5)")
     ap.add_argument("--prompt-iters", type=int, default=None, help="prompt-tuning updates (default 10)")
     ap.add_argument("--lora-iters", type=int, default=None, help="LoRA updates (default 50)")
-    ap.add_argument("--threshold", type=float, default=None, help="attention mask threshold (default 0.5)")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help=f"attention mask threshold (default: the toy preset's, {mask_threshold_for('toy')})")
     ap.add_argument("--core-threshold", type=float, default=None, dest="core",
                     help="automatic mask hysteresis level (default: EditSettings)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                     "weights": models.source, "device": str(models.device), "editinfinity": __version__,
                     "torch": torch.__version__, "python": platform.python_version(), "targets": TARGETS,
                     "seeds": {"set": args.seeds, "scenes_from": scene_base, "edit_cases_from": edit_base},
-                    "settings": settings.to_dict(), "seconds": {"load": round(load_s, 2)}}
+                    "settings": settings.effective_dict(models.preset), "seconds": {"load": round(load_s, 2)}}
     if torch.cuda.is_available() and models.device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(models.device)
 
