@@ -188,6 +188,29 @@ def test_pod_helpers_resume_and_record_failures(toy, tmp_path, monkeypatch):
         bk.list_cases(str(toy), str(tmp_path / "x"), config, types="9")
 
 
+def test_an_unset_threshold_is_recorded_and_compared_as_the_presets(toy, tmp_path):
+    """The pipelines' threshold -1 means the preset's: bench.json and the table record the number, and a resumed run
+    is compared on it (tiny: unset = the method's 0.5, the same edits; toy: unset = its own, other edits)."""
+    from editinfinity.models.presets import mask_threshold_for
+
+    def config(preset: str, threshold: float) -> bk.BenchConfig:
+        return bk.bench_config(mode="auto", preset=preset, weights="", resolution="", prompt_iters=1, lora_iters=1,
+                               seed=0, threshold=threshold)
+
+    for preset in ("tiny", "toy"):
+        unset = config(preset, -1.0)
+        assert unset.settings.threshold is None
+        assert unset.to_dict()["settings"]["threshold"] == mask_threshold_for(preset)
+        out = str(tmp_path / preset)
+        bk.list_cases(str(toy), out, config(preset, 0.5), types="0", limit=0)
+        if mask_threshold_for(preset) == 0.5:
+            bk.list_cases(str(toy), out, unset, types="0", limit=0)  # the same edits: resumable
+        else:
+            with pytest.raises(InvalidCaseError, match=r"threshold \(0\.5 -> "):
+                bk.list_cases(str(toy), out, unset, types="0", limit=0)
+    assert mask_threshold_for("toy") != mask_threshold_for("tiny")  # both branches above ran
+
+
 # ------------------------------------------------------------------------------------------------ kfp.local
 
 STUB_RUN = '''

@@ -259,6 +259,17 @@ def test_retries_and_caching(compiled):
     assert key == {"outputParameterKey": "Output", "producerTask": "check-case"}
 
 
+@pytest.mark.parametrize("pipeline", ["edit", "batch", "piebench"])
+def test_threshold_parameter_defaults_to_the_presets(compiled, pipeline):
+    """A number (kfp.local cannot run an unset optional parameter), negative by default: the preset's."""
+    from editinfinity.runtime import UNSET_THRESHOLD, mask_threshold
+
+    spec, _ = load(compiled[(pipeline, "gke-a100", False)])
+    param = spec["root"]["inputDefinitions"]["parameters"]["threshold"]
+    assert param["parameterType"] == "NUMBER_DOUBLE" and param["defaultValue"] == UNSET_THRESHOLD
+    assert mask_threshold(param["defaultValue"]) is None and mask_threshold(0.0) == 0.0
+
+
 def test_batch_fan_out(compiled):
     spec, platform = load(compiled[("batch", "eks-p4d", False)])
     root = spec["root"]["dag"]["tasks"]

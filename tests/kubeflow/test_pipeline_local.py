@@ -80,7 +80,7 @@ def attention(case_dir, out_dir, *, models=None):
     _log("attention", models=models)
     return _stage_dir(out_dir, "attention", _run_id(case_dir), {"attention.png": "att"})
 
-def make_mask(case_dir, out_dir, *, attention_dir=None, threshold=0.5):
+def make_mask(case_dir, out_dir, *, attention_dir=None, threshold=None):
     if attention_dir is not None:
         _check(attention_dir, "attention")
     _log("make_mask", attention_dir=attention_dir is not None, threshold=threshold)
@@ -180,6 +180,26 @@ def test_failing_stage_reports_the_task(stubbed, tmp_path):
     with pytest.raises(PipelineRunError, match="check-case") as err:
         kfp_cli.run_local("edit", pipeline_root=tmp_path / "root", image_uri=str(image), **CASE, mode="sideways")
     assert "\x1b[" not in str(err.value)
+
+
+def test_threshold_unset_reaches_the_mask_stage_as_the_presets(stubbed, tmp_path):
+    """The pipeline's default threshold (-1) reaches the mask stage as None (the case's preset's); a given one as
+    given. The content key keys the threshold as given: unset and an explicit 0.5 never share a key."""
+    import components
+
+    image = source_image(tmp_path / "in" / "src.png")
+    common = dict(image_uri=str(image), **CASE, mode="auto", target_word="circle", preset="toy")
+    kfp_cli.run_local("edit", pipeline_root=tmp_path / "root", **common)
+    kfp_cli.run_local("edit", pipeline_root=tmp_path / "root2", **common, threshold=0.45)
+    assert [c["threshold"] for c in calls(stubbed) if c["stage"] == "make_mask"] == [None, 0.45]
+
+    inputs = dict(image_uri=str(image), **CASE, mode="auto", target_word="circle", mask_uri="",
+                  mask_polarity="white-edit", resolution="", preset="toy", weights="")
+    key = {t: components.check_case.python_func(**inputs, prompt_iters=1, lora_iters=1, seed=0, threshold=t)
+           for t in (-1.0, 0.5)}
+    assert key[-1.0] != key[0.5]
+    assert key[-1.0] == runtime.case_content_key(**inputs, settings={"prompt_iters": 1, "lora_iters": 1, "seed": 0,
+                                                                     "threshold": None})
 
 
 def test_edit_through_s3_on_moto(stubbed, tmp_path, monkeypatch):
