@@ -191,7 +191,8 @@ def test_a_cases_run_settings_are_used_by_the_planner_and_the_worker(files, mode
                                                                        "more-lora"], "done")
     ran = {i: json.loads((out / i / "summary.json").read_text())["settings"]
            for i in ("plain", "own-threshold", "more-lora")}
-    assert ran["plain"]["threshold"] == SETTINGS.threshold and ran["own-threshold"]["threshold"] == 0.3
+    # the summaries show the threshold used: the batch preset's when unset, the case's own when given
+    assert ran["plain"]["threshold"] == SETTINGS.mask_threshold("tiny") and ran["own-threshold"]["threshold"] == 0.3
     assert ran["plain"]["lora_iters"] == SETTINGS.lora_iters and ran["more-lora"]["lora_iters"] == SETTINGS.lora_iters + 1
     with pytest.raises(InvalidCaseError, match=r"line 1: `seed` 'x' is not valid; see --seed"):
         parse_cases(json.dumps({**base, "seed": "x"}), cases_uri="cases.jsonl")
