@@ -181,3 +181,13 @@ def test_toy_eval_variants_take_a_threshold():
     assert (name, settings.threshold, changes) == ("t35", 0.35, {"threshold": 0.35})
     with pytest.raises(InvalidCaseError):
         parse_variant("bad:threshold=2", EditSettings.from_profile("default"))
+
+
+
+def test_toy_eval_variants_take_a_band_and_a_threshold_together():
+    from editinfinity.evaluation.toy_eval import parse_variant
+
+    name, settings, changes = parse_variant("ref:band=reference,threshold=0.3", EditSettings.from_profile("default"))
+    assert (settings.band, settings.threshold, changes) == ("reference", 0.3, {"band": "reference", "threshold": 0.3})
+    with pytest.raises(InvalidCaseError, match="--band"):
+        parse_variant("bad:band=wide", EditSettings.from_profile("default"))

@@ -75,8 +75,13 @@ def parse_variant(text: str, settings: EditSettings) -> tuple[str, EditSettings,
         if key not in types:
             raise SystemExit(f"--variant {text}: unknown setting {key!r}")
         kind = types[key]
-        if kind is type(None):  # a setting unset by default (threshold: the preset's): a number
+        if kind is type(None):  # a setting unset by default (threshold: the preset's): a number, else text
             kind = int if value.lstrip("-").isdigit() else float
+            try:
+                changes[key] = kind(value)
+            except ValueError:
+                changes[key] = value
+            continue
         changes[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     if not name or not changes:
         raise SystemExit(f"--variant {text}: expected NAME:key=value[,key=value...]")
