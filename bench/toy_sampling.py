@@ -18,13 +18,12 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from editinfinity import __version__, toyworld
-from editinfinity.evaluation.toy_judge import generate_pictures, judge_generation
+from editinfinity.evaluation.toy_judge import text_to_image_eval
 from editinfinity.models.bundle import load_models
 from editinfinity.models.schedules import get_schedule
 from editinfinity.train.data import SEED_SETS, heldout_scenes
@@ -73,31 +72,22 @@ def main(argv: list[str] | None = None) -> int:
         offset += 4 * args.n
         scenes += [s for s in more if not args.objects or len(s.shapes) == args.objects]
     scenes = scenes[:args.n]
-    captions = [toyworld.caption(s) for s in scenes]
     models = load_models("toy", weights=args.weights, device=args.device)
     report = {"command": " ".join(["python bench/toy_sampling.py", *(argv if argv is not None else sys.argv[1:])]),
               "weights": models.source, "device": str(models.device), "editinfinity": __version__,
               "torch": torch.__version__, "python": platform.python_version(),
-              "seeds": {"set": args.seeds, "scenes_from": scene_base}, "captions": len(captions),
+              "seeds": {"set": args.seeds, "scenes_from": scene_base}, "captions": len(scenes),
               "objects": args.objects or "mixed", "results": {}}
     if models.device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(models.device)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for name, kw in settings:
-        t0 = time.perf_counter()
-        pictures = generate_pictures(models.transformer, models.vae, models.tokenizer, models.text_encoder, captions,
-                                     schedule, seed=args.seed, batch=args.batch, **kw)
-        verdicts = [judge_generation(p, s) for p, s in zip(pictures, scenes, strict=True)]
-        by = {}
-        for k in (1, 2):
-            sel = [v for v in verdicts if v["objects"] == k]
-            if sel:
-                by[str(k)] = {"n": len(sel), "objects_ok_rate": sum(v["objects_ok"] for v in sel) / len(sel)}
-        row = {"settings": kw, "n": len(verdicts),
-               "objects_ok_rate": sum(v["objects_ok"] for v in verdicts) / len(verdicts),
-               "matches_rate": sum(v["matches"] for v in verdicts) / len(verdicts),
-               "by_objects": by, "seconds": round(time.perf_counter() - t0, 2)}
+        t2i = text_to_image_eval(models.transformer, models.vae, models.tokenizer, models.text_encoder, len(scenes),
+                                 schedule=schedule, seed=args.seed, batch=args.batch, scenes=scenes, **kw)
+        by = {k: v for k, v in t2i["by_objects"].items() if v["n"]}
+        row = {"settings": kw, **{k: t2i[k] for k in ("n", "objects_ok_rate", "matches_rate", "seconds")},
+               "by_objects": by}
         report["results"][name] = row
         parts = ", ".join(f"{k} object(s) {100 * v['objects_ok_rate']:.1f}%" for k, v in by.items())
         print(f"{name:>24}: objects as prompted {100 * row['objects_ok_rate']:5.1f}% of {row['n']} ({parts}), "

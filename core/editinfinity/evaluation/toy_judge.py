@@ -73,9 +73,11 @@ def generate_pictures(transformer, vae, tokenizer, text_encoder, prompts: Sequen
 
 
 def text_to_image_eval(transformer, vae, tokenizer, text_encoder, n: int, *, resolution: str = "0.06M",
-                       schedule=None, cfg: float = 4.0, tau: float = 0.5, seed: int = 0, batch: int = 32,
+                       schedule=None, cfg: float | Sequence[float] = 4.0, tau: float | Sequence[float] = 0.5,
+                       top_k: int = 900, top_p: float = 0.97, seed: int = 0, batch: int = 32,
                        scenes: Sequence[toyworld.Scene] | None = None) -> dict[str, Any]:
-    """Generate from the captions of ``n`` held-out scenes and judge each picture (rates and per-case verdicts).
+    """Generate from the captions of ``n`` held-out scenes (or of ``scenes``) and judge each picture (rates and
+    per-case verdicts). ``cfg`` / ``tau``: one value or one per scale (``generate_pictures``).
 
     The square ``schedule`` defaults to the one of ``resolution``.
     """
@@ -88,8 +90,8 @@ def text_to_image_eval(transformer, vae, tokenizer, text_encoder, n: int, *, res
     t0 = time.perf_counter()
     try:
         pictures = generate_pictures(transformer, vae, tokenizer, text_encoder,
-                                     [toyworld.caption(s) for s in scenes], schedule, cfg=cfg, tau=tau, seed=seed,
-                                     batch=batch)
+                                     [toyworld.caption(s) for s in scenes], schedule, cfg=cfg, tau=tau,
+                                     top_k=top_k, top_p=top_p, seed=seed, batch=batch)
     finally:
         for m, w in zip((transformer, vae, text_encoder), was, strict=True):
             m.train(w)
