@@ -418,7 +418,7 @@ def test_toy_driver_writes_a_loadable_directory_and_the_eval_script_runs_on_it(t
                               "--lora-iters", "1", "--variant", "holes:fill_holes=1,min_region=0.01",
                               "--shard", f"{i}/2", "--keep-cases", "--out", str(shards[i])]) == 0
     assert [json.loads(p.read_text())["edits"]["auto"]["cases"] for p in shards] == [2, 1]
-    assert toy_eval.main(["--merge", *map(str, shards), "--out", str(report_path)]) == 0
+    assert toy_eval.main(["--merge", *map(str, shards), "--out", str(report_path), "--overwrite"]) == 0
     merged = json.loads(report_path.read_text())
     auto, holes = merged["edits"]["auto"], merged["edits"]["auto_variants"]["holes"]
     assert [r["case"] for r in auto["results"]] == [0, 1, 2] == [r["case"] for r in holes["results"]]
@@ -428,7 +428,7 @@ def test_toy_driver_writes_a_loadable_directory_and_the_eval_script_runs_on_it(t
     # the calibration seed set: other scenes and cases, and the report says which set it used
     assert toy_eval.main(["--weights", str(out), "--device", "cpu", "--seeds", "calibration", "--vae-images", "0",
                           "--generations", "1", "--edits", "0", "--mask-edits", "0", "--whole-edits", "0",
-                          "--keep-cases", "--out", str(report_path)]) == 0
+                          "--keep-cases", "--out", str(report_path), "--overwrite"]) == 0
     report = json.loads(report_path.read_text())
     from editinfinity.train.scenes import CALIBRATION_SEED_BASE, heldout_scenes
     assert report["seeds"]["set"] == "calibration" and report["seeds"]["scenes_from"] == CALIBRATION_SEED_BASE
@@ -437,7 +437,7 @@ def test_toy_driver_writes_a_loadable_directory_and_the_eval_script_runs_on_it(t
 
     # out of time: the edit sections stop before their first case and the JSON says so
     assert toy_eval.main(["--weights", str(out), "--device", "cpu", "--limit", "1", "--max-minutes", "1e-6",
-                          "--out", str(report_path)]) == 0
+                          "--out", str(report_path), "--overwrite"]) == 0
     report = json.loads(report_path.read_text())
     assert report["vae"]["images"] == 1 and report["limited"]
     assert all(e["truncated"] and e["cases"] == 0 for e in report["edits"].values())
@@ -446,7 +446,7 @@ def test_toy_driver_writes_a_loadable_directory_and_the_eval_script_runs_on_it(t
     # sections asked for 0 items are skipped (no division by zero), and say so in "passed"
     assert toy_eval.main(["--weights", str(out), "--device", "cpu", "--vae-images", "0", "--generations", "0",
                           "--edits", "0", "--mask-edits", "1", "--whole-edits", "0", "--prompt-iters", "1",
-                          "--lora-iters", "1", "--out", str(report_path)]) == 0
+                          "--lora-iters", "1", "--out", str(report_path), "--overwrite"]) == 0
     report = json.loads(report_path.read_text())
     assert "vae" not in report and "text_to_image" not in report and set(report["edits"]) == {"mask"}
     assert set(report["passed"]) >= {"vae_psnr", "text_to_image", "edit_auto_present", "edit_auto_mask_iou"}

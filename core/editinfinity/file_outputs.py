@@ -1,10 +1,15 @@
 """Output ownership (:mod:`editinfinity.outputs`) for the outputs that are not result folders: a single file (a batch
-plan) and a resumable training folder (``python -m editinfinity.train.toy --out/--work``).
+plan, an evaluation's or benchmark's JSON report) and a resumable training folder (``editinfinity train``,
+``train-vae``, ``train-toy`` ``--out`` / ``--work``).
 
 * A file ``--out`` (:func:`claim_file`): checked before any work; an existing file needs ``--overwrite`` and is
   replaced only when ``is_ours`` recognises it (a folder, a link or someone else's file never); one writer at a time
   (the same lock file as a result folder); the new file is written beside the target and put in place at the end
-  with one step that, without ``--overwrite``, never replaces a file that appeared meanwhile.
+  with one step that, without ``--overwrite``, never replaces a file that appeared meanwhile. An input of the run
+  is never the target, with or without ``--overwrite``.
+* A JSON report (:func:`claim_report`): a file output whose ``is_ours`` is "a JSON object holding these keys"; the
+  run may rewrite it after every section it measures (each rewrite one atomic ``rename``), so a long run cut short
+  keeps what it measured.
 * A training folder (:func:`check_training_folder`): resumed in place by design, so it is not claimed; a non-empty
   folder that holds nothing a run of ours writes is refused, and ``--overwrite`` removes only a folder of ours
   (never the root, the home folder, the current folder or one holding it).
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import secrets
 import shutil
@@ -23,10 +29,14 @@ from pathlib import Path
 from .errors import OutputError
 from .outputs import _fs_error, _host, _lock_target, _protected, _remove_empty, check_output
 
-__all__ = ["claim_file", "check_training_folder"]
+__all__ = ["claim_file", "check_file", "claim_report", "report_with_keys", "check_training_folder"]
 
 
-def _file_problem(target: Path, overwrite: bool, is_ours: Callable[[Path], bool], flag: str) -> str | None:
+def _file_problem(target: Path, overwrite: bool, is_ours: Callable[[Path], bool], flag: str,
+                  inputs: Iterable = ()) -> str | None:
+    for inp in inputs:
+        if inp is not None and os.path.abspath(os.path.expanduser(str(inp))) == str(target):
+            return f"{flag} {target} is an input of this run ({inp}); choose another {flag}"
     if not os.path.lexists(target):
         return None
     if target.is_symlink() or not target.is_file():
@@ -39,10 +49,11 @@ def _file_problem(target: Path, overwrite: bool, is_ours: Callable[[Path], bool]
     return None
 
 
-def check_file(out, *, overwrite: bool, is_ours: Callable[[Path], bool], flag: str = "--out") -> Path:
+def check_file(out, *, overwrite: bool, is_ours: Callable[[Path], bool], flag: str = "--out",
+               inputs: Iterable = ()) -> Path:
     """Refuse a file target this run may not write (changes nothing); returns it as an absolute path."""
     target = Path(os.path.abspath(os.path.expanduser(str(out))))
-    problem = _file_problem(target, overwrite, is_ours, flag)
+    problem = _file_problem(target, overwrite, is_ours, flag, inputs)
     if problem:
         raise OutputError(problem)
     if not os.path.lexists(target):
@@ -50,32 +61,42 @@ def check_file(out, *, overwrite: bool, is_ours: Callable[[Path], bool], flag: s
     return target
 
 
-@contextlib.contextmanager
-def claim_file(out, *, overwrite: bool = False, is_ours: Callable[[Path], bool], flag: str = "--out") -> Iterator[Path]:
-    """Yield a private path beside the local file ``out`` for the command to write; put it at ``out`` when the block
-    succeeds (see the module docstring). Raises :class:`OutputError` / ``StorageError`` before the block runs."""
-    target = check_file(out, overwrite=overwrite, is_ours=is_ours, flag=flag)
-    lock, made = _lock_target(target, flag)
-    tmp = target.parent / f".{target.name[:100]}.editinfinity-tmp-{_host()}-{os.getpid()}-{secrets.token_hex(3)}"
-    published = False
+def _tmp_beside(target: Path) -> Path:
+    return target.parent / f".{target.name[:100]}.editinfinity-tmp-{_host()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def _put(tmp: Path, target: Path, overwrite: bool, is_ours: Callable[[Path], bool], flag: str) -> None:
+    """Put the finished ``tmp`` at ``target``: with ``overwrite`` replacing only a file ``is_ours`` recognises (checked
+    again now), without it never replacing anything (a hard link fails on an existing name). ``tmp`` is gone after."""
+    if overwrite and os.path.lexists(target):
+        problem = _file_problem(target, overwrite, is_ours, flag)
+        if problem:
+            raise OutputError(problem)
+        os.replace(tmp, target)
+        return
     try:
-        check_file(target, overwrite=overwrite, is_ours=is_ours, flag=flag)  # again, under the lock
+        os.link(tmp, target)  # fails when something appeared at the target meanwhile
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
+            raise OutputError(f"{flag} {target} appeared while this run was working; nothing there was "
+                              "touched") from None
+        raise _fs_error(exc, "write", target) from None
+    os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def _claimed(out, overwrite: bool, is_ours: Callable[[Path], bool], flag: str, inputs: Iterable) -> Iterator[tuple]:
+    """The checks, the lock and the private name shared by :func:`claim_file` and :func:`claim_report`: yields
+    ``(target, tmp, done)``; the block calls ``done()`` once the target holds this run's file."""
+    inputs = list(inputs)
+    target = check_file(out, overwrite=overwrite, is_ours=is_ours, flag=flag, inputs=inputs)
+    lock, made = _lock_target(target, flag)
+    tmp = _tmp_beside(target)
+    published = []
+    try:
+        check_file(target, overwrite=overwrite, is_ours=is_ours, flag=flag, inputs=inputs)  # again, under the lock
         try:
-            yield tmp
-            if overwrite and os.path.lexists(target):
-                problem = _file_problem(target, overwrite, is_ours, flag)
-                if problem:
-                    raise OutputError(problem)
-                os.replace(tmp, target)
-            else:
-                try:
-                    os.link(tmp, target)  # fails when something appeared at the target meanwhile
-                except OSError as exc:
-                    if exc.errno == errno.EEXIST:
-                        raise OutputError(f"{flag} {target} appeared while this run was working; nothing there was "
-                                          "touched") from None
-                    raise _fs_error(exc, "write", target) from None
-            published = True
+            yield target, tmp, lambda: published.append(True)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -83,6 +104,53 @@ def claim_file(out, *, overwrite: bool = False, is_ours: Callable[[Path], bool],
         lock.release()
         if not published:
             _remove_empty(made)
+
+
+@contextlib.contextmanager
+def claim_file(out, *, overwrite: bool = False, is_ours: Callable[[Path], bool], flag: str = "--out",
+               inputs: Iterable = ()) -> Iterator[Path]:
+    """Yield a private path beside the local file ``out`` for the command to write; put it at ``out`` when the block
+    succeeds (see the module docstring). Raises :class:`OutputError` / ``StorageError`` before the block runs."""
+    with _claimed(out, overwrite, is_ours, flag, inputs) as (target, tmp, done):
+        yield tmp
+        _put(tmp, target, overwrite, is_ours, flag)
+        done()
+
+
+def report_with_keys(*keys: str) -> Callable[[Path], bool]:
+    """``is_ours`` for a JSON report: the file holds a JSON object with every one of ``keys``."""
+
+    def is_ours(path: Path) -> bool:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and all(k in data for k in keys)
+
+    return is_ours
+
+
+@contextlib.contextmanager
+def claim_report(out, *, keys: Iterable[str], overwrite: bool = False, flag: str = "--out", inputs: Iterable = (),
+                 indent: int = 2) -> Iterator[Callable[[dict], None]]:
+    """Claim the JSON report file ``out`` (as :func:`claim_file`; ``--overwrite`` replaces only a JSON object holding
+    every one of ``keys``) and yield ``write(report)``. Each call puts the report at ``out`` atomically; the first
+    may only replace an earlier report of ours, later ones replace this run's previous write. Nothing is written
+    when the block ends before its first call."""
+    is_ours = report_with_keys(*keys)
+    with _claimed(out, overwrite, is_ours, flag, inputs) as (target, tmp, done):
+        state = {"published": False}
+
+        def write(report: dict) -> None:
+            tmp.write_text(json.dumps(report, indent=indent) + "\n")
+            if state["published"]:
+                os.replace(tmp, target)  # this run's own earlier write, under this run's lock
+                return
+            _put(tmp, target, overwrite, is_ours, flag)
+            state["published"] = True
+            done()
+
+        yield write
 
 
 def check_training_folder(folder, *, flag: str, ours: Iterable[str], overwrite: bool = False,

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-__all__ = ["Interrupted", "install", "restore", "exit_code", "install_for_pod", "in_pod"]
+__all__ = ["Interrupted", "install", "restore", "exit_code", "install_for_pod", "in_pod", "run_script"]
 
 _state = {"signum": None}
 
@@ -88,3 +88,25 @@ def install_for_pod() -> None:
         previous_hook(kind, exc, tb)
 
     sys.excepthook = hook
+
+
+def run_script(main, argv=None) -> int:
+    """Run a script's ``main(argv)`` (``python -m editinfinity.evaluation.toy_eval``, ``bench/*.py``) the way the
+    ``editinfinity`` command runs its commands: SIGINT / SIGTERM run every cleanup (a claimed ``--out`` is left as
+    it was) and end with status 130 / 143, bad input (an ``EditInfinityError``) is one line on stderr and its exit
+    status. Returns the exit status."""
+    from .errors import EditInfinityError
+
+    previous = install()
+    try:
+        return main(argv) or 0
+    except EditInfinityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt as exc:
+        code = exit_code(exc)
+        print(f"{'terminated (SIGTERM)' if code == 143 else 'interrupted'}; this run's temporary files were removed",
+              file=sys.stderr)
+        return code
+    finally:
+        restore(previous)

@@ -6,6 +6,10 @@
     python -m editinfinity.evaluation.toy_eval --variant holes:fill_holes=1 --variant small:min_region=0.008 --shard 0/4 ...
     python -m editinfinity.evaluation.toy_eval --merge shard0.json shard1.json shard2.json shard3.json --out toy_eval.json
 
+``--out`` must not exist: ``--overwrite`` replaces only an earlier report of this evaluation (a JSON object with its
+``command``, ``targets`` and ``weights``), never another file or a ``--merge`` input. The report is rewritten
+(atomically) after every section, so a run cut short keeps what it measured.
+
 Targets: VAE reconstruction PSNR >= 30 dB on 200 held-out pictures; text to image: every object's colour and
 shape as prompted in >= 95% of 200 generations (>= 90% of those with two objects); automatic-mask editing of 100
 cases that change one object's colour or shape: the edited object (new colour and kind) present in >= 92%, mask IoU
@@ -30,6 +34,8 @@ import torch
 
 from editinfinity import __version__
 from editinfinity.edit.settings import EditSettings
+from editinfinity.errors import InvalidCaseError
+from editinfinity.file_outputs import claim_report
 from editinfinity.evaluation.toy_judge import edit_cases, edit_eval, summarise_edits, text_to_image_eval
 from editinfinity.models.bundle import load_models
 from editinfinity.models.presets import mask_threshold_for
@@ -38,6 +44,8 @@ from editinfinity.pipeline import EditInfinityPipeline
 from editinfinity.train.data import SEED_SETS, heldout_scenes
 from editinfinity.train.vae import heldout_psnr
 
+#: The keys every report of this evaluation holds (what ``--overwrite`` may replace).
+REPORT_KEYS = ("command", "targets", "weights")
 TARGETS = {"vae_psnr_db": 30.0, "text_to_image_objects_ok": 0.95, "text_to_image_two_objects_ok": 0.90,
            "edit_auto_present": 0.92, "edit_auto_mask_iou": 0.75, "edit_auto_psnr_outside_db": 30.0}
 
@@ -92,7 +100,20 @@ def parse_variant(text: str, settings: EditSettings) -> tuple[str, EditSettings,
 
 def merge(paths: list[str]) -> dict:
     """One report from shard reports (run with --keep-cases): cases pooled, summaries recomputed."""
-    parts = [json.loads(Path(p).read_text()) for p in paths]
+    parts = []
+    for p in paths:
+        try:
+            part = json.loads(Path(p).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise InvalidCaseError(f"--merge {p}: cannot read it ({exc.strerror}); give the shard reports' paths") \
+                from None
+        except ValueError as exc:
+            raise InvalidCaseError(f"--merge {p}: not JSON ({exc}); give the shard reports written by this "
+                                   "evaluation") from None
+        if not (isinstance(part, dict) and all(k in part for k in REPORT_KEYS)):
+            raise InvalidCaseError(f"--merge {p} is not a report of this evaluation (no {', '.join(REPORT_KEYS)}); "
+                                   "give the shard reports written with --keep-cases")
+        parts.append(part)
     report = {k: v for k, v in parts[0].items() if k not in ("edits", "passed", "limited")}
     report["merged_from"] = [p.get("command") for p in parts]
     for key in ("vae", "text_to_image"):
@@ -128,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", help="weights directory (default: the toy preset's bundled weights)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="bench/results/toy_eval.json")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace --out if it is an earlier report of this evaluation (never another file)")
     ap.add_argument("--limit", type=int, help="cap every count below (quick runs)")
     ap.add_argument("--vae-images", type=int, default=200)
     ap.add_argument("--generations", type=int, default=200)
@@ -163,19 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     def cap(n: int) -> int:
         return min(n, args.limit) if args.limit is not None else n
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with claim_report(args.out, keys=REPORT_KEYS, overwrite=args.overwrite, inputs=args.merge or (),
+                      indent=1) as write:  # checked before any work
+        if args.merge:
+            write(merge(args.merge))
+            logging.info("merged %d reports into %s", len(args.merge), args.out)
+            return 0
+        return _evaluate(args, argv, write, cap)
 
-    def write(report: dict) -> None:
-        # rewritten after every section, so a run cut short still leaves what it measured
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
-        tmp.replace(out)
 
-    if args.merge:
-        write(merge(args.merge))
-        logging.info("merged %d reports into %s", len(args.merge), out)
-        return 0
+def _evaluate(args, argv, write, cap) -> int:
     shard, shards = (int(v) for v in args.shard.split("/"))
 
     settings = EditSettings.from_profile("default", cfg=args.cfg, tau=args.tau, prompt_iters=args.prompt_iters,
@@ -246,9 +266,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                      for e in report["edits"].values())
     report["seconds"]["total"] = round(time.perf_counter() - t0, 2)
     write(report)
-    logging.info("wrote %s: %s", out, json.dumps(report["passed"]))
+    logging.info("wrote %s: %s", args.out, json.dumps(report["passed"]))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from editinfinity.interrupts import run_script
+
+    sys.exit(run_script(main))

@@ -1,0 +1,131 @@
+"""Outputs that are single files (docs/reliability.md): the toy evaluation's and the benchmarks' JSON reports are
+claimed like every output: an existing file needs ``--overwrite``, which replaces only an earlier report of the
+same kind (never another file, never an input), each write is atomic, two runs never write one file, and SIGTERM
+leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from editinfinity.errors import OutputError
+
+REPO = Path(__file__).resolve().parents[1]
+NOTHING = ["--vae-images", "0", "--generations", "0", "--edits", "0", "--mask-edits", "0", "--whole-edits", "0",
+           "--device", "cpu"]
+
+
+def _toy_eval(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "editinfinity.evaluation.toy_eval", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def _error_line(proc: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_toy_eval_refuses_an_existing_file_before_any_work(tmp_path):
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}')
+    _error_line(_toy_eval(*NOTHING, "--out", notes), 2, "already exists", "--overwrite")
+    _error_line(_toy_eval(*NOTHING, "--out", notes, "--overwrite"), 2, "not a file this command wrote")
+    assert notes.read_text() == '{"mine": true}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.json"]  # no lock or private file left
+
+
+def test_toy_eval_overwrites_only_its_own_report(tmp_path):
+    from editinfinity.evaluation import toy_eval
+
+    out = tmp_path / "eval.json"
+    assert toy_eval.main([*NOTHING, "--out", str(out)]) == 0
+    first = json.loads(out.read_text())
+    assert set(toy_eval.REPORT_KEYS) <= set(first)
+    with pytest.raises(OutputError, match="already exists"):
+        toy_eval.main([*NOTHING, "--out", str(out)])
+    assert toy_eval.main([*NOTHING, "--seeds", "calibration", "--out", str(out), "--overwrite"]) == 0
+    assert json.loads(out.read_text())["seeds"]["set"] == "calibration"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
+
+
+def _shard(path: Path, cases: list[int]) -> Path:
+    path.write_text(json.dumps({"command": "python -m editinfinity.evaluation.toy_eval --keep-cases", "weights": "w",
+                                "targets": {}, "edits": {"auto": {
+                                    "mode": "auto", "requested": len(cases), "truncated": False,
+                                    "results": [{"case": c, "present": True, "attribute_only": True, "matches": True,
+                                                 "psnr_outside": 40.0, "mask_iou": 0.8, "mask_iou_any_pixel": 0.7,
+                                                 "seconds": 1.0} for c in cases]}}}))
+    return path
+
+
+def test_toy_eval_merge_never_replaces_an_input_or_a_foreign_file(tmp_path):
+    from editinfinity.evaluation import toy_eval
+
+    a, b = _shard(tmp_path / "a.json", [0, 2]), _shard(tmp_path / "b.json", [1])
+    before = a.read_text()
+    with pytest.raises(OutputError, match="is an input of this run"):
+        toy_eval.main(["--merge", str(a), str(b), "--out", str(a), "--overwrite"])
+    assert a.read_text() == before
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text("[1, 2]")
+    with pytest.raises(OutputError, match="not a file this command wrote"):
+        toy_eval.main(["--merge", str(a), str(b), "--out", str(foreign), "--overwrite"])
+    assert foreign.read_text() == "[1, 2]"
+    out = tmp_path / "merged" / "all.json"
+    assert toy_eval.main(["--merge", str(a), str(b), "--out", str(out)]) == 0
+    assert [r["case"] for r in json.loads(out.read_text())["edits"]["auto"]["results"]] == [0, 1, 2]
+    assert toy_eval.main(["--merge", str(a), "--out", str(out), "--overwrite"]) == 0  # its own earlier merge
+    # a missing or foreign shard: one line, and no file made
+    _error_line(_toy_eval("--merge", tmp_path / "missing.json", "--out", tmp_path / "x.json"), 2, "missing.json",
+                "cannot read")
+    _error_line(_toy_eval("--merge", foreign, "--out", tmp_path / "x.json"), 2, "not a report of this evaluation")
+    assert not (tmp_path / "x.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "foreign.json", "merged"]
+
+
+def test_claim_report_writes_atomically_and_holds_the_file_for_one_run(tmp_path):
+    from editinfinity.file_outputs import claim_report
+
+    out = tmp_path / "r.json"
+    with claim_report(out, keys=("kind",)) as write:
+        assert not out.exists()  # nothing before the first write
+        with pytest.raises(OutputError, match="another editinfinity run"):
+            with claim_report(out, keys=("kind",), overwrite=True):
+                pass
+        write({"kind": "x", "n": 1})
+        inode = out.stat().st_ino
+        write({"kind": "x", "n": 2})  # a rewrite replaces the file (a new inode), never writes into it
+        assert out.stat().st_ino != inode and json.loads(out.read_text())["n"] == 2
+    with pytest.raises(RuntimeError):
+        with claim_report(out, keys=("kind",), overwrite=True) as write:
+            raise RuntimeError("the run failed before its first write")
+    assert json.loads(out.read_text())["n"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_toy_eval_sigterm_leaves_nothing(tmp_path):
+    out = tmp_path / "eval.json"
+    proc = subprocess.Popen([sys.executable, "-m", "editinfinity.evaluation.toy_eval", "--device", "cpu",
+                             "--vae-images", "0", "--generations", "200", "--edits", "0", "--mask-edits", "0",
+                             "--whole-edits", "0", "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not any(p.name.endswith("editinfinity-lock") for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGTERM)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM)" in err
+    assert list(tmp_path.iterdir()) == []
