@@ -16,7 +16,8 @@ run), ``cases_per_hour``.
 ``--gpus 1,2`` adds runs with N worker processes over the same cases (``editinfinity batch work --devices``), one
 per visible GPU, or all on GPU 0 when fewer are visible (then the JSON says ``processes_share_one_device``): wall time,
 ``cases_per_hour`` and ``scaling`` (throughput over the one-process run's, both including the start), written to
-``<out>_<n>proc.json``.
+``<out>_<n>proc.json``. Existing result files are replaced only with ``--overwrite`` and only when they are results
+of this benchmark.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ import time
 _START = time.perf_counter()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -39,12 +42,18 @@ from editinfinity.batch.plan import make_plan, write_plan  # noqa: E402
 from editinfinity.batch.worker import Worker, run_processes  # noqa: E402
 from editinfinity.edit.run import run_edit  # noqa: E402
 from editinfinity.edit.settings import EditSettings  # noqa: E402
+from editinfinity.file_outputs import claim_report  # noqa: E402
+from editinfinity.interrupts import run_script  # noqa: E402
 from editinfinity.models import schedules  # noqa: E402
 from editinfinity.models.presets import get_preset  # noqa: E402
 from editinfinity.toyworld import Scene, Shape, caption, render  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - _START
 GOALS = {"warm_case_ratio": 1.05, "additional_edit_seconds": 2.5}
+
+
+#: What every result of this benchmark holds (what --overwrite may replace).
+REPORT_KEYS = ("benchmark", "cases_per_hour", "settings")
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "blue", "green", "yellow", "purple", "orange")
 
@@ -192,6 +201,8 @@ def main() -> None:
     ap.add_argument("--compile", default=None, help="EditSettings.compile for the run (default: the settings')")
     ap.add_argument("--log-dir", default=None, help="where the worker processes' logs go (default: a temp folder)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace --out (and the files named after it) if they are earlier results of this benchmark")
     args = ap.parse_args()
     resolution = args.resolution or get_preset(args.preset).resolution
     overrides = {"prompt_iters": args.prompt_iters, "lora_iters": args.lora_iters}
@@ -203,8 +214,11 @@ def main() -> None:
            "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
            "settings": {k: getattr(settings, k) for k in ("prompt_iters", "lora_iters", "compile", "checkpointing")}}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
+    with contextlib.ExitStack() as claims, tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
+        # every result file is claimed before any work: an existing one needs --overwrite and must be ours
+        writers = {n: claims.enter_context(claim_report(out if n == 1 else out.with_name(f"{out.stem}_{n}proc.json"),
+                                                        keys=REPORT_KEYS, overwrite=args.overwrite))
+                   for n in dict.fromkeys([1, *counts])}
         tmp = Path(tmp)
         (tmp / "cases").mkdir()
         cases = make_cases(tmp / "cases", args.cases, resolution)
@@ -213,7 +227,7 @@ def main() -> None:
         base["goals_met"] = {"warm_case_ratio": base["warm_case_ratio"] <= GOALS["warm_case_ratio"],
                              "additional_edit_seconds": (base["additional_edit_seconds"] or 0)
                              <= GOALS["additional_edit_seconds"]}
-        out.write_text(json.dumps(base, indent=2) + "\n")
+        writers[1](base)
         print(json.dumps(base, indent=2))
         for n in counts:
             if n == 1:
@@ -222,10 +236,9 @@ def main() -> None:
                       **several_processes(args, settings, cases, tmp, resolution, n)}
             result["scaling"] = round(result["cases_per_hour"] / base["cases_per_hour"], 3)
             result["one_process_cases_per_hour"] = base["cases_per_hour"]
-            path = out.with_name(f"{out.stem}_{n}proc.json")
-            path.write_text(json.dumps(result, indent=2) + "\n")
+            writers[n](result)
             print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -11,7 +11,8 @@ converted official weights would. ``--variants`` runs several settings in one pr
 (each ``--repeat`` times, or ``name:N`` times; the last run is reported): ``default`` (the flags below), ``low-memory``, ``compile``,
 ``no-checkpointing``, ``checkpoint-all``, ``cudnn-attention``, ``flash-attention``, ``eager`` (no torch.compile). The first
 variant's numbers are the top-level fields of ``--out``; every variant is also under ``variants`` and, after the
-first, in ``<out>_<variant>.json``.
+first, in ``<out>_<variant>.json``. Existing result files are replaced only with ``--overwrite`` and only when they are
+results of this benchmark.
 
 Compilation (on by default on CUDA) keeps its caches in ``--compile-cache DIR`` (default: a new empty folder, so the
 first edit of the process pays the cold compile: ``compile_cache: "cold"``). ``--fresh-process`` then starts a new
@@ -27,6 +28,7 @@ import time
 _START = time.perf_counter()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
@@ -41,6 +43,8 @@ from editinfinity.demo import example_dir  # noqa: E402
 from editinfinity.edit.run import run_edit  # noqa: E402
 from editinfinity.edit.sequence import NOT_STAGES  # noqa: E402
 from editinfinity.edit.settings import EditSettings, compile_enabled  # noqa: E402
+from editinfinity.file_outputs import claim_report  # noqa: E402
+from editinfinity.interrupts import run_script  # noqa: E402
 from editinfinity.models.bundle import load_models  # noqa: E402
 from editinfinity.models.checkpoints import write_model_index  # noqa: E402
 from editinfinity.models.compile_cache import compile_cache_stats  # noqa: E402
@@ -49,6 +53,10 @@ from editinfinity.toyworld import Scene, Shape, render  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - _START
 REFERENCE_TOTAL_SECONDS = 321  # ../shared/notes/reference-bench.md, one H200, random official-format weights
+
+
+#: What every result of this benchmark holds (what --overwrite may replace).
+REPORT_KEYS = ("benchmark", "stage_seconds", "preset")
 GOALS = {"total_seconds_warm": 15.0, "total_seconds_with_load": 25.0, "peak_gpu_memory_gb": 40.0,
          "peak_gpu_memory_gb_low_memory": 24.0, "generation_seconds": 1.0, "first_edit_seconds_fresh_process": 30.0,
          "seconds_per_update": 0.2}
@@ -167,6 +175,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--weights", default=None, help="load the models from this converted-weights folder")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="bench/results/edit.json")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace --out (and the files named after it) if they are earlier results of this benchmark")
     args = ap.parse_args(argv)
     # "name" or "name:repeat" (e.g. low-memory:1 after a warm default variant)
     args.repeats = {}
@@ -250,6 +260,18 @@ def main() -> None:
     if args.child:
         child_main(args)
         return
+    out_path = Path(args.out)
+    names = list(args.repeats)
+    with contextlib.ExitStack() as claims:
+        # every result file is claimed before any work: an existing one needs --overwrite and must be ours
+        writers = {name: claims.enter_context(claim_report(
+            out_path if name == names[0] else out_path.with_name(f"{out_path.stem}_{name}{out_path.suffix}"),
+            keys=REPORT_KEYS, overwrite=args.overwrite)) for name in names}
+        measure(args, tmp, cache_state, writers)
+
+
+def measure(args, tmp: Path, cache_state: str, writers: dict) -> None:
+    """Every variant, then the fresh process; each result written with ``writers[variant]``."""
     names = list(args.repeats)
     default = default_overrides(args)
 
@@ -295,13 +317,11 @@ def main() -> None:
                 "started (cold: empty, the first edit compiles); first_run_stage_seconds: the stages of a "
                 "variant's first edit. Memory in GiB (2**30 bytes).",
     }
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     results: dict = {}
 
     def write() -> dict:
         full = {**common, **results[names[0]], "variants": results}
-        out_path.write_text(json.dumps(full, indent=2) + "\n")
+        writers[names[0]](full)
         return full
 
     for name in names:
@@ -316,8 +336,7 @@ def main() -> None:
         # Written after every variant, so a run cut short keeps what it measured.
         write()
         if name != names[0]:
-            other = out_path.with_name(f"{out_path.stem}_{name}{out_path.suffix}")
-            other.write_text(json.dumps({**common, **r}, indent=2) + "\n")
+            writers[name]({**common, **r})
     if args.fresh_process:
         child = fresh_process(args, weights, tmp)
         common["first_edit_seconds_fresh_process"] = child["first_edit_seconds_fresh_process"]
@@ -329,4 +348,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

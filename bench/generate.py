@@ -9,15 +9,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
-from pathlib import Path
 
 import torch
 
+from editinfinity.file_outputs import claim_report
+from editinfinity.interrupts import run_script
 from editinfinity.models import schedules
 from editinfinity.models.infinity import Infinity
 from editinfinity.models.presets import get_preset
 from editinfinity.models.text import TextFeatures
+
+
+#: What every result of this benchmark holds (what --overwrite may replace).
+REPORT_KEYS = ("benchmark", "seconds_per_image_median", "preset")
 
 
 def main() -> None:
@@ -34,7 +40,14 @@ def main() -> None:
     ap.add_argument("--storage", default="auto", choices=("auto", "float32"),
                     help="block weight storage: auto = the autocast dtype on CUDA (as load_models), float32")
     ap.add_argument("--out", default="bench/results/generate.json")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace --out if it is an earlier result of this benchmark (never another file)")
     args = ap.parse_args()
+    with claim_report(args.out, keys=REPORT_KEYS, overwrite=args.overwrite) as write:  # before any work
+        write(measure(args))
+
+
+def measure(args) -> dict:
 
     device = torch.device(args.device)
     spec = get_preset(args.preset)
@@ -78,9 +91,8 @@ def main() -> None:
         "targets": {"seconds_per_image": 1.0, "peak_gpu_memory_gb": 16.0},
     }
     print(json.dumps(result, indent=2))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

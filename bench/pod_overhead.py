@@ -23,6 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from editinfinity.file_outputs import claim_report
+from editinfinity.interrupts import run_script
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "core" / "editinfinity" / "assets" / "examples" / "shapes"
 
@@ -41,12 +44,26 @@ def _summary(out: Path) -> dict:
             "load_seconds": sec.get("load_models")}
 
 
+#: What every result of this benchmark holds (what --overwrite may replace).
+REPORT_KEYS = ("cli", "kfp_local_fused", "pipeline_overhead_over_cli_seconds")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="toy")
     ap.add_argument("--device", default=None, help="passed to the CLI edit (the pipeline picks its own)")
     ap.add_argument("--out", default="bench/results/pod_overhead.json")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace --out if it is an earlier result of this benchmark (never another file)")
     args = ap.parse_args(argv)
+    with claim_report(args.out, keys=REPORT_KEYS, overwrite=args.overwrite) as write:  # before any work
+        report = measure(args)
+        write(report)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def measure(args) -> dict:
     case = json.loads((EXAMPLE / "case.json").read_text())
     exe = str(Path(sys.executable).with_name("editinfinity"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -72,12 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp / "root", ignore_errors=True)
     report["pipeline_overhead_over_cli_seconds"] = round(report["kfp_local_fused"]["wall_seconds"]
                                                          - report["cli"]["wall_seconds"], 3)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps(report, indent=1))
-    return 0
+    return report
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

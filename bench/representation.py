@@ -35,6 +35,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from editinfinity import __version__, toyworld
 from editinfinity.edit.representation import reconstruct_image, reconstruction_quality
+from editinfinity.file_outputs import claim_report
+from editinfinity.interrupts import run_script
 from editinfinity.models.bundle import load_models
 from editinfinity.models.presets import PRESETS
 from editinfinity.train.scenes import heldout_scenes
@@ -140,6 +142,10 @@ def stats(rows: list[dict]) -> dict:
             "ssim": {"min": float(s.min()), "median": float(np.median(s)), "max": float(s.max())}}
 
 
+#: What every result of this benchmark holds (what --overwrite may replace).
+REPORT_KEYS = ("own_world_min_psnr_db", "photo_max_psnr_db", "groups")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="toy")
@@ -149,7 +155,14 @@ def main(argv=None) -> int:
     ap.add_argument("--per-kind", type=int, default=10, help="pictures per photo-like kind and other-renderer")
     ap.add_argument("--image", action="append", default=[], help="a photograph (repeatable; not stored)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace --out if it is an earlier result of this benchmark (never another file)")
     args = ap.parse_args(argv)
+    with claim_report(args.out, keys=REPORT_KEYS, overwrite=args.overwrite) as write:  # before any work
+        return measure(args, write)
+
+
+def measure(args, write) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
     models = load_models(args.preset, weights=args.weights, device=args.device, text_encoder=False)
@@ -180,8 +193,7 @@ def main(argv=None) -> int:
         "seconds": round(time.perf_counter() - started, 1),
         "versions": {"editinfinity": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write(report)
     print(json.dumps({k: report[k] for k in ("own_world_min_psnr_db", "photo_max_psnr_db", "separated",
                                              "suggested_floor_db")}))
     for k, v in summary.items():
@@ -192,4 +204,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_script(main))

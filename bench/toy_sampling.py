@@ -15,15 +15,15 @@ Prints one line per setting (objects as prompted, by object count) and writes th
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
-from pathlib import Path
 
 import torch
 
 from editinfinity import __version__, toyworld
 from editinfinity.evaluation.toy_judge import text_to_image_eval
+from editinfinity.file_outputs import claim_report
+from editinfinity.interrupts import run_script
 from editinfinity.models.bundle import load_models
 from editinfinity.models.schedules import get_schedule
 from editinfinity.train.data import SEED_SETS, heldout_scenes
@@ -48,6 +48,10 @@ def parse_setting(text: str, scales: int) -> tuple[str, dict]:
     return name, out
 
 
+#: What every result of this benchmark holds (what --overwrite may replace).
+REPORT_KEYS = ("command", "weights", "captions", "results")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", help="weights directory (default: the toy preset's bundled weights)")
@@ -60,8 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="generator seed (the same for every setting)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace --out if it is an earlier result of this benchmark (never another file)")
     args = ap.parse_args(argv)
+    with claim_report(args.out, keys=REPORT_KEYS, overwrite=args.overwrite, indent=1) as write:  # before any work
+        return measure(args, argv, write)
 
+
+def measure(args, argv, write) -> int:
     schedule = get_schedule(1.0, "0.06M")
     settings = [parse_setting(s, len(schedule)) for s in args.setting]
     scene_base, _ = SEED_SETS[args.seeds]
@@ -80,8 +90,6 @@ def main(argv: list[str] | None = None) -> int:
               "objects": args.objects or "mixed", "results": {}}
     if models.device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(models.device)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     for name, kw in settings:
         t2i = text_to_image_eval(models.transformer, models.vae, models.tokenizer, models.text_encoder, len(scenes),
                                  schedule=schedule, seed=args.seed, batch=args.batch, scenes=scenes, **kw)
@@ -92,11 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         parts = ", ".join(f"{k} object(s) {100 * v['objects_ok_rate']:.1f}%" for k, v in by.items())
         print(f"{name:>24}: objects as prompted {100 * row['objects_ok_rate']:5.1f}% of {row['n']} ({parts}), "
               f"{row['seconds']:.0f} s", flush=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
-        tmp.replace(out)
+        write(report)  # after every setting, so a run cut short keeps what it measured
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

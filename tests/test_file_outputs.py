@@ -129,3 +129,35 @@ def test_toy_eval_sigterm_leaves_nothing(tmp_path):
     assert proc.returncode == 143, err
     assert "terminated (SIGTERM)" in err
     assert list(tmp_path.iterdir()) == []
+
+
+BENCH = {"batch.py": [], "edit.py": [], "generate.py": [], "pod_overhead.py": [], "representation.py": [],
+         "toy_sampling.py": ["--setting", "a:cfg=3"]}
+
+
+def _bench(script: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "bench" / script), *map(str, args)], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+
+
+@pytest.mark.parametrize("script", sorted(BENCH))
+def test_benchmarks_refuse_a_file_that_is_not_their_result(tmp_path, script):
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}')
+    _error_line(_bench(script, *BENCH[script], "--out", notes), 2, "already exists", "--overwrite")
+    _error_line(_bench(script, *BENCH[script], "--out", notes, "--overwrite"), 2, "not a file this command wrote")
+    assert notes.read_text() == '{"mine": true}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.json"]
+
+
+def test_a_benchmark_replaces_its_own_result_with_overwrite(tmp_path):
+    out = tmp_path / "results" / "generate.json"
+    run = ["--preset", "tiny", "--device", "cpu", "--resolution", "0.06M", "--warmup", "0", "--runs", "1",
+           "--out", out]
+    assert _bench("generate.py", *run).returncode == 0
+    first = json.loads(out.read_text())
+    _error_line(_bench("generate.py", *run), 2, "already exists")
+    proc = _bench("generate.py", *run, "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["seconds_all"] != first["seconds_all"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["generate.json"]

@@ -90,8 +90,8 @@ def install_for_pod() -> None:
     sys.excepthook = hook
 
 
-def run_script(main, argv=None) -> int:
-    """Run a script's ``main(argv)`` (``python -m editinfinity.evaluation.toy_eval``, ``bench/*.py``) the way the
+def run_script(main, *args) -> int:
+    """Run a script's ``main(*args)`` (``python -m editinfinity.evaluation.toy_eval``, ``bench/*.py``) the way the
     ``editinfinity`` command runs its commands: SIGINT / SIGTERM run every cleanup (a claimed ``--out`` is left as
     it was) and end with status 130 / 143, bad input (an ``EditInfinityError``) is one line on stderr and its exit
     status. Returns the exit status."""
@@ -99,7 +99,7 @@ def run_script(main, argv=None) -> int:
 
     previous = install()
     try:
-        return main(argv) or 0
+        return main(*args) or 0
     except EditInfinityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

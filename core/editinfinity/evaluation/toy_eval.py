@@ -35,8 +35,8 @@ import torch
 from editinfinity import __version__
 from editinfinity.edit.settings import EditSettings
 from editinfinity.errors import InvalidCaseError
-from editinfinity.file_outputs import claim_report
 from editinfinity.evaluation.toy_judge import edit_cases, edit_eval, summarise_edits, text_to_image_eval
+from editinfinity.file_outputs import claim_report
 from editinfinity.models.bundle import load_models
 from editinfinity.models.presets import mask_threshold_for
 from editinfinity.models.schedules import get_schedule
