@@ -21,7 +21,6 @@ from editinfinity.models.infinity import Infinity
 from editinfinity.models.presets import get_preset
 from editinfinity.models.text import TextFeatures
 
-
 #: What every result of this benchmark holds (what --overwrite may replace).
 REPORT_KEYS = ("benchmark", "seconds_per_image_median", "preset")
 
