@@ -161,3 +161,52 @@ def test_a_benchmark_replaces_its_own_result_with_overwrite(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["seconds_all"] != first["seconds_all"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["generate.json"]
+
+
+# ------------------------------------------------------------------------------------ training run folders
+
+
+def _train_cli(capsys, *argv) -> tuple[int, str]:
+    from editinfinity.cli import main
+
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def test_training_commands_refuse_a_folder_that_is_not_a_training_run(tmp_path, capsys):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_text("mine")
+    for argv in (["train-vae", "--out", foreign, "--steps", "1", "--device", "cpu"],
+                 ["train", "--out", foreign, "--vae", tmp_path / "vae", "--steps", "1", "--device", "cpu"]):
+        code, err = _train_cli(capsys, *argv)
+        assert code == 2 and "holds no training run of ours" in err, err
+        code, err = _train_cli(capsys, *argv, "--overwrite")
+        assert code == 2 and "holds no training run of ours" in err, err
+    code, err = _train_cli(capsys, "train-vae", "--out", tmp_path / "new", "--resume", "--overwrite")
+    assert code == 2 and "--resume" in err, err
+    assert [p.name for p in foreign.iterdir()] == ["cat.jpg"] and (foreign / "cat.jpg").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+
+
+def test_train_vae_overwrite_replaces_only_an_earlier_run(tmp_path, capsys, one_thread):
+    from editinfinity.train.options import RUN_NAMES
+
+    run = tmp_path / "run"
+    tiny = ["--device", "cpu", "--steps", "2", "--minutes", "0", "--workers", "0"]
+    for k, v in {"model.base_ch": 24, "model.ch_mult": [1, 1, 1, 1, 1], "model.num_res_blocks": 1,
+                 "resolution": [[1, 1], [2, 2], [4, 4]], "image_size": 64, "batch_size": 2,
+                 "log_seconds": 0, "eval_images": 2, "warmup_steps": 2}.items():
+        tiny += ["--set", f"{k}={json.dumps(v)}"]
+    code, err = _train_cli(capsys, "train-vae", "--out", run, *tiny)
+    assert code == 0, err
+    assert {p.name for p in run.iterdir()} <= set(RUN_NAMES)  # what --overwrite recognises as ours
+    first = (run / "vae" / "config.json").stat().st_mtime_ns
+    (run / "notes.txt").write_text("mine")
+    code, err = _train_cli(capsys, "train-vae", "--out", run, *tiny, "--overwrite")
+    assert code == 2 and "notes.txt" in err, err
+    assert (run / "notes.txt").read_text() == "mine" and (run / "vae" / "config.json").stat().st_mtime_ns == first
+    (run / "notes.txt").unlink()
+    code, err = _train_cli(capsys, "train-vae", "--out", run, *tiny, "--overwrite")
+    assert code == 0, err
+    assert (run / "vae" / "config.json").stat().st_mtime_ns != first

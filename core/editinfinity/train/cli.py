@@ -31,7 +31,24 @@ def _common_args(p: argparse.ArgumentParser, default_config: Path) -> None:
     p.add_argument("--extend", action="store_true",
                    help="train a finished run for another --minutes/--steps (fresh warm-up and cosine cycle)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start --out afresh: remove it first (only a folder holding nothing but an earlier run)")
     p.add_argument("--progress", action="store_true", help="tqdm progress bar")
+
+
+def check_run_folder(args: argparse.Namespace, inputs: tuple = ()) -> None:
+    """Refuse a ``--out`` this run may not train in, before any work (as the toy driver's ``--out``): a non-empty
+    folder holding nothing a training run writes (``options.RUN_NAMES``); with ``--overwrite`` remove an earlier
+    run's folder (only one holding nothing else, never one holding an input)."""
+    from ..errors import OutputError
+    from ..file_outputs import check_training_folder
+    from .options import RUN_NAMES
+
+    if args.overwrite and (args.resume or args.extend):
+        raise OutputError("--overwrite starts --out afresh but --resume/--extend continue it; pass one of them")
+    for remove in ((False, True) if args.overwrite else (False,)):
+        check_training_folder(args.out, flag="--out", ours=RUN_NAMES, overwrite=args.overwrite, remove=remove,
+                              inputs=[args.config, *inputs])
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -46,6 +63,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def train_vae_command(args: argparse.Namespace) -> int:
     """``editinfinity train-vae``."""
+    check_run_folder(args)  # before the heavy imports
     from . import common
     from .vae import VAEConfig, train_vae
 
@@ -60,6 +78,7 @@ def train_vae_command(args: argparse.Namespace) -> int:
 
 def train_transformer_command(args: argparse.Namespace) -> int:
     """``editinfinity train``."""
+    check_run_folder(args, (args.vae, args.tokenizer))  # before the heavy imports
     from . import common
     from .transformer import TransformerConfig, train_transformer
 

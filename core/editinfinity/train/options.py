@@ -9,6 +9,12 @@ from pathlib import Path
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 VAE_CONFIG = CONFIG_DIR / "toy_vae.yaml"
 TRANSFORMER_CONFIG = CONFIG_DIR / "toy_transformer.yaml"
+#: What ``train_vae`` / ``train_transformer`` write at the top of their run folder (``editinfinity train-vae`` /
+#: ``train --out``): ``common.save_checkpoint``'s checkpoint and its swap names, ``common.ProgressLog``'s log, the
+#: result record and the trained models. A non-empty folder holding none of these is not ours and is refused;
+#: ``--overwrite`` removes only a folder holding nothing else.
+RUN_NAMES = ("checkpoint", ".checkpoint.tmp", ".checkpoint.old", "log.jsonl", "result.json", "vae", "transformer",
+             "text_encoder", "tokenizer")
 
 
 def add_toy_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
