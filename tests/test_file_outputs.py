@@ -210,3 +210,26 @@ def test_train_vae_overwrite_replaces_only_an_earlier_run(tmp_path, capsys, one_
     code, err = _train_cli(capsys, "train-vae", "--out", run, *tiny, "--overwrite")
     assert code == 0, err
     assert (run / "vae" / "config.json").stat().st_mtime_ns != first
+
+
+def test_training_exports_and_checkpoints_get_the_users_umask(tmp_path, one_thread):
+    """The toy driver's weights (its safetensors writer makes 0600 files), its --work runs (checkpoints, trained
+    models) and the records: every file 0o666 & ~umask, every folder 0o777 & ~umask, as a result folder's."""
+    import stat
+
+    from editinfinity.train.toy import main as train_toy
+    from test_train import _tiny_driver_args
+
+    out = tmp_path / "toy"
+    old = os.umask(0o027)
+    try:
+        assert train_toy(_tiny_driver_args(out) + ["--transformer-set", "checkpoint_minutes=0"]) == 0
+    finally:
+        os.umask(old)
+    wrong = {}
+    for root in (out, tmp_path / "toy.work"):
+        for p in [root, *root.rglob("*")]:
+            mode = stat.S_IMODE(p.stat().st_mode)
+            if mode != (0o750 if p.is_dir() else 0o640):
+                wrong[str(p.relative_to(tmp_path))] = oct(mode)
+    assert any(p.suffix == ".safetensors" for p in out.rglob("*")) and not wrong, wrong

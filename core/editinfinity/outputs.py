@@ -48,7 +48,7 @@ from .errors import OutputError, StorageError
 log = logging.getLogger(__name__)
 
 __all__ = ["RECORD", "claim_output", "check_output", "precheck_output", "is_ours", "stale_folders", "clean",
-           "Leftover"]
+           "Leftover", "usual_modes"]
 
 #: Ownership record written into every published folder: the files that make up the result.
 RECORD = ".editinfinity-output.json"
@@ -154,10 +154,10 @@ def _write_record(folder: Path, what: str) -> None:
     record = {"format": RECORD_FORMAT, "what": what, "files": [f for f in _files(folder) if f != RECORD],
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (folder / RECORD).write_text(json.dumps(record, indent=1) + "\n")
-    _usual_modes(folder)
+    usual_modes(folder)
 
 
-def _usual_modes(folder: Path) -> None:
+def usual_modes(folder: Path) -> None:
     """Give every file and folder of a result the modes the user's umask asks for (``0o666 & ~umask``, folders
     ``0o777 & ~umask``): some writers (safetensors, temporary files) create their files 0600."""
     from .storage.base import current_umask

@@ -312,7 +312,6 @@ def save_checkpoint(run_dir: Path, modules: Mapping[str, torch.nn.Module], optim
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / CHECKPOINT
     tmp = run_dir / f".{CHECKPOINT}.tmp"
-    old = run_dir / f".{CHECKPOINT}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name, module in modules.items():
@@ -333,11 +332,31 @@ def save_checkpoint(run_dir: Path, modules: Mapping[str, torch.nn.Module], optim
     meta = {"step": state.step, "total_steps": state.total_steps, "elapsed": round(state.elapsed, 3),
             "finished": state.finished, "config": config, "history": state.history}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    replace_dir(tmp, final)
+    return final
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put the finished folder ``tmp`` at ``final`` (an earlier one moved to ``.NAME.old`` first, removed after),
+    with the modes the umask asks for (safetensors writes its files 0600): what ``find_checkpoint`` and the
+    exports rely on."""
+    from ..outputs import usual_modes
+
+    usual_modes(tmp)
+    old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_dir(final: Path, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` into ``.NAME.tmp`` beside ``final``, then :func:`replace_dir` (a model's ``save_pretrained``)."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    replace_dir(tmp, final)
     return final
 
 

@@ -18,7 +18,6 @@ import argparse
 import copy
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -77,42 +76,25 @@ def load_configs(args: argparse.Namespace) -> tuple[VAEConfig, TransformerConfig
 # export
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def export_diffusers_fp16(model, out_dir: Path) -> Path:
     """``save_pretrained`` layout (config + ``diffusion_pytorch_model.safetensors``) with float16 tensors.
 
     ``ModelMixin.from_pretrained`` builds the model in float32 and copies the float16 values in, so a plain load
     gives a float32 model.
     """
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_config(tmp)
-    sd = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype).contiguous()
-          for k, v in model.state_dict().items()}
-    save_file(sd, str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    _replace_dir(tmp, out_dir)
-    return out_dir
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        model.save_config(tmp)
+        sd = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype).contiguous()
+              for k, v in model.state_dict().items()}
+        save_file(sd, str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+
+    return common.save_dir(Path(out_dir), write)
 
 
 def export_text_encoder(encoder, out_dir: Path) -> Path:
     """``T5EncoderModel.save_pretrained`` in float32 (a float16 file would load as float16 with transformers 5)."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    enc = copy.deepcopy(encoder).to("cpu", torch.float32)
-    enc.save_pretrained(tmp)
-    _replace_dir(tmp, out_dir)
-    return out_dir
+    return common.save_dir(Path(out_dir), copy.deepcopy(encoder).to("cpu", torch.float32).save_pretrained)
 
 
 def export_shared(out: Path) -> None:
@@ -123,7 +105,8 @@ def export_shared(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tok = out / "tokenizer"
     if not tok.is_dir():
-        shutil.copytree(bundled_tokenizer_dir(), tok)
+        # copied with the package's modes, made the umask's by save_dir
+        common.save_dir(tok, lambda tmp: shutil.copytree(bundled_tokenizer_dir(), tmp))
     write_model_index(out, preset="toy")
 
 

@@ -476,9 +476,9 @@ def train_transformer(config: TransformerConfig, run_dir: str | Path, vae: BSQVA
     if state.finished:
         transformer.eval()
         text_encoder.eval()
-        transformer.save_pretrained(t_dir)
-        text_encoder.save_pretrained(e_dir)
-        shutil.copytree(tok_dir, run_dir / "tokenizer", dirs_exist_ok=True)
+        common.save_dir(t_dir, transformer.save_pretrained)
+        common.save_dir(e_dir, text_encoder.save_pretrained)
+        common.save_dir(run_dir / "tokenizer", lambda tmp: shutil.copytree(tok_dir, tmp))
         if on_save is not None:
             on_save(transformer, text_encoder, True)
         by_cfg: dict[str, Any] = {}

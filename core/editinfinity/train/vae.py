@@ -237,7 +237,7 @@ def train_vae(config: VAEConfig, run_dir: str | Path, *, device: str | torch.dev
     heldout = None
     if state.finished:
         vae.eval()
-        vae.save_pretrained(model_dir)
+        common.save_dir(model_dir, vae.save_pretrained)
         if config.eval_images > 0:
             scenes = heldout_scenes(config.eval_images, config.image_size, config.image_size)
             heldout = heldout_psnr(vae, scenes, schedule, dev)
