@@ -22,7 +22,8 @@ Every command that writes an ``--out`` folder does it through :func:`claim_outpu
   removes such folders when that process is gone, and ``editinfinity clean`` lists or removes them anywhere.
 
 Remote targets (``gs://``, ``s3://``) are checked before any work as well (credentials, bucket, write access, an
-existing result needs ``--overwrite``) and published with :func:`editinfinity.storage.publish_dir`.
+existing result needs ``--overwrite``), claimed by one run at a time with a claim object made by a conditional
+create, and published with :func:`editinfinity.storage.publish_dir` (:mod:`editinfinity.remote_outputs`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import re
 import secrets
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -440,7 +440,9 @@ def claim_output(out, *, overwrite: bool = False, inputs: Iterable = (), flag: s
     except storage.InvalidURIError as exc:
         raise storage.InvalidURIError(f"{flag}: {exc}") from None
     if u.is_remote:
-        with _claim_remote(u, overwrite=overwrite, flag=flag, what=what) as tmp:
+        from .remote_outputs import claim_remote_output
+
+        with claim_remote_output(u, overwrite=overwrite, flag=flag, what=what) as tmp:
             yield tmp
         return
     target = Path(u.key)
@@ -545,40 +547,3 @@ def _publish(tmp: Path, target: Path, *, overwrite: bool, inputs: list, flag: st
             raise OutputError(f"{flag} {target} appeared while this run was working (another run or program "
                               f"wrote it); nothing there was touched. This run's result is kept at {kept}") from None
         raise _fs_error(exc, "publish", target) from None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# remote targets
-
-
-def check_remote_output(u, *, overwrite: bool, flag: str = "--out") -> None:
-    """Credentials, bucket, an existing result and write access of a ``gs://`` / ``s3://`` target, checked with
-    a listing and a probe object (written and deleted) before any work."""
-    from . import storage
-
-    objs = storage.list_objects(u)  # fails on missing credentials, a missing bucket, an unreachable endpoint
-    names = {o.rel for o in objs}
-    if names:
-        ours = bool(names & {storage.MANIFEST_NAME, RECORD, "summary.json", "stage.json"})
-        if not ours:
-            raise OutputError(f"{flag} {u} already holds {len(names)} object(s) not written by editinfinity; "
-                              f"choose another {flag}")
-        if not overwrite:
-            raise OutputError(f"{flag} {u} already holds a result; pass --overwrite to replace it or choose "
-                              f"another {flag}")
-    probe = u.join(f".editinfinity-write-probe-{_host()}-{os.getpid()}")
-    storage.write_bytes(probe, b"")
-    storage.delete(probe)
-
-
-@contextlib.contextmanager
-def _claim_remote(u, *, overwrite: bool, flag: str, what: str) -> Iterator[Path]:
-    from . import storage
-
-    check_remote_output(u, overwrite=overwrite, flag=flag)
-    with tempfile.TemporaryDirectory(prefix="editinfinity-out-") as tmp:
-        local = Path(tmp) / "out"
-        local.mkdir()
-        yield local
-        _write_record(local, what)
-        storage.publish_dir(local, u)

@@ -7,7 +7,7 @@ outputs):
 
 * ``parse_uri`` / ``is_remote``: what a URI names.
 * ``download`` / ``upload`` (one file), ``download_dir`` / ``upload_dir`` (a tree), ``read_bytes`` / ``write_bytes``,
-  ``open_uri``, ``exists``, ``stat``, ``list_uri``.
+  ``create_bytes`` (only if absent: one conditional request), ``open_uri``, ``exists``, ``stat``, ``list_uri``.
 * ``publish_dir``: uploads every file, then a ``_MANIFEST.json`` object last (relative paths, sizes, sha256). A reader
   that finds the manifest sees a complete directory; ``download_dir`` verifies it and refuses a prefix without one.
   An interrupted publish never leaves a manifest (an older one is deleted before any object is overwritten).
@@ -30,6 +30,7 @@ directories are built in a temp folder next to the target and renamed.
 from .base import MANIFEST_NAME, ObjectInfo, sha256_file
 from .cache import cache_root, cached_path, localize, staged_output
 from .objects import (
+    create_bytes,
     delete,
     download,
     exists,
@@ -55,6 +56,7 @@ __all__ = [
     "build_manifest",
     "cache_root",
     "cached_path",
+    "create_bytes",
     "delete",
     "download",
     "download_dir",

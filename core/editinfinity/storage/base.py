@@ -62,6 +62,10 @@ class _IntegrityMismatch(Exception):
     """Downloaded bytes do not match the expected size or sha256 (retried, then reported as kind 'integrity')."""
 
 
+class ObjectExists(Exception):
+    """``create_bytes`` found the object already there (a conditional create refused; never retried)."""
+
+
 class _Incomplete(Exception):
     """A published directory is missing its manifest or objects (never retried)."""
 
@@ -246,6 +250,11 @@ class Backend:
         raise NotImplementedError
 
     def put_bytes(self, u: StorageURI, data: bytes, metadata: dict[str, str]) -> None:
+        raise NotImplementedError
+
+    def create_bytes(self, u: StorageURI, data: bytes) -> None:
+        """Create the object only if it does not exist, in one request the store decides (S3 ``If-None-Match: *``,
+        GCS ``ifGenerationMatch=0``, a local hard link); raises :class:`ObjectExists` when it does."""
         raise NotImplementedError
 
     def list_objects(self, u: StorageURI, limit: int | None = None) -> list[ObjectInfo]:

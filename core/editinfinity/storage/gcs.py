@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .base import SHA256_METADATA_KEY, Backend, ObjectInfo
+from .base import SHA256_METADATA_KEY, Backend, ObjectExists, ObjectInfo
 from .settings import _normalize_endpoint
 from .uri import StorageURI
 
@@ -93,6 +93,15 @@ class GCSBackend(Backend):
         b = self._blob(u)
         b.metadata = metadata
         b.upload_from_string(data, content_type="application/octet-stream", timeout=self._timeout, retry=None)
+
+    def create_bytes(self, u: StorageURI, data: bytes) -> None:
+        from google.api_core.exceptions import PreconditionFailed
+
+        try:
+            self._blob(u).upload_from_string(data, content_type="application/json", timeout=self._timeout,
+                                             retry=None, if_generation_match=0)
+        except PreconditionFailed:
+            raise ObjectExists(str(u)) from None
 
     def list_objects(self, u: StorageURI, limit: int | None = None) -> list[ObjectInfo]:
         prefix = u.dir_prefix()

@@ -7,9 +7,10 @@ import contextlib
 import logging
 import os
 import shutil
+import uuid
 from pathlib import Path
 
-from .base import Backend, ObjectInfo, _atomic_write
+from .base import Backend, ObjectExists, ObjectInfo, _atomic_write
 from .uri import StorageURI
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,19 @@ class LocalBackend(Backend):
 
     def put_bytes(self, u: StorageURI, data: bytes, metadata: dict[str, str]) -> None:
         _atomic_write(Path(u.key), lambda tmp: tmp.write_bytes(data))
+
+    def create_bytes(self, u: StorageURI, data: bytes) -> None:
+        dest = Path(u.key)
+        tmp = dest.with_name(f".{dest.name}.create-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.write_bytes(data)
+            os.link(tmp, dest)  # fails on an existing name: the whole file appears at once, or nothing
+        except FileExistsError:
+            raise ObjectExists(str(dest)) from None
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def list_objects(self, u: StorageURI, limit: int | None = None) -> list[ObjectInfo]:
         root = Path(u.key)

@@ -19,6 +19,7 @@ from .base import (
     _KIND_SUMMARY,
     SHA256_METADATA_KEY,
     Backend,
+    ObjectExists,
     ObjectInfo,
     _atomic_write,
     _IntegrityMismatch,
@@ -175,6 +176,19 @@ def write_bytes(uri: URILike, data: bytes, *, settings: StorageSettings | None =
     meta = {SHA256_METADATA_KEY: hashlib.sha256(data).hexdigest()} if u.is_remote else {}
     be.run("write", u, lambda: be.put_bytes(u, bytes(data), meta))
     return str(u)
+
+
+def create_bytes(uri: URILike, data: bytes, *, settings: StorageSettings | None = None) -> bool:
+    """Create the object ``uri`` holding ``data`` only if nothing is there (one conditional request: S3
+    ``If-None-Match: *``, GCS ``ifGenerationMatch=0``, a local hard link). True when this call created it, False
+    when it already existed (left as it was)."""
+    u = parse_uri(uri)
+    be = backend_for(u, settings)
+    try:
+        be.run("create", u, lambda: be.create_bytes(u, bytes(data)))
+    except ObjectExists:
+        return False
+    return True
 
 
 def delete(uri: URILike, *, settings: StorageSettings | None = None) -> None:

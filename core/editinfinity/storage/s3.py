@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .base import SHA256_METADATA_KEY, Backend, ObjectInfo
+from .base import SHA256_METADATA_KEY, Backend, ObjectExists, ObjectInfo
 from .settings import _env_s3_endpoint
 from .uri import StorageURI
 
@@ -32,7 +32,7 @@ _S3_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchVersion"}
 _S3_TRANSIENT_CODES = {
     "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequests", "RequestTimeout",
     "InternalError", "ServiceUnavailable", "RequestLimitExceeded", "BandwidthLimitExceeded", "PreconditionFailed",
-    "OperationAborted", "XAmzContentSHA256Mismatch", "BadDigest",
+    "OperationAborted", "XAmzContentSHA256Mismatch", "BadDigest", "ConditionalRequestConflict",
 }
 _S3_CLIENTS: dict[tuple, Any] = {}
 _S3_LOCK = threading.Lock()
@@ -105,6 +105,16 @@ class S3Backend(Backend):
 
     def put_bytes(self, u: StorageURI, data: bytes, metadata: dict[str, str]) -> None:
         self.client().put_object(Bucket=u.bucket, Key=u.key, Body=data, Metadata=metadata)
+
+    def create_bytes(self, u: StorageURI, data: bytes) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client().put_object(Bucket=u.bucket, Key=u.key, Body=data, IfNoneMatch="*")
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                raise ObjectExists(str(u)) from None
+            raise
 
     def list_objects(self, u: StorageURI, limit: int | None = None) -> list[ObjectInfo]:
         prefix = u.dir_prefix()
