@@ -233,3 +233,79 @@ def test_training_exports_and_checkpoints_get_the_users_umask(tmp_path, one_thre
             if mode != (0o750 if p.is_dir() else 0o640):
                 wrong[str(p.relative_to(tmp_path))] = oct(mode)
     assert any(p.suffix == ".safetensors" for p in out.rglob("*")) and not wrong, wrong
+
+
+# ------------------------------------------------------------------------------------ what killed runs leave
+
+_STUCK = """
+import pathlib, shutil, sys, time
+from editinfinity import storage
+what, src, dest = sys.argv[1:4]
+real_copy, real_write = shutil.copyfile, pathlib.Path.write_bytes
+def copy(a, b, **kw):
+    real_copy(a, b, **kw); print("ready", flush=True); time.sleep(600)
+def write(self, data):
+    real_write(self, data); print("ready", flush=True); time.sleep(600)
+shutil.copyfile, pathlib.Path.write_bytes = copy, write
+storage.publish_dir(src, dest) if what == "publish" else storage.write_bytes(dest, b"{}")
+"""
+
+
+def _stuck(what: str, src: Path, dest: Path) -> subprocess.Popen:
+    """A process stopped in the middle of storage's local publish / atomic write (its private name is on disk)."""
+    proc = subprocess.Popen([sys.executable, "-c", _STUCK, what, str(src), str(dest)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def _gone_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
+def test_the_next_batch_worker_removes_what_killed_workers_left_and_nothing_else(tmp_path):
+    from editinfinity.batch.plan import BatchPlan
+    from editinfinity.batch.worker import STATUS_DIR, run_shard
+    from editinfinity.storage.base import host_name
+
+    src = tmp_path / "edit"
+    src.mkdir()
+    (src / "summary.json").write_text("{}")
+    root = tmp_path / "results"
+    (root / STATUS_DIR).mkdir(parents=True)
+    killed = [_stuck("publish", src, root / "case1"), _stuck("write", src, root / STATUS_DIR / "case1.json")]
+    running = _stuck("publish", src, root / "case2")
+    try:
+        for proc in killed:
+            proc.kill()
+            proc.wait()
+        left = sorted(p.name for p in [*root.iterdir(), *(root / STATUS_DIR).iterdir()] if p.name.startswith("."))
+        assert len(left) == 3, left  # case1's and case2's private folders, the status file's private file
+        mine = [root / ".notes.tmp", root / f".case3.editinfinity-tmp-elsewhere-{_gone_pid()}-abcdef"]
+        for p in mine:
+            p.write_text("not this host's or not ours")
+        plan = BatchPlan(output_uri=str(root), groups=[{"key": "g", "image": "a.png", "prompt": "p",
+                                                        "cases": [{"id": "case1"}, {"id": "case2"}]}],
+                         shards=[[0]])
+        assert run_shard(plan, 0, part=(1, 2)) == []  # an empty part: the worker starts, cleans, and is done
+        after = sorted(p.name for p in [*root.iterdir(), *(root / STATUS_DIR).iterdir()] if p.name.startswith("."))
+        assert after == sorted([".notes.tmp", mine[1].name, *[n for n in left if n.startswith(".case2.")]])
+        assert all(f"-{host_name()}-{running.pid}-" in n for n in after if n.startswith(".case2."))
+    finally:
+        running.kill()
+        running.wait()
+
+
+def test_a_killed_runs_private_file_is_removed_by_the_next_run_into_the_same_file(tmp_path):
+    from editinfinity.file_outputs import claim_report
+    from editinfinity.storage.base import host_name
+
+    out = tmp_path / "plan.json"
+    left = tmp_path / f".plan.json.editinfinity-tmp-{host_name()}-{_gone_pid()}-0a1b2c"
+    other = tmp_path / ".plan.json.editinfinity-tmp-elsewhere-1-0a1b2c"
+    for p in (left, other):
+        p.write_text("{}")
+    with claim_report(out, keys=("kind",)) as write:
+        write({"kind": "plan"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "plan.json"]

@@ -21,13 +21,13 @@ import contextlib
 import errno
 import json
 import os
-import secrets
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .errors import OutputError
-from .outputs import _fs_error, _host, _lock_target, _protected, _remove_empty, check_output
+from .outputs import _fs_error, _lock_target, _protected, _remove_empty, check_output, remove_stale
+from .storage.base import private_path
 
 __all__ = ["claim_file", "check_file", "claim_report", "report_with_keys", "check_training_folder"]
 
@@ -61,10 +61,6 @@ def check_file(out, *, overwrite: bool, is_ours: Callable[[Path], bool], flag: s
     return target
 
 
-def _tmp_beside(target: Path) -> Path:
-    return target.parent / f".{target.name[:100]}.editinfinity-tmp-{_host()}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
 def _put(tmp: Path, target: Path, overwrite: bool, is_ours: Callable[[Path], bool], flag: str) -> None:
     """Put the finished ``tmp`` at ``target``: with ``overwrite`` replacing only a file ``is_ours`` recognises (checked
     again now), without it never replacing anything (a hard link fails on an existing name). ``tmp`` is gone after."""
@@ -91,9 +87,10 @@ def _claimed(out, overwrite: bool, is_ours: Callable[[Path], bool], flag: str, i
     inputs = list(inputs)
     target = check_file(out, overwrite=overwrite, is_ours=is_ours, flag=flag, inputs=inputs)
     lock, made = _lock_target(target, flag)
-    tmp = _tmp_beside(target)
+    tmp = private_path(target)
     published = []
     try:
+        remove_stale(target.parent, target.name)  # a killed run's private file of this target
         check_file(target, overwrite=overwrite, is_ours=is_ours, flag=flag, inputs=inputs)  # again, under the lock
         try:
             yield target, tmp, lambda: published.append(True)

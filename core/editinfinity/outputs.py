@@ -34,21 +34,19 @@ import fcntl
 import json
 import logging
 import os
-import re
-import secrets
 import shutil
-import socket
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import OutputError, StorageError
+from .storage.base import _NAME_MAX, LEFTOVER, host_name, private_path
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RECORD", "claim_output", "check_output", "precheck_output", "is_ours", "stale_folders", "clean",
-           "Leftover", "usual_modes"]
+           "remove_stale", "Leftover", "usual_modes"]
 
 #: Ownership record written into every published folder: the files that make up the result.
 RECORD = ".editinfinity-output.json"
@@ -56,13 +54,7 @@ RECORD_FORMAT = "editinfinity-output/1"
 #: Marker inside a private folder while its run is working.
 RUN_MARKER = ".editinfinity-run.json"
 _TMP, _OLD, _LOCK = "editinfinity-tmp", "editinfinity-old", "editinfinity-lock"
-_NAME_MAX = 100  # characters of the target's name used in the hidden names (file names are at most 255 bytes)
-_LEFTOVER = re.compile(r"^\.(?P<name>.*)\.(?P<kind>editinfinity-(?:tmp|old))-(?P<host>[A-Za-z0-9.-]+)-(?P<pid>\d+)"
-                       r"-(?P<token>[0-9a-f]{6})$")
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:40] or "host"
+_host = host_name
 
 
 def _start_time(pid: int) -> str | None:
@@ -88,8 +80,7 @@ def _alive(pid: int, start: str | None = None) -> bool:
     return True
 
 
-def _hidden(out: Path, kind: str) -> Path:
-    return out.parent / f".{out.name[:_NAME_MAX]}.{kind}-{_host()}-{os.getpid()}-{secrets.token_hex(3)}"
+_hidden = private_path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -337,7 +328,9 @@ class Leftover:
 
 
 def stale_folders(folder, name: str | None = None) -> list[Leftover]:
-    """Private and moved-aside folders in ``folder`` (for target ``name`` only, when given)."""
+    """Private and moved-aside folders and files in ``folder`` (for target ``name`` only, when given): the ones named
+    by :func:`editinfinity.storage.base.private_path` (result folders, plan and report files, storage's local
+    atomic writes and published folders), which record the host and pid that made them."""
     folder = Path(folder)
     found = []
     try:
@@ -345,10 +338,10 @@ def stale_folders(folder, name: str | None = None) -> list[Leftover]:
     except OSError:
         return []
     for p in entries:
-        m = _LEFTOVER.match(p.name)
-        if not m or not p.is_dir() or p.is_symlink():
+        m = LEFTOVER.match(p.name)
+        if not m or p.is_symlink() or not (p.is_dir() or p.is_file()):
             continue
-        marker = _json(p / RUN_MARKER) or {}
+        marker = (_json(p / RUN_MARKER) if p.is_dir() else None) or {}
         target = Path(marker.get("target") or folder / m["name"])
         if name is not None and (target.name != name if marker.get("target") else m["name"] != name[:_NAME_MAX]):
             continue
@@ -366,7 +359,10 @@ def _remove_leftover(item: Leftover) -> str:
         # killed between moving the earlier result aside and renaming the new one in: put it back
         os.rename(item.path, item.target)
         return f"restored {item.target} (moved aside by pid {item.pid}, which was killed)"
-    shutil.rmtree(item.path)
+    if item.path.is_dir():
+        shutil.rmtree(item.path)
+    else:
+        item.path.unlink()
     return f"removed {item.path} (left by pid {item.pid} on {item.host}, which is gone)"
 
 
@@ -410,8 +406,11 @@ def clean(folders: Iterable, *, dry_run: bool = False) -> list[str]:
     return lines
 
 
-def _clean_for(out: Path) -> None:
-    for item in stale_folders(out.parent, out.name):
+def remove_stale(folder, name: str | None = None) -> None:
+    """Remove what killed runs of this host left in ``folder`` (for target ``name`` only, when given): private
+    folders and files whose process is gone (see :func:`stale_folders`); a warning names each. Nothing else is
+    touched: a running process's, another host's, or a name we did not make."""
+    for item in stale_folders(folder, name):
         if item.state == "stale":
             try:
                 log.warning("%s", _remove_leftover(item))
@@ -454,7 +453,7 @@ def claim_output(out, *, overwrite: bool = False, inputs: Iterable = (), flag: s
     lock, made = _lock_target(target, flag)
     published = False
     try:
-        _clean_for(target)
+        remove_stale(target.parent, target.name)
         check_output(target, overwrite=overwrite, inputs=inputs, flag=flag)  # again, under the lock
         tmp = _hidden(target, _TMP)
         try:

@@ -10,6 +10,10 @@ published as each case finishes.
 A pod with several GPUs runs one worker process per GPU (:func:`run_processes`): the shard is split again into one
 part per process, each process loads its own models on its own device and publishes on its own; nothing is shared
 between them but the output store.
+
+A worker killed outright (SIGKILL, out of memory) cannot clean up: the next worker on the same host into a local
+results folder removes what it left there (:func:`clean_leftovers`), recognised by the private names that record
+their process (``.NAME.editinfinity-tmp-HOST-PID-XXXXXX``), and only when that process is gone.
 """
 
 from __future__ import annotations
@@ -40,6 +44,21 @@ def case_uri(plan: BatchPlan, case: dict) -> str:
 
 def status_uri(output_uri: str, case_id: str) -> str:
     return f"{output_uri.rstrip('/')}/{STATUS_DIR}/{case_id}.json"
+
+
+def clean_leftovers(plan: BatchPlan) -> None:
+    """Remove what killed processes of this host left in the plan's local results folders (the root, its status
+    folder, the folders of cases with their own output URI): storage's private files and folders whose process is
+    gone (:func:`editinfinity.outputs.remove_stale`). Remote results need nothing: an unfinished upload is never
+    visible without its manifest."""
+    from ..outputs import remove_stale
+    from ..storage import parse_uri
+
+    uris = [plan.output_uri, status_uri(plan.output_uri, "x"), *(case_uri(plan, c) for c in plan.cases)]
+    folders = {Path(parse_uri(u).key).parent for u in uris if not parse_uri(u).is_remote}
+    for folder in sorted(folders):
+        if folder.is_dir():
+            remove_stale(folder)
 
 
 def is_done(plan: BatchPlan, case: dict) -> bool:
@@ -236,6 +255,7 @@ def copy_weights(weights: str, local_dir) -> Path:
 def run_shard(plan: BatchPlan, shard: int, *, device: str | None = None, part: tuple[int, int] = (0, 1),
               learned_cache=None, local_weights=None, progress: bool = False) -> list[dict]:
     """Run part ``part[0]`` of ``part[1]`` of ``shard`` in this process."""
+    clean_leftovers(plan)
     groups = plan.shard_groups(shard)
     index, parts = part
     if parts > 1:

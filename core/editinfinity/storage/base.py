@@ -8,10 +8,11 @@ import hashlib
 import logging
 import os
 import random
+import re
+import secrets
 import shutil
-import tempfile
+import socket
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,24 @@ def _root_cause(exc: BaseException) -> BaseException:
 # --------------------------------------------------------------------------------------------------------------
 
 
+#: What a private name made by :func:`private_path` says: the target's name, the kind (``editinfinity-tmp``: being
+#: written; ``editinfinity-old``: an earlier version moved aside), the host and pid of the process that made it.
+#: :func:`editinfinity.outputs.stale_folders` reads it back to remove what a killed run left.
+LEFTOVER = re.compile(r"^\.(?P<name>.*)\.(?P<kind>editinfinity-(?:tmp|old))-(?P<host>[A-Za-z0-9.-]+)-(?P<pid>\d+)"
+                      r"-(?P<token>[0-9a-f]{6})$")
+_NAME_MAX = 100  # characters of the target's name used in a private name (file names are at most 255 bytes)
+
+
+def host_name() -> str:
+    """This machine's name as it appears in private names (letters, digits, '.', '-')."""
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:40] or "host"
+
+
+def private_path(dest: Path, kind: str = "editinfinity-tmp") -> Path:
+    """A new hidden name beside ``dest`` recording who made it (:data:`LEFTOVER`)."""
+    return dest.parent / f".{dest.name[:_NAME_MAX]}.{kind}-{host_name()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
 def current_umask() -> int:
     """The process's umask, read now (the modes our files get: ``0o666 & ~umask``, folders ``0o777 & ~umask``).
 
@@ -146,9 +165,8 @@ def _atomic_write(dest: Path, write: Callable[[Path], T]) -> T:
     On any failure the temp file is removed and ``dest`` keeps its previous content (or stays absent).
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = private_path(dest)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     try:
         result = write(tmp)
         _fsync_file(tmp)
@@ -163,7 +181,9 @@ def _atomic_write(dest: Path, write: Callable[[Path], T]) -> T:
 
 def _make_temp_dir_near(dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    tmp = private_path(dest)
+    tmp.mkdir(mode=0o700)
+    return tmp
 
 
 def _install_dir(tmp: Path, dest: Path, *, replace_existing: bool = True) -> bool:
@@ -187,7 +207,7 @@ def _install_dir(tmp: Path, dest: Path, *, replace_existing: bool = True) -> boo
         raise StorageError(f"cannot write directory {dest}: a file is in the way. Fix: remove it or pick another path")
     old: Path | None = None
     if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        old = private_path(dest, "editinfinity-old")
         os.rename(dest, old)
     try:
         os.rename(tmp, dest)
