@@ -11,7 +11,7 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -245,7 +245,9 @@ def summarise_edits(results: list[dict[str, Any]], mode: str, requested: int, tr
 
 def edit_eval(pipe, n: int, mode: str, settings, *, base: int = EDIT_SEED_BASE,
               cases: Sequence[dict[str, Any]] | None = None, deadline: float | None = None,
-              variants: dict[str, Any] | None = None) -> dict[str, Any] | dict[str, dict[str, Any]]:
+              variants: dict[str, Any] | None = None,
+              observe: Callable[[dict[str, Any], Any], dict[str, Any]] | None = None,
+              ) -> dict[str, Any] | dict[str, dict[str, Any]]:
     """Edit ``n`` held-out cases in ``mode`` and summarise: rates, mean PSNR outside the dilated mask.
 
     ``deadline`` (a ``time.perf_counter()`` value) stops before the next case once passed; the summary then says
@@ -253,6 +255,8 @@ def edit_eval(pipe, n: int, mode: str, settings, *, base: int = EDIT_SEED_BASE,
     only in edit settings, e.g. the mask cleanup): every case is learned once with ``settings`` and edited with
     each variant from that learned state (the same pixels as one-shot edits); returns ``{name: summary}``.
     Each result records its case's ``case`` number (offset from the seed base) so shards can be merged.
+    ``observe(case, output)`` (variants only), when given, sees every edit's ``EditOutput``; the dict it returns is
+    added to that edit's result (e.g. a score of the edited picture).
     """
     cases = list(cases) if cases is not None else edit_cases(n, base)
     names = list(variants) if variants else [None]
@@ -273,7 +277,8 @@ def edit_eval(pipe, n: int, mode: str, settings, *, base: int = EDIT_SEED_BASE,
                     t0 = time.perf_counter()
                     out = pipe.edit(edit_prompt=case["edit_prompt"], settings=vs, learned=state, progress=False,
                                     **kw)
-                    results[name].append(_judge_output(case, out, mode, learn_s + time.perf_counter() - t0))
+                    res = _judge_output(case, out, mode, learn_s + time.perf_counter() - t0)
+                    results[name].append({**res, **observe(case, out)} if observe is not None else res)
             else:
                 results[None].append(run_edit_case(pipe, case, mode, settings, Path(tmp)))
             for name in names:
