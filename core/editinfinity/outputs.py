@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import OutputError, StorageError
-from .storage.base import _NAME_MAX, LEFTOVER, host_name, private_path
+from .storage.base import _NAME_MAX, LEFTOVER, host_name, private_path, process_alive, process_start_time
 
 log = logging.getLogger(__name__)
 
@@ -57,29 +57,7 @@ _TMP, _OLD, _LOCK = "editinfinity-tmp", "editinfinity-old", "editinfinity-lock"
 _host = host_name
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux ``/proc``), to tell a reused pid apart."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[-1].split()[19]
-
-
-def _alive(pid: int, start: str | None = None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    if start is not None:
-        now = _start_time(pid)
-        if now is not None and now != start:
-            return False
-    return True
-
-
+_start_time, _alive = process_start_time, process_alive
 _hidden = private_path
 
 
@@ -439,9 +417,7 @@ def claim_output(out, *, overwrite: bool = False, inputs: Iterable = (), flag: s
     except storage.InvalidURIError as exc:
         raise storage.InvalidURIError(f"{flag}: {exc}") from None
     if u.is_remote:
-        from .remote_outputs import claim_remote_output
-
-        with claim_remote_output(u, overwrite=overwrite, flag=flag, what=what) as tmp:
+        with _claim_remote(u, overwrite=overwrite, flag=flag, what=what) as tmp:
             yield tmp
         return
     target = Path(u.key)
@@ -546,3 +522,27 @@ def _publish(tmp: Path, target: Path, *, overwrite: bool, inputs: list, flag: st
             raise OutputError(f"{flag} {target} appeared while this run was working (another run or program "
                               f"wrote it); nothing there was touched. This run's result is kept at {kept}") from None
         raise _fs_error(exc, "publish", target) from None
+
+
+@contextlib.contextmanager
+def _claim_remote(u, *, overwrite: bool, flag: str, what: str) -> Iterator[Path]:
+    """Check ``u``, claim it (:mod:`editinfinity.remote_outputs`), yield a local private folder, and publish it at
+    ``u`` when the block succeeds; the claim is released in every case."""
+    import tempfile
+
+    from . import storage
+    from .remote_outputs import check_remote_output, claim_remote, release_remote
+
+    ours = {RECORD, "summary.json", "stage.json"}
+    check_remote_output(u, overwrite=overwrite, flag=flag, ours=ours)
+    token = claim_remote(u, flag=flag)
+    try:
+        check_remote_output(u, overwrite=overwrite, flag=flag, ours=ours)  # again, as the claim's holder
+        with tempfile.TemporaryDirectory(prefix="editinfinity-out-") as tmp:
+            local = Path(tmp) / "out"
+            local.mkdir()
+            yield local
+            _write_record(local, what)
+            storage.publish_dir(local, u)
+    finally:
+        release_remote(u, token)

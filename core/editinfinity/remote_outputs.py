@@ -1,4 +1,4 @@
-"""Remote ``--out`` targets (``gs://``, ``s3://``) for :func:`editinfinity.outputs.claim_output`.
+"""Remote ``--out`` targets (``gs://``, ``s3://``): what :func:`editinfinity.outputs.claim_output` checks and claims.
 
 Object stores have no rename and no ``flock``, so a remote target is claimed with one object instead:
 
@@ -16,17 +16,14 @@ Object stores have no rename and no ``flock``, so a remote target is claimed wit
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import secrets
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 from .errors import OutputError
+from .storage.base import host_name, process_alive, process_start_time
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +32,22 @@ CLAIM_NAME = ".editinfinity-claim.json"
 CLAIM_FORMAT = "editinfinity-claim/1"
 
 
-def check_remote_output(u, *, overwrite: bool, flag: str = "--out") -> None:
+def check_remote_output(u, *, overwrite: bool, flag: str = "--out", ours: set[str] = frozenset()) -> None:
     """Credentials, bucket, an existing result and write access of a ``gs://`` / ``s3://`` target, checked with
-    a listing and a probe object (written and deleted) before any work."""
+    a listing and a probe object (written and deleted) before any work. A prefix holding the manifest or one of
+    the names ``ours`` holds a result of ours (``--overwrite`` may replace it); anything else is someone else's."""
     from . import storage
-    from .outputs import RECORD, _host
 
     objs = storage.list_objects(u)  # fails on missing credentials, a missing bucket, an unreachable endpoint
     names = {o.rel for o in objs} - {CLAIM_NAME}
     if names:
-        ours = bool(names & {storage.MANIFEST_NAME, RECORD, "summary.json", "stage.json"})
-        if not ours:
+        if not names & {storage.MANIFEST_NAME, *ours}:
             raise OutputError(f"{flag} {u} already holds {len(names)} object(s) not written by editinfinity; "
                               f"choose another {flag}")
         if not overwrite:
             raise OutputError(f"{flag} {u} already holds a result; pass --overwrite to replace it or choose "
                               f"another {flag}")
-    probe = u.join(f".editinfinity-write-probe-{_host()}-{os.getpid()}")
+    probe = u.join(f".editinfinity-write-probe-{host_name()}-{os.getpid()}")
     storage.write_bytes(probe, b"")
     storage.delete(probe)
 
@@ -74,11 +70,10 @@ def _read_claim(uri) -> dict | None:
 def claim_remote(u, *, flag: str = "--out") -> str:
     """Create ``u``'s claim object, or fail naming the run that holds it; returns this run's token."""
     from . import storage
-    from .outputs import _alive, _host, _start_time
 
     uri = u.join(CLAIM_NAME)
     token = secrets.token_hex(8)
-    body = {"format": CLAIM_FORMAT, "pid": os.getpid(), "host": _host(), "start": _start_time(os.getpid()),
+    body = {"format": CLAIM_FORMAT, "pid": os.getpid(), "host": host_name(), "start": process_start_time(os.getpid()),
             "token": token, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for _ in range(3):
         if storage.create_bytes(uri, json.dumps(body).encode()):
@@ -87,7 +82,7 @@ def claim_remote(u, *, flag: str = "--out") -> str:
         if holder is None:  # released between our create and our read: try again
             continue
         pid, host = holder.get("pid"), holder.get("host")
-        if isinstance(pid, int) and host == _host() and not _alive(pid, holder.get("start")):
+        if isinstance(pid, int) and host == host_name() and not process_alive(pid, holder.get("start")):
             log.warning("removing %s, left by pid %d on %s, which is gone", uri, pid, host)
             storage.delete(uri)
             continue
@@ -109,23 +104,3 @@ def release_remote(u, token: str) -> None:
             storage.delete(uri)
     except Exception as exc:  # the run's own outcome matters more than a claim left behind
         log.warning("could not remove the claim %s (%s); delete it before the next run into this --out", uri, exc)
-
-
-@contextlib.contextmanager
-def claim_remote_output(u, *, overwrite: bool, flag: str, what: str) -> Iterator[Path]:
-    """Check ``u``, claim it, yield a local private folder, and publish it at ``u`` when the block succeeds."""
-    from . import storage
-    from .outputs import _write_record
-
-    check_remote_output(u, overwrite=overwrite, flag=flag)
-    token = claim_remote(u, flag=flag)
-    try:
-        check_remote_output(u, overwrite=overwrite, flag=flag)  # again, as the claim's holder
-        with tempfile.TemporaryDirectory(prefix="editinfinity-out-") as tmp:
-            local = Path(tmp) / "out"
-            local.mkdir()
-            yield local
-            _write_record(local, what)
-            storage.publish_dir(local, u)
-    finally:
-        release_remote(u, token)

@@ -130,6 +130,30 @@ def private_path(dest: Path, kind: str = "editinfinity-tmp") -> Path:
     return dest.parent / f".{dest.name[:_NAME_MAX]}.{kind}-{host_name()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+def process_start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux ``/proc``), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def process_alive(pid: int, start: str | None = None) -> bool:
+    """Whether process ``pid`` of this host runs (and, given its ``start`` time, is still the same process)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    if start is not None:
+        now = process_start_time(pid)
+        if now is not None and now != start:
+            return False
+    return True
+
+
 def current_umask() -> int:
     """The process's umask, read now (the modes our files get: ``0o666 & ~umask``, folders ``0o777 & ~umask``).
 
