@@ -132,7 +132,12 @@ def test_toy_eval_sigterm_leaves_nothing(tmp_path):
 
 
 BENCH = {"batch.py": [], "edit.py": [], "generate.py": [], "pod_overhead.py": [], "representation.py": [],
-         "toy_sampling.py": ["--setting", "a:cfg=3"]}
+         "toy_band_rerank.py": [], "toy_sampling.py": ["--setting", "a:cfg=3"]}
+
+
+def test_every_benchmark_with_an_out_is_checked_below():
+    takes_out = {p.name for p in (REPO / "bench").glob("*.py") if 'add_argument("--out"' in p.read_text()}
+    assert takes_out == set(BENCH)
 
 
 def _bench(script: str, *args) -> subprocess.CompletedProcess:
