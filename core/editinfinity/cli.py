@@ -27,6 +27,7 @@ from .cli_options import add_settings_args as _add_settings_args
 from .cli_options import add_speed_args as _add_speed_args
 from .cli_options import settings_default as _settings_default
 from .cli_options import settings_from_args as _settings
+from .edit.settings import BAND_SETTINGS
 from .errors import EditInfinityError, InvalidCaseError
 
 log = logging.getLogger("editinfinity")
@@ -132,7 +133,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             p.add_argument("--fill-holes", action=argparse.BooleanOptionalAction,
                            default=_settings_default("fill_holes"), help=FILL_HOLES_HELP)
             p.add_argument("--min-region", type=float, default=_settings_default("min_region"), help=MIN_REGION_HELP)
-            p.add_argument("--band", choices=("scaled", "reference"), default=_settings_default("band"),
+            p.add_argument("--band", choices=BAND_SETTINGS, default=_settings_default("band"),
                            help="smoothing band (see `editinfinity edit --help`)")
         else:
             _add_model_args(p)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from .edit.modes import MASK_POLARITIES, MODES  # noqa: F401  (MODES: re-exported for the CLI)
+from .edit.settings import BAND_SETTINGS
 from .models.presets import PRESETS, Preset
 
 
@@ -97,9 +98,11 @@ def add_settings_args(p: argparse.ArgumentParser) -> None:
                    help=f"{MIN_REGION_HELP} (default: {settings_default('min_region')})")
     p.add_argument("--keep-pixels", action=argparse.BooleanOptionalAction, default=None,
                    help=f"{KEEP_PIXELS_HELP} (default: on; off in --profile reference)")
-    p.add_argument("--band", choices=("scaled", "reference"), default=None,
-                   help="smoothing band around the mask: scaled (default; the reference's 1 and 4 cells of a 64-cell "
-                        "grid as fractions of the image) or reference (1 and 4 cells on any grid)")
+    p.add_argument("--band", choices=BAND_SETTINGS, default=None,
+                   help="smoothing band around the mask: scaled (the reference's 1 and 4 cells of a 64-cell grid as "
+                        "fractions of the image), reference (1 and 4 cells on any grid) or auto (both where they "
+                        "differ, generated with the same noise; keeps the edit the model finds closest to the edit "
+                        f"prompt) (default: {settings_default('band')}; reference in --profile reference)")
     p.add_argument("--profile", default=None, choices=("default", "reference"),
                    help="default (the default) or reference: reference reproduces the published code path (q/v biases off, 9 + 49 updates, batch 2)")
 

@@ -33,7 +33,8 @@ from .edit.learned import (
     load_learned,
     training_steps,
 )
-from .edit.masking import edit_weights
+from .edit.mask import AUTO_BAND
+from .edit.masking import band_weights, edit_weights
 from .edit.modes import infer_mode
 from .edit.prepare import CaseData, prepare_case
 from .edit.sequence import StageTimer, Steps, run_stages
@@ -133,7 +134,10 @@ class EditInfinityPipeline(DiffusionPipeline):
                                 fill_holes=settings.fill_holes, min_region=settings.min_region)
 
         def generate(case, rows, lora_state, mask_and_weights):
-            weights = mask_and_weights[1] if mask_and_weights is not None else None
+            weights = None
+            if mask_and_weights is not None:  # band "auto": one keep-weight map per candidate band
+                edit, weights = mask_and_weights
+                weights = band_weights(case, edit, settings.band) if settings.band == AUTO_BAND else weights
             return generate_edit(models, case, rows, lora_state, weights, settings)
 
         later = {"attention": lambda case: attention_map(models, case), "mask": mask_weights, "generate": generate}
@@ -146,6 +150,7 @@ class EditInfinityPipeline(DiffusionPipeline):
         timer = StageTimer(models, release_memory=settings.low_memory)
         out = run_stages(steps, mode=mode, timer=timer)
         edit_mask, weights = out.mask if out.mask is not None else (None, None)
+        weights = out.generate.weights if out.generate.weights is not None else weights  # the band kept
         return EditOutput(image=out.generate.edited, reconstruction=out.generate.reconstruction, case=out.case,
                           prompt_embedding=out.prompt, lora_state=out.lora, attention=out.attention,
                           edit_mask=edit_mask, weights=weights, losses=losses, seconds=timer.record())

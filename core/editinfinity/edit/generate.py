@@ -20,9 +20,11 @@ from safetensors.torch import save_file
 
 from ..models.bundle import ModelBundle
 from ..models.quantizer import scale_codes_on_grid
+from ..report import weights_picture
 from .artifacts import stage_output
+from .likelihood import edit_contrast, prompt_cross_entropy
 from .lora import load_adapter, lora_adapter, lora_config
-from .masking import load_weights
+from .masking import WEIGHTS_FILE, load_band_weights
 from .pixels import keep_source_pixels, to_bytes
 from .prepare import CaseData, load_case, require_models
 from .prompt_tuning import load_embedding
@@ -42,6 +44,8 @@ class EditResult:
     edited_codes: torch.Tensor  # (1, d, hK, wK)
     bits: list[torch.Tensor]
     decoded: Image.Image | None = None  # the decode of the edited codes (the published method's output)
+    weights: torch.Tensor | None = None  # the keep weights used (None: whole image)
+    band: dict | None = None  # band="auto": the band kept and every candidate's scores (edit.likelihood)
 
 
 def blend_hook(source_codes: list[torch.Tensor], weights: torch.Tensor):
@@ -64,10 +68,18 @@ def reconstruct(models: ModelBundle, case: CaseData) -> Image.Image:
 
 @torch.no_grad()
 def generate_edit(models: ModelBundle, case: CaseData, rows: torch.Tensor | None, adapter: dict | None,
-                  weights: torch.Tensor | None, settings: EditSettings | None = None,
+                  weights: torch.Tensor | dict[str, torch.Tensor] | None, settings: EditSettings | None = None,
                   adapter_settings: EditSettings | None = None) -> EditResult:
-    """Generate the edit. ``weights`` None = whole-image mode; ``adapter`` None = no LoRA."""
+    """Generate the edit. ``weights`` None = whole-image mode; ``adapter`` None = no LoRA. ``weights`` may map
+    band names to keep weights (``masking.band_weights``): with more than one, the edit is generated once per band
+    with the same sampling noise and the one the model scores closest to the edit prompt is kept
+    (:mod:`editinfinity.edit.likelihood`)."""
     settings = settings or EditSettings()
+    if isinstance(weights, dict):
+        if len(weights) == 1:
+            weights = next(iter(weights.values()))
+        else:
+            return _best_band(models, case, rows, adapter, weights, settings, adapter_settings)
     text = styled_text(case, "edit_styled", rows, models.device) if rows is not None else \
         case.text["edit_styled"].to(models.device)
     hook = None
@@ -93,22 +105,38 @@ def generate_edit(models: ModelBundle, case: CaseData, rows: torch.Tensor | None
     edited = keep_source_pixels(case.image, decoded, weights) if weights is not None and settings.keep_pixels \
         else decoded
     return EditResult(edited=edited, reconstruction=reconstruct(models, case), decoded=decoded,
-                      edited_codes=out.summed_codes.float().cpu(), bits=[b.cpu() for b in out.bits])
+                      edited_codes=out.summed_codes.float().cpu(), bits=[b.cpu() for b in out.bits],
+                      weights=weights)
+
+
+def _best_band(models: ModelBundle, case: CaseData, rows, adapter, candidates: dict[str, torch.Tensor],
+               settings: EditSettings, adapter_settings: EditSettings | None) -> EditResult:
+    """One edit per candidate band (each from the same seed), scored with the base model (the adapter is off
+    once ``generate_edit`` returns); the lowest edit-minus-source cross-entropy wins, the first band on a tie."""
+    results, scores = {}, {}
+    for name, w in candidates.items():
+        results[name] = generate_edit(models, case, rows, adapter, w, settings, adapter_settings)
+        scores[name] = prompt_cross_entropy(models, case, results[name].edited)
+    best = min(candidates, key=lambda name: edit_contrast(scores[name]))
+    record = {"chosen": best, "rule": "lowest edit-prompt minus source-prompt bit cross-entropy",
+              "candidates": {name: {**{k: round(v, 6) for k, v in sc.items()},
+                                    "contrast": round(edit_contrast(sc), 6)} for name, sc in scores.items()}}
+    return dataclasses.replace(results[best], band=record)
 
 
 def generate(case_dir, prompt_dir, lora_dir, out_dir, *, mask_dir=None, seed: int = 0,
              models: ModelBundle | None = None, settings: EditSettings | None = None,
              overwrite: bool = False) -> Path:
     """Stage G over files: writes ``edited.png``, ``decoded.png`` (before kept pixels), ``source.png`` (the picture
-    the model encoded), ``reconstruction.png`` and ``edited_codes.safetensors``."""
+    the model encoded), ``reconstruction.png`` and ``edited_codes.safetensors``; when the mask stage's band was
+    ``auto``, also the keep weights of the band kept (``weights.safetensors``, ``weights.png``; ``stage.json``
+    ``band`` says which and why)."""
     from ..models.bundle import load_models
 
     case = load_case(case_dir)
     rows = load_embedding(prompt_dir, run_id=case.run_id) if prompt_dir is not None else None
     adapter, adapter_settings = load_adapter(lora_dir, run_id=case.run_id) if lora_dir is not None else (None, None)
-    weights = None
-    if case.spec.mode != "whole":
-        _, weights = load_weights(mask_dir, run_id=case.run_id)
+    weights = load_band_weights(mask_dir, case) if case.spec.mode != "whole" else None
     models = models or load_models(case.preset)
     identity = require_models(case, models, stage="generate")
     started = time.perf_counter()  # after loading: the stage's own work
@@ -125,4 +153,8 @@ def generate(case_dir, prompt_dir, lora_dir, out_dir, *, mask_dir=None, seed: in
         record["mode"] = case.spec.mode
         record["keep_pixels"] = bool(weights is not None and settings.keep_pixels)
         record["models"] = identity
+        if result.band is not None:  # band "auto": the weights kept, for the summary and the report
+            record["band"] = result.band
+            save_file({"weights": result.weights.float().contiguous()}, str(tmp / WEIGHTS_FILE))
+            weights_picture(result.weights.numpy(), (case.image.width, case.image.height)).save(tmp / "weights.png")
     return Path(out_dir)

@@ -50,7 +50,10 @@ __all__ = [
     "weights_from_pixel_mask",
     "PARTITIONS",
     "BANDS",
+    "AUTO_BAND",
+    "BAND_CHOICES",
     "band_for_grid",
+    "candidate_bands",
 ]
 
 #: Supported ways to cut a pixel mask into cells (see the module docstring).
@@ -439,6 +442,28 @@ def band_for_grid(grid, band: str = "scaled") -> dict[str, int]:
         return {"zero_radius": 1, "ramp_end": 4}
     side = max(int(grid[0]), int(grid[1]))
     return {"zero_radius": 1, "ramp_end": max(1, round(4 * side / REFERENCE_GRID_SIDE))}
+
+
+#: The band setting that tries every distinct band of :data:`BANDS` on the case's grid and keeps the edit the model
+#: itself finds most likely (``editinfinity.edit.likelihood``).
+AUTO_BAND = "auto"
+#: Every value the band setting takes.
+BAND_CHOICES = (*BANDS, AUTO_BAND)
+
+
+def candidate_bands(grid, band: str = "scaled") -> list[str]:
+    """The named bands an edit with ``band`` generates on ``grid``: ``[band]``, or for ``"auto"`` every band of
+    :data:`BANDS` whose distances differ from those of an earlier one (on the reference's 64-cell grid ``scaled``
+    equals ``reference``, so ``auto`` costs nothing there and is the published band)."""
+    if band not in BAND_CHOICES:
+        raise ValueError(f"band must be one of {BAND_CHOICES}, got {band!r}")
+    if band != AUTO_BAND:
+        return [band]
+    out: list[str] = []
+    for name in BANDS:
+        if all(band_for_grid(grid, name) != band_for_grid(grid, b) for b in out):
+            out.append(name)
+    return out
 
 
 def weights_from_edit_mask(edit_mask, **kwargs) -> torch.Tensor:

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 #: The prompt variants later stages need (docs/method.md, section 1).
 TEXT_VARIANTS = ("source_styled", "edit_styled", "source_plain")
+#: Written by every prepare since ``band="auto"`` (edit.likelihood scores pictures under it); cases prepared
+#: before lack it.
+OPTIONAL_TEXT_VARIANTS = ("edit_plain",)
 
 
 @dataclass
@@ -130,7 +133,8 @@ def case_from_source(models: ModelBundle, source: SourceData, spec: CaseSpec,
     spec.warn_if_reconstruction()
     tok, enc = models.tokenizer, _text_encoder(models)
     text = {**source.text, "edit_styled": encode_prompts(tok, enc, [style_prompt(spec.edit_prompt)],
-                                                         extra_rows=settings.style_rows).to("cpu")}
+                                                         extra_rows=settings.style_rows).to("cpu"),
+            "edit_plain": encode_prompts(tok, enc, [spec.edit_prompt]).to("cpu")}
     image = source.image
     target_range = None
     if spec.mode == "auto":
@@ -193,6 +197,8 @@ def load_case(case_dir: str | Path) -> CaseData:
     schedule = schedules.normalize_schedule(codes["scale_schedule"])
     bits = [codes[f"bits_{k}"] for k in range(len(schedule))]
     text = {name: TextFeatures.from_tensors(text_t, prefix=f"{name}/") for name in TEXT_VARIANTS}
+    text.update({name: TextFeatures.from_tensors(text_t, prefix=f"{name}/") for name in OPTIONAL_TEXT_VARIANTS
+                 if any(key.startswith(f"{name}/") for key in text_t)})
     user_cells = user_pixels = None
     if (case_dir / "user_mask.safetensors").is_file():
         um = read_tensors(case_dir / "user_mask.safetensors", "prepare")

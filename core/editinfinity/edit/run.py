@@ -30,13 +30,13 @@ from ..models.presets import default_resolution
 from ..outputs import claim_output
 from ..report import side_by_side
 from ..report_page import write_edit_report
-from .artifacts import read_stage, versions, write_json
+from .artifacts import read_stage, read_tensors, versions, write_json
 from .attention import attention, load_attention
 from .case import CaseSpec
 from .generate import generate
 from .learned import LearnedState, cached_learn, check_compatible, edit_spec, write_edit_stages
 from .lora import train_lora
-from .masking import load_weights, make_mask
+from .masking import WEIGHTS_FILE, load_weights, make_mask
 from .prepare import _default_resolution, load_case, prepare
 from .prompt_tuning import tune_prompt
 from .representation import representation_check
@@ -84,9 +84,12 @@ def summarize(out_dir, *, case_dir, generate_dir, mask_dir=None, attention_dir=N
     keep = weights = edit_mask = amap = None
     if mask_dir is not None:
         edit_mask, weights = load_weights(mask_dir, run_id=case.run_id)
+        chosen = Path(generate_dir) / WEIGHTS_FILE  # band "auto": the generate stage kept one band's weights
+        if record.get("band") and chosen.is_file():
+            weights = read_tensors(chosen, "generate")["weights"]
         keep = keep_region_pixels(weights, (edited.height, edited.width))
-        for name in ("mask.png", "weights.png"):
-            shutil.copyfile(Path(mask_dir) / name, out_dir / name)
+        for name, folder in (("mask.png", mask_dir), ("weights.png", generate_dir if record.get("band") else mask_dir)):
+            shutil.copyfile(Path(folder) / name, out_dir / name)
         pictures["mask (white = edit)"] = Image.open(out_dir / "mask.png").convert("RGB")
     if attention_dir is not None:
         amap = load_attention(attention_dir, run_id=case.run_id)
@@ -102,7 +105,8 @@ def summarize(out_dir, *, case_dir, generate_dir, mask_dir=None, attention_dir=N
     summary = {"spec": case.spec.to_dict(), "schedule": [list(s) for s in case.schedule],
                "image_size": [case.image.height, case.image.width], "run_id": case.run_id, "preset": case.preset,
                "settings": settings.effective_dict(case.preset) if settings else None, "seconds": timings or {},
-               "keep_pixels": bool(record.get("keep_pixels", False)), "metrics": metrics,
+               "keep_pixels": bool(record.get("keep_pixels", False)), "band": record.get("band"),
+               "metrics": metrics,
                "representation": representation, "versions": versions(), **(extra or {})}
     write_json(out_dir / "summary.json", summary)
     side_by_side(list(pictures.items())).save(out_dir / "before_after.png")

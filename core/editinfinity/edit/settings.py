@@ -22,6 +22,8 @@ from ..errors import InvalidCaseError
 CHECKPOINTING_MODES = ("auto", "none", "all")
 COMPILE_MODES = ("auto", "on", "off")
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+#: The smoothing band settings: edit.mask.BAND_CHOICES, spelled out (settings import no torch; a test compares them).
+BAND_SETTINGS = ("scaled", "reference", "auto")
 
 
 def parse_checkpointing(value: str | int) -> str | int:
@@ -87,7 +89,8 @@ class EditSettings:
     drop_path_rate: float = 0.1
     # Stage E: mask threshold between min and max of the attention map (None: the preset's, Preset.mask_threshold:
     # the method's 0.5, 0.3 for the toy model; see mask_threshold); smoothing band "scaled" (the reference's 1- and
-    # 4-cell distances as fractions of a 64-cell side: identical at 1M) or "reference" (cells on any grid).
+    # 4-cell distances as fractions of a 64-cell side: identical at 1M), "reference" (cells on any grid) or "auto"
+    # (both where they differ, keeping the edit the model scores closest to the edit prompt: edit.likelihood).
     threshold: float | None = None
     band: str = "scaled"
     # Hysteresis of the automatic mask: keep only selected regions that reach this relative level somewhere (stray
@@ -145,8 +148,8 @@ class EditSettings:
             raise InvalidCaseError(f"--core-threshold must be in [0, 1], got {self.core}")
         if not 0.0 <= self.min_region < 1.0:
             raise InvalidCaseError(f"--min-region must be a fraction of the grid in [0, 1), got {self.min_region}")
-        if self.band not in ("scaled", "reference"):  # edit.mask.BANDS, spelled out: settings import no torch
-            raise InvalidCaseError(f"--band must be scaled or reference, got {self.band!r}")
+        if self.band not in BAND_SETTINGS:
+            raise InvalidCaseError(f"--band must be one of {', '.join(BAND_SETTINGS)}, got {self.band!r}")
         if self.bias_mode not in ("upstream", "editinfinity"):
             raise InvalidCaseError(f"bias_mode must be upstream or editinfinity, got {self.bias_mode!r}")
         if self.lora_batch < 1:
