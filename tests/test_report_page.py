@@ -52,7 +52,8 @@ def page(tmp_path_factory) -> dict:
                            "representable": False, "warning": WARNING},
         "seconds": {"prepare": 1.5, "tune_prompt": 3.0, "train_lora": 9.0, "attention": 0.5, "mask": 0.01,
                     "generate": 2.0, "total": 16.01},
-        "settings": {"lr": None, "seed": 0, "keep_pixels": True},
+        "settings": {"lr": None, "seed": 0, "keep_pixels": True, "band": "auto"},
+        "band": {"chosen": "reference", "candidates": {"scaled": {"contrast": -0.0125}, "reference": {"contrast": -0.25}}},
         "versions": {"editinfinity": "test"},
     }
     path = write_edit_report(tmp_path_factory.mktemp("report") / "report.html", source=source, edited=edited,
@@ -74,6 +75,7 @@ def test_report_is_self_contained_and_says_what_a_reader_needs(page):
     assert "31.50 dB" in text and "inf dB" in text and "17.25 dB" in text and "24.0 dB" in text  # units
     assert re.search(r"<details><summary>Settings</summary>.*<th>lr</th><td>not set: the preset", text)
     assert "lr</th><td>None" not in text
+    assert "smoothing band (auto)</th><td>reference:" in text and "scaled -0.0125, reference -0.2500" in text
     for caption in ("edit region on the source", "edit region on the edit", "attention of &#x27;square&#x27; on the "
                     "source", "attention of &#x27;square&#x27; on the edit", "keep weight per pixel"):
         assert caption in text

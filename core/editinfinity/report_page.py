@@ -121,7 +121,17 @@ def _numbers_html(summary: Mapping) -> str:
             f"<tr><th>reconstruction SSIM</th><td>{html.escape(_fmt(rep.get('reconstruction_ssim')))}"
             + (f" (at least {rep['min_ssim']:.2f} on its own kind of picture)" if rep.get("min_ssim") else "")
             + "</td></tr>"
-            f"<tr><th>kept source pixels</th><td>{html.escape(kept)}</td></tr></table>")
+            f"<tr><th>kept source pixels</th><td>{html.escape(kept)}</td></tr>"
+            + _band_row(summary.get("band")) + "</table>")
+
+
+def _band_row(band: Mapping | None) -> str:
+    """The band ``band="auto"`` kept, with each candidate's score (edit.likelihood), or nothing."""
+    if not band:
+        return ""
+    scores = ", ".join(f"{name} {c['contrast']:+.4f}" for name, c in band["candidates"].items())
+    return (f"<tr><th>smoothing band (auto)</th><td>{html.escape(band['chosen'])}: the candidate the model finds "
+            f"closest to the edit prompt (edit minus source bit cross-entropy: {html.escape(scores)})</td></tr>")
 
 
 def _settings_value(key: str, value) -> str:

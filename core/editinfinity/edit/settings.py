@@ -89,10 +89,11 @@ class EditSettings:
     drop_path_rate: float = 0.1
     # Stage E: mask threshold between min and max of the attention map (None: the preset's, Preset.mask_threshold:
     # the method's 0.5, 0.3 for the toy model; see mask_threshold); smoothing band "scaled" (the reference's 1- and
-    # 4-cell distances as fractions of a 64-cell side: identical at 1M), "reference" (cells on any grid) or "auto"
-    # (both where they differ, keeping the edit the model scores closest to the edit prompt: edit.likelihood).
+    # 4-cell distances as fractions of a 64-cell side: identical at 1M), "reference" (cells on any grid) or "auto",
+    # the default: both where they differ (below 1M), keeping the edit the model scores closest to the edit prompt
+    # (edit.likelihood); at 1M the one published band, at no extra cost.
     threshold: float | None = None
-    band: str = "scaled"
+    band: str = "auto"
     # Hysteresis of the automatic mask: keep only selected regions that reach this relative level somewhere (stray
     # weak cells are dropped); 0 (any value <= threshold) keeps every cell above `threshold`, as the reference does.
     core: float = 0.0
