@@ -5,7 +5,9 @@ cells, while the ``reference`` band (1- and 4-cell distances) gives room but let
 object in the freed region (docs/method.md, the smoothing band). This benchmark edits every automatic-mask case
 once per band (each case learned once) and scores every edited picture with the base transformer (no LoRA, no
 learned rows): the teacher-forced bit cross-entropy of the picture's exact codes under the plain edit prompt and
-under the plain source prompt. A rule then keeps, per case, the band whose picture scores best:
+under the plain source prompt (``editinfinity.edit.likelihood``, the score of ``band="auto"``; the committed results
+were made with this script's first version, which computed the same score itself, through ``encode_image``). A rule
+then keeps, per case, the band whose picture scores best (``contrast`` is what ``band="auto"`` does):
 
 * ``edit``: the lowest cross-entropy under the edit prompt;
 * ``contrast``: the lowest (edit prompt - source prompt) cross-entropy: the picture that moved furthest from the
@@ -31,15 +33,13 @@ import numpy as np
 import torch
 
 from editinfinity import __version__
+from editinfinity.edit.likelihood import prompt_cross_entropy
 from editinfinity.edit.mask import BANDS
-from editinfinity.edit.prepare import encode_image
 from editinfinity.edit.settings import EditSettings
 from editinfinity.evaluation.toy_judge import edit_cases, edit_eval
 from editinfinity.file_outputs import claim_report
 from editinfinity.interrupts import run_script
 from editinfinity.models.bundle import load_models
-from editinfinity.models.quantizer import bitwise_self_correction
-from editinfinity.models.text import encode_prompts
 from editinfinity.pipeline import EditInfinityPipeline
 from editinfinity.train.data import SEED_SETS
 
@@ -51,27 +51,6 @@ RULES = {
 }
 RULE_TEXT = {"edit": "lowest bit CE under the edit prompt",
              "contrast": "lowest (edit prompt - source prompt) bit CE"}
-
-
-@torch.no_grad()
-def prompt_bit_ce(models, image, prompts: list[str], resolution: str) -> list[float]:
-    """Mean teacher-forced bit cross-entropy of ``image``'s exact codes under each prompt (base model, clean
-    inputs, every token weighted alike)."""
-    schedule, _, z, _ = encode_image(models, image.convert("RGB"), resolution)
-    gt_bits, x_in = bitwise_self_correction(z, schedule, 0, 0.0)
-    tr = models.transformer
-    was = tr.training
-    tr.eval()
-    try:
-        out = []
-        for p in prompts:
-            text = encode_prompts(models.tokenizer, models.text_encoder, [p]).to(models.device)
-            with models.autocast():
-                logits = tr(text, x_in, schedule)
-            out.append(float(tr.bit_loss(logits.float(), gt_bits, schedule, reweight=False)))
-        return out
-    finally:
-        tr.train(was)
 
 
 def summarise(cases: dict[str, dict[str, dict]], bands: list[str]) -> dict:
@@ -150,8 +129,8 @@ def measure(args, bands: list[str], command: str, write) -> int:
               "cases": {}}
 
     def score(case, out) -> dict:
-        ce_edit, ce_source = prompt_bit_ce(models, out.image, [case["edit_prompt"], case["prompt"]], "0.06M")
-        return {"ce_edit": ce_edit, "ce_source": ce_source}
+        ce = prompt_cross_entropy(models, out.case, out.image)  # the score band="auto" uses
+        return {"ce_edit": ce["edit_plain"], "ce_source": ce["source_plain"]}
 
     for case in edit_cases(end - start, base=edit_base + start):
         number = str(start + case["case"])
