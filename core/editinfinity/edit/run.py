@@ -84,9 +84,8 @@ def summarize(out_dir, *, case_dir, generate_dir, mask_dir=None, attention_dir=N
     keep = weights = edit_mask = amap = None
     if mask_dir is not None:
         edit_mask, weights = load_weights(mask_dir, run_id=case.run_id)
-        chosen = Path(generate_dir) / WEIGHTS_FILE  # band "auto": the generate stage kept one band's weights
-        if record.get("band") and chosen.is_file():
-            weights = read_tensors(chosen, "generate")["weights"]
+        if record.get("band"):  # band "auto": the generate stage kept one band's weights
+            weights = read_tensors(Path(generate_dir) / WEIGHTS_FILE, "generate")["weights"]
         keep = keep_region_pixels(weights, (edited.height, edited.width))
         for name, folder in (("mask.png", mask_dir), ("weights.png", generate_dir if record.get("band") else mask_dir)):
             shutil.copyfile(Path(folder) / name, out_dir / name)
