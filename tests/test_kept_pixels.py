@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from editinfinity.cli import main
 from editinfinity.edit.case import CaseSpec
 from editinfinity.edit.generate import generate_edit
+from editinfinity.edit.masking import used_weights_dir
 from editinfinity.edit.pixels import keep_source_pixels, pixel_keep_weights
 from editinfinity.edit.prepare import prepare_case
 from editinfinity.edit.settings import EditSettings
@@ -92,7 +93,9 @@ def test_far_from_the_mask_the_edit_is_the_source_bit_for_bit(edits):
     assert source.shape == edited.shape
     prepared = np.asarray(Image.open(out / "stages" / "case" / "image.png"))
     assert np.array_equal(source, prepared)  # the source exactly as the model saw it
-    weights = load_file(str(out / "stages" / "mask" / "weights.safetensors"))["weights"]
+    record = json.loads((out / "stages" / "generate" / "stage.json").read_text())
+    used = used_weights_dir(out / "stages" / "mask", out / "stages" / "generate", record)  # band "auto" kept one
+    weights = load_file(str(used / "weights.safetensors"))["weights"]
     far = _far_from_band(weights, source.shape[:2], 1.0)
     assert far.sum() > 0.3 * far.size
     assert np.array_equal(edited[far], source[far])

@@ -86,6 +86,13 @@ def load_band_weights(mask_dir, case: CaseData) -> dict[str, torch.Tensor]:
     return band_weights(case, edit, band) if band == AUTO_BAND else {band: weights}
 
 
+def used_weights_dir(mask_dir, generate_dir, generate_record: dict) -> Path:
+    """The stage folder holding the keep weights an edit blended with (``WEIGHTS_FILE``, ``weights.png``): the
+    generate stage's when it kept one band of several (``band="auto"``, its record says which), else the mask
+    stage's."""
+    return Path(generate_dir if generate_record.get("band") else mask_dir)
+
+
 def load_weights(mask_dir, run_id: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     read_stage(mask_dir, "mask", run_id=run_id, needed_by="the generate stage")
     path = Path(mask_dir) / WEIGHTS_FILE

@@ -36,7 +36,7 @@ from .case import CaseSpec
 from .generate import generate
 from .learned import LearnedState, cached_learn, check_compatible, edit_spec, write_edit_stages
 from .lora import train_lora
-from .masking import WEIGHTS_FILE, load_weights, make_mask
+from .masking import WEIGHTS_FILE, load_weights, make_mask, used_weights_dir
 from .prepare import _default_resolution, load_case, prepare
 from .prompt_tuning import tune_prompt
 from .representation import representation_check
@@ -84,11 +84,11 @@ def summarize(out_dir, *, case_dir, generate_dir, mask_dir=None, attention_dir=N
     keep = weights = edit_mask = amap = None
     if mask_dir is not None:
         edit_mask, weights = load_weights(mask_dir, run_id=case.run_id)
-        if record.get("band"):  # band "auto": the generate stage kept one band's weights
-            weights = read_tensors(Path(generate_dir) / WEIGHTS_FILE, "generate")["weights"]
+        used = used_weights_dir(mask_dir, generate_dir, record)  # band "auto": the band the generate stage kept
+        weights = read_tensors(used / WEIGHTS_FILE, "generate")["weights"] if used != Path(mask_dir) else weights
         keep = keep_region_pixels(weights, (edited.height, edited.width))
-        for name, folder in (("mask.png", mask_dir), ("weights.png", generate_dir if record.get("band") else mask_dir)):
-            shutil.copyfile(Path(folder) / name, out_dir / name)
+        for name, folder in (("mask.png", Path(mask_dir)), ("weights.png", used)):
+            shutil.copyfile(folder / name, out_dir / name)
         pictures["mask (white = edit)"] = Image.open(out_dir / "mask.png").convert("RGB")
     if attention_dir is not None:
         amap = load_attention(attention_dir, run_id=case.run_id)

@@ -174,10 +174,11 @@ def output_variants(edit_dir: Path) -> dict[str, Image.Image]:
     """The published output (``stages/generate/decoded.png``) and the kept-pixels output of a finished edit.
 
     The kept-pixels picture is ``edited.png`` when the edit ran with kept pixels, else it is made here from the
-    decode, ``source.png`` and the mask stage's keep weights (``edit.pixels``); without a mask (whole image) both
+    decode, ``source.png`` and the keep weights the edit blended with (``edit.pixels``; the mask stage's, or the
+    generate stage's when ``band="auto"`` kept one band); without a mask (whole image) both
     are the decode. An edit folder without the stage files (an older version) gives its ``edited.png`` for both.
     """
-    from ..edit.masking import WEIGHTS_FILE
+    from ..edit.masking import WEIGHTS_FILE, used_weights_dir
     from ..edit.pixels import keep_source_pixels
 
     edited = Image.open(edit_dir / "edited.png").convert("RGB")
@@ -186,7 +187,7 @@ def output_variants(edit_dir: Path) -> dict[str, Image.Image]:
         return {"published": edited, "kept": edited}
     decoded = Image.open(decoded_path).convert("RGB")
     record = json.loads((edit_dir / "stages" / "generate" / "stage.json").read_text())
-    weights_path = edit_dir / "stages" / "mask" / WEIGHTS_FILE
+    weights_path = used_weights_dir(edit_dir / "stages" / "mask", edit_dir / "stages" / "generate", record) / WEIGHTS_FILE
     if record.get("keep_pixels") or not weights_path.is_file():
         return {"published": decoded, "kept": edited}
     from safetensors.torch import load_file
