@@ -75,11 +75,18 @@ def generate_edit(models: ModelBundle, case: CaseData, rows: torch.Tensor | None
     with the same sampling noise and the one the model scores closest to the edit prompt is kept
     (:mod:`editinfinity.edit.likelihood`)."""
     settings = settings or EditSettings()
+    reconstruction = reconstruct(models, case)  # once, whatever number of candidates
     if isinstance(weights, dict):
-        if len(weights) == 1:
-            weights = next(iter(weights.values()))
-        else:
-            return _best_band(models, case, rows, adapter, weights, settings, adapter_settings)
+        if len(weights) != 1:
+            return _best_band(models, case, rows, adapter, weights, settings, adapter_settings, reconstruction)
+        weights = next(iter(weights.values()))
+    return _sample_edit(models, case, rows, adapter, weights, settings, adapter_settings, reconstruction)
+
+
+def _sample_edit(models: ModelBundle, case: CaseData, rows: torch.Tensor | None, adapter: dict | None,
+                 weights: torch.Tensor | None, settings: EditSettings, adapter_settings: EditSettings | None,
+                 reconstruction: Image.Image) -> EditResult:
+    """One sampling of the edit with one keep-weight map (None: whole image), from ``settings.seed``."""
     text = styled_text(case, "edit_styled", rows, models.device) if rows is not None else \
         case.text["edit_styled"].to(models.device)
     hook = None
@@ -104,18 +111,19 @@ def generate_edit(models: ModelBundle, case: CaseData, rows: torch.Tensor | None
     decoded = to_pil(img)
     edited = keep_source_pixels(case.image, decoded, weights) if weights is not None and settings.keep_pixels \
         else decoded
-    return EditResult(edited=edited, reconstruction=reconstruct(models, case), decoded=decoded,
+    return EditResult(edited=edited, reconstruction=reconstruction, decoded=decoded,
                       edited_codes=out.summed_codes.float().cpu(), bits=[b.cpu() for b in out.bits],
                       weights=weights)
 
 
 def _best_band(models: ModelBundle, case: CaseData, rows, adapter, candidates: dict[str, torch.Tensor],
-               settings: EditSettings, adapter_settings: EditSettings | None) -> EditResult:
+               settings: EditSettings, adapter_settings: EditSettings | None,
+               reconstruction: Image.Image) -> EditResult:
     """One edit per candidate band (each from the same seed), scored with the base model (the adapter is off
-    once ``generate_edit`` returns); the lowest edit-minus-source cross-entropy wins, the first band on a tie."""
+    once ``_sample_edit`` returns); the lowest edit-minus-source cross-entropy wins, the first band on a tie."""
     results, scores = {}, {}
     for name, w in candidates.items():
-        results[name] = generate_edit(models, case, rows, adapter, w, settings, adapter_settings)
+        results[name] = _sample_edit(models, case, rows, adapter, w, settings, adapter_settings, reconstruction)
         scores[name] = prompt_cross_entropy(models, case, results[name].edited)
     best = min(candidates, key=lambda name: edit_contrast(scores[name]))
     record = {"chosen": best, "rule": "lowest edit-prompt minus source-prompt bit cross-entropy",
