@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ..errors import EditInfinityError
 from ..runtime import resolve_weights
+from ..scratch import scratch_dir
 from ..storage.base import current_umask
 from .plan import BatchPlan, case_settings, read_plan, split
 
@@ -183,7 +184,7 @@ class Worker:
         status = {"id": case["id"], "spec": _spec(case), "worker": self.name, "learned": state.key}
         try:
             mask = str(storage.cached_path(case["mask"])) if case.get("mask") else None
-            with tempfile.TemporaryDirectory(prefix="editinfinity-case-") as tmp:
+            with scratch_dir("editinfinity-case") as tmp:
                 out = Path(tmp) / "out"
                 run_edit(out, edit_prompt=case["edit_prompt"], mode=case["mode"],
                          target_word=case.get("target_word") or None, mask=mask, mask_polarity=plan.mask_polarity,
