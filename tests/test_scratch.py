@@ -59,3 +59,22 @@ def test_sigterm_removes_the_scratch_folder(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_workers_weights_copy_left_by_a_killed_worker_is_removed_by_the_next_copy(tmp_path):
+    from editinfinity.batch.worker import copy_weights
+    from editinfinity.storage.base import host_name
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes(b"w" * 100)
+    local = tmp_path / "local"
+    local.mkdir()
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    half = local / f".weights.editinfinity-tmp-{host_name()}-{gone}-0a1b2c"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"w" * 10)
+    assert copy_weights(str(weights), local) == local / "weights"
+    assert sorted(p.name for p in local.iterdir()) == ["weights"]
+    assert (local / "weights" / "model.safetensors").read_bytes() == b"w" * 100
