@@ -34,7 +34,6 @@ import os  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -49,6 +48,7 @@ from editinfinity.models.bundle import load_models  # noqa: E402
 from editinfinity.models.checkpoints import write_model_index  # noqa: E402
 from editinfinity.models.compile_cache import compile_cache_stats  # noqa: E402
 from editinfinity.models.presets import get_preset  # noqa: E402
+from editinfinity.scratch import scratch_dir  # noqa: E402
 from editinfinity.toyworld import Scene, Shape, render  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - _START
@@ -228,12 +228,13 @@ def fresh_process(args, weights: Path | None, tmp: Path) -> dict:
     return record
 
 
-def child_main(args) -> None:
+def child_main(args, work: Path) -> None:
     """The fresh process: import (timed by ``IMPORT_SECONDS``), load, one edit; record written to ``--out``."""
     name = next(iter(args.repeats))
     spec = get_preset(args.preset)
     resolution = args.resolution or spec.resolution
-    tmp = Path(tempfile.mkdtemp(prefix="bench-edit-child-"))
+    tmp = work / "child"
+    tmp.mkdir()
     image, case, _ = bench_image(tmp, resolution)
     t = time.perf_counter()
     models = load_models(args.preset, weights=args.weights, device=args.device, dtype=args.dtype)
@@ -252,13 +253,17 @@ def child_main(args) -> None:
 
 def main() -> None:
     args = parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-edit-"))
+    with scratch_dir("editinfinity-bench-edit") as tmp:  # removed at the end (and after a SIGKILL, by the next run)
+        _main(args, tmp)
+
+
+def _main(args, tmp: Path) -> None:
     cache_dir = Path(args.compile_cache) if args.compile_cache else tmp / "compile-cache"
     cache_state = "warm" if cache_dir.is_dir() and any(cache_dir.iterdir()) else "cold"
     cache_dir.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)  # read by Inductor at its first compile
     if args.child:
-        child_main(args)
+        child_main(args, tmp)
         return
     out_path = Path(args.out)
     names = list(args.repeats)

@@ -10,17 +10,20 @@ of kernel launches and how busy the device was (device time / wall time of the p
 overhead, host syncs and Python). The generate stage is also timed piece by piece (LoRA injection, generation with
 blending, the two VAE decodes, PNG encoding), as ``bench/edit.py`` reports it as one number.
 
-Writes ``profile_edit_<device>.json`` (everything) and ``profile_edit_<device>.txt`` (the tables).
+Writes ``profile_edit_<device>.json`` (everything) and ``profile_edit_<device>.txt`` (the tables) into ``--out-dir``
+(``profile_training_<device>.*`` with ``--only-training``). Both are claimed before any work
+(``editinfinity.file_outputs``): an existing file of those names needs ``--overwrite``, which replaces only an
+earlier profile (never another file); each is put in place with one atomic rename.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
-import json
 import re
 import statistics
-import tempfile
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -42,10 +45,13 @@ from editinfinity.edit.training import (
     stage_checkpoint_blocks,
     training_mode,
 )
+from editinfinity.file_outputs import claim_file, claim_report
+from editinfinity.interrupts import run_script
 from editinfinity.models import schedules
 from editinfinity.models.bundle import load_models
 from editinfinity.models.infinity import TextConditionCache
 from editinfinity.models.quantizer import scale_codes_on_grid
+from editinfinity.scratch import scratch_dir
 
 #: Kernel name patterns -> category (first match wins; names are lower-cased).
 CATEGORIES = [
@@ -193,6 +199,20 @@ def bench_case(models, resolution: str, directory: Path):
     return prepare_case(models, spec)
 
 
+#: What every profile of this script holds (what --overwrite may replace).
+REPORT_KEYS = ("preset", "tokens", "regions", "checkpoint_blocks")
+#: How the text profile starts (what --overwrite may replace).
+TEXT_START = "profile of one edit's pieces:"
+
+
+def _is_profile_text(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read(len(TEXT_START)) == TEXT_START
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="2b-random")
@@ -208,14 +228,36 @@ def main() -> None:
     ap.add_argument("--timed", type=int, default=3)
     ap.add_argument("--row-limit", type=int, default=25)
     ap.add_argument("--out-dir", default="bench/results")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace this script's earlier profile of the same name in --out-dir (never another file)")
     args = ap.parse_args()
 
     device = torch.device(args.device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    stem = (f"profile_{'training' if args.only_training else 'edit'}_"
+            f"{'h200' if 'H200' in (gpu or '') else device.type}")
+    out_dir = Path(args.out_dir)
+    with contextlib.ExitStack() as stack:  # claimed before any work; the text file is put in place at the end
+        write_json = stack.enter_context(claim_report(out_dir / f"{stem}.json", keys=REPORT_KEYS,
+                                                      overwrite=args.overwrite, flag="--out-dir"))
+        text_tmp = stack.enter_context(claim_file(out_dir / f"{stem}.txt", overwrite=args.overwrite,
+                                                  is_ours=_is_profile_text, flag="--out-dir"))
+
+        def save(report: dict, text_out: list[str]) -> None:
+            write_json(report)
+            text_tmp.write_text("\n".join(text_out) + "\n")
+
+        profile_edit(args, device, gpu, stack.enter_context(scratch_dir("editinfinity-profile-edit")), save)
+    print(f"wrote {out_dir / stem}.json and .txt")
+
+
+def profile_edit(args, device: torch.device, gpu: str | None, tmp: Path,
+                 save: Callable[[dict, list[str]], None]) -> None:
+    """Measure (see the module docstring); ``save(report, text)`` after each part."""
     models = load_models(args.preset, device=device, dtype=args.dtype)
     from editinfinity.models.presets import get_preset
 
     resolution = args.resolution or get_preset(args.preset).resolution
-    tmp = Path(tempfile.mkdtemp(prefix="profile-edit-"))
     case = bench_case(models, resolution, tmp)
     settings = EditSettings(checkpointing=args.checkpointing, low_memory=args.low_memory, compile=args.compile)
     if settings.low_memory:
@@ -224,7 +266,7 @@ def main() -> None:
     tokens = schedules.num_tokens(case.schedule)
     model = models.transformer
     report: dict = {"preset": args.preset, "resolution": resolution, "tokens": tokens, "device": str(device),
-                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                    "gpu": gpu,
                     "torch": torch.__version__, "frozen_dtype": str(models.frozen_dtype).removeprefix("torch."),
                     "settings": {"checkpointing": settings.checkpointing, "low_memory": settings.low_memory,
                                  "compile": settings.compile}, "regions": {}}
@@ -275,11 +317,7 @@ def main() -> None:
             region("lora_update", lora_update, f"{n_ckpt} blocks checkpointed")
         state = {k: v.detach().clone() for k, v in m.state_dict().items() if "lora_" in k}
     if args.only_training:
-        out_dir = Path(args.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stem = f"profile_training_{'h200' if 'H200' in (report['gpu'] or '') else device.type}"
-        (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-        (out_dir / f"{stem}.txt").write_text("\n".join(text_out) + "\n")
+        save(report, text_out)
         print("\n".join(text_out))
         return
 
@@ -343,15 +381,7 @@ def main() -> None:
 
     region("vae_decode", vae_decode, "one decode of summed codes (the generate stage runs two)")
 
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"profile_edit_{'h200' if 'H200' in (report['gpu'] or '') else device.type}"
-
-    def write() -> None:
-        (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-        (out_dir / f"{stem}.txt").write_text("\n".join(text_out) + "\n")
-
-    write()  # before the kernel comparison, which tries kernels that may not take these shapes
+    save(report, text_out)  # before the kernel comparison, which tries kernels that may not take these shapes
     cfg = model.config
     attn = attention_backends(case.schedule, cfg.num_heads, cfg.embed_dim // cfg.num_heads, device, args.warmup,
                               args.timed)
@@ -361,10 +391,9 @@ def main() -> None:
         else f"{k}: {v['error']}" for k, v in attn.items()))
     print(text_out[-1], flush=True)
 
-    write()
+    save(report, text_out)
     print("\n".join(text_out))
-    print(f"wrote {out_dir / stem}.json and .txt")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -70,12 +70,11 @@ def prepare(image_uri: str, prompt: str, edit_prompt: str, mode: str, target_wor
         content_key: The inputs' content key (``check_case``); not read here: as a parameter it keys KFP's cache,
             so a run with the same content reuses this case and every cached stage after it.
     """
-    import tempfile
-
     from editinfinity import runtime as rt
     from editinfinity.edit import stages
+    from editinfinity.scratch import scratch_dir
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir("editinfinity-prepare") as tmp:
         image = rt.fetch(image_uri, f"{tmp}/image")
         mask = rt.fetch(mask_uri, f"{tmp}/mask") if mask_uri else None
         stages.prepare(case.path, image=image, prompt=prompt, edit_prompt=edit_prompt, mode=mode,

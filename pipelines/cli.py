@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from editinfinity.errors import EditInfinityError
+from editinfinity.scratch import scratch_dir
 
 from . import get_profile, make_batch_pipeline, make_edit_pipeline, make_piebench_pipeline
 
@@ -255,7 +255,7 @@ def submit(host: str, experiment: str, package_path: str | os.PathLike, params: 
         if enable_caching is False:
             # kfp.Client's enable_caching rewrites only the root DAG's tasks; tasks in condition branches, loops and
             # nested pipelines would still be cached. Turn it off in every DAG of a copy of the package instead.
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="editinfinity-submit-")))
+            tmp = Path(stack.enter_context(scratch_dir("editinfinity-submit")))
             package_path = without_caching(package_path, tmp / Path(package_path).name)
             enable_caching = None
         run = _create(client_kwargs, host, package_path, version, experiment, namespace, params, run_name,

@@ -168,6 +168,34 @@ def test_a_benchmark_replaces_its_own_result_with_overwrite(tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["generate.json"]
 
 
+def test_the_profile_claims_its_two_files_in_out_dir_and_replaces_only_its_own(tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    mine = {"profile_training_cpu.json": '{"mine": true}', "profile_training_cpu.txt": "my notes\n",
+            "other.txt": "kept\n"}
+    run = ["--preset", "tiny", "--device", "cpu", "--resolution", "0.06M", "--only-training", "--warmup", "0",
+           "--timed", "1", "--row-limit", "3", "--out-dir", out]
+    for name in ("profile_training_cpu.json", "profile_training_cpu.txt"):
+        (out / name).write_text(mine[name])
+        _error_line(_bench("profile_edit.py", *run), 2, "already exists", "--overwrite")
+        _error_line(_bench("profile_edit.py", *run, "--overwrite"), 2, "not a file this command wrote")
+        (out / name).unlink()
+    (out / "other.txt").write_text(mine["other.txt"])
+    proc = _bench("profile_edit.py", *run)
+    assert proc.returncode == 0, proc.stderr
+    first = json.loads((out / "profile_training_cpu.json").read_text())
+    assert set(first["regions"]) == {"prompt_tuning_update", "lora_update"}
+    assert (out / "profile_training_cpu.txt").read_text().startswith("profile of one edit's pieces:")
+    _error_line(_bench("profile_edit.py", *run), 2, "already exists")
+    proc = _bench("profile_edit.py", *run, "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "profile_training_cpu.json").read_text())["regions"] != first["regions"]
+    assert sorted(p.name for p in out.iterdir()) == ["other.txt", "profile_training_cpu.json",
+                                                     "profile_training_cpu.txt"]
+    assert (out / "other.txt").read_text() == mine["other.txt"]
+
+
+
 # ------------------------------------------------------------------------------------ training run folders
 
 

@@ -154,6 +154,12 @@ def test_an_edit_shows_the_threshold_used_and_honours_a_case_files(tmp_path, exa
     assert summary["settings"]["threshold"] == TINY
     assert json.loads((tmp_path / "unset" / "stages" / "mask" / "stage.json").read_text())["settings"][
         "threshold_source"] == "preset"
+    for stage in sorted((tmp_path / "unset" / "stages").iterdir()):  # only the mask stage uses it
+        if stage.name != "mask":
+            record = json.loads((stage / "stage.json").read_text())["settings"]
+            assert "threshold" not in record, (stage.name, record)
+            if stage.name in ("prompt", "lora", "generate"):
+                assert record["seed"] == summary["settings"]["seed"], stage.name
     html = (tmp_path / "unset" / "report.html").read_text()
     assert f"<th>threshold</th><td>{TINY:.6g}</td>" in html
 

@@ -524,3 +524,42 @@ def test_scene_batch_two_shape_share_is_configurable_and_seeded():
         scene_batch(4, 2, 9, 5, two_shape_prob=1.5)
     with pytest.raises(ValueError, match="two_shape_prob"):
         TransformerConfig(two_shape_prob=-0.1).validate()
+
+
+def test_model_folder_swaps_use_private_names_and_a_killed_saves_are_cleaned_or_put_back(tmp_path):
+    import subprocess
+    import sys
+
+    from editinfinity.storage.base import host_name, private_path
+
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    run = tmp_path / "run"
+    run.mkdir()
+    # a save killed between moving the previous checkpoint aside and renaming the new one in
+    aside = run / f".{common.CHECKPOINT}.editinfinity-old-{host_name()}-{gone}-0a1b2c"
+    aside.mkdir()
+    (aside / common.STATE_FILE).write_bytes(b"state")
+    dead_tmp = run / f".model.editinfinity-tmp-{host_name()}-{gone}-0a1b2c"
+    other_host = run / ".model.editinfinity-tmp-elsewhere-1-0a1b2c"
+    for p in (dead_tmp, other_host):
+        p.mkdir()
+    assert common.find_checkpoint(run) == run / common.CHECKPOINT
+    assert (run / common.CHECKPOINT / common.STATE_FILE).read_bytes() == b"state"
+
+    seen = []
+
+    def write(tmp):
+        seen.append(tmp)
+        assert tmp.name.startswith(".model.editinfinity-tmp-") and f"-{host_name()}-" in tmp.name
+        tmp.mkdir()
+        (tmp / "w.bin").write_bytes(b"%d" % len(seen))
+
+    common.save_dir(run / "model", write)
+    common.save_dir(run / "model", write)
+    assert seen[0] != seen[1] and (run / "model" / "w.bin").read_bytes() == b"2"
+    assert sorted(p.name for p in run.iterdir()) == sorted([common.CHECKPOINT, "model", other_host.name])
+    with pytest.raises(RuntimeError):
+        common.save_dir(run / "model", lambda tmp: (tmp.mkdir(), (_ for _ in ()).throw(RuntimeError("boom"))))
+    assert sorted(p.name for p in run.iterdir()) == sorted([common.CHECKPOINT, "model", other_host.name])
+    assert private_path(run / "model") != private_path(run / "model")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .errors import OutputError
 from .outputs import _fs_error, _lock_target, _protected, _remove_empty, check_output, remove_stale
-from .storage.base import private_path
+from .storage.base import LEFTOVER, private_path
 
 __all__ = ["claim_file", "check_file", "claim_report", "report_with_keys", "check_training_folder"]
 
@@ -165,6 +165,8 @@ def check_training_folder(folder, *, flag: str, ours: Iterable[str], overwrite: 
     if not entries:
         return path
     known = set(ours)
+    # the private names a run of ours writes beside those (train.common.replace_dir / save_dir, storage.base.private_path)
+    known |= {e for e in entries if (m := LEFTOVER.match(e)) and m["name"] in known}
     if not entries & known:
         raise OutputError(f"{flag} {path} is not empty and holds no training run of ours ({', '.join(sorted(known))}"
                           f"); choose a new folder")

@@ -528,17 +528,16 @@ def _publish(tmp: Path, target: Path, *, overwrite: bool, inputs: list, flag: st
 def _claim_remote(u, *, overwrite: bool, flag: str, what: str) -> Iterator[Path]:
     """Check ``u``, claim it (:mod:`editinfinity.remote_outputs`), yield a local private folder, and publish it at
     ``u`` when the block succeeds; the claim is released in every case."""
-    import tempfile
-
     from . import storage
     from .remote_outputs import check_remote_output, claim_remote, release_remote
+    from .scratch import scratch_dir
 
     ours = {RECORD, "summary.json", "stage.json"}
     check_remote_output(u, overwrite=overwrite, flag=flag, ours=ours)
     token = claim_remote(u, flag=flag)
     try:
         check_remote_output(u, overwrite=overwrite, flag=flag, ours=ours)  # again, as the claim's holder
-        with tempfile.TemporaryDirectory(prefix="editinfinity-out-") as tmp:
+        with scratch_dir("editinfinity-out") as tmp:
             local = Path(tmp) / "out"
             local.mkdir()
             yield local

@@ -12,11 +12,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .scratch import scratch_dir
 from .storage.uri import file_uri_path, has_scheme
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ def publish_edit(output_uri: str, summary_dir: str | os.PathLike, *, edited: str
         return ""
     from . import storage
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir("editinfinity-publish") as tmp:
         staging = Path(tmp) / "out"
         shutil.copytree(summary_dir, staging)
         for name, src in (("generate", edited), ("mask", mask), ("attention", attention)):

@@ -145,8 +145,7 @@ def _cmd_summary(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    import tempfile
-
+    from ..scratch import scratch_dir
     from .outcomes import publish_summary, summarize_batch
     from .plan import write_plan
 
@@ -155,7 +154,7 @@ def _cmd_run(args) -> int:
 
         check_file(args.plan_out, overwrite=args.overwrite, is_ours=_is_plan, flag="--plan-out")
     plan = _make_plan(args)
-    with tempfile.TemporaryDirectory(prefix="editinfinity-batch-") as tmp:
+    with scratch_dir("editinfinity-batch") as tmp:
         plan_path = Path(tmp) / "plan.json"
         if args.plan_out:
             with _claim_plan(args.plan_out, args, "--plan-out") as kept:

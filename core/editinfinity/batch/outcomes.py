@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import html
 import json
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .plan import BatchPlan
 from .worker import case_uri, is_done, read_status
@@ -105,9 +103,9 @@ def summarize_batch(plan: BatchPlan) -> BatchSummary:
 def publish_summary(plan: BatchPlan, summary: BatchSummary) -> str:
     """Write ``index.html``, ``summary.md`` and ``summary.jsonl`` under the plan's output URI."""
     from .. import storage
+    from ..scratch import scratch_dir
 
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+    with scratch_dir("editinfinity-summary") as root:
         (root / "index.html").write_text(summary.html)
         (root / "summary.md").write_text(summary.markdown)
         (root / "summary.jsonl").write_text("".join(json.dumps(r, sort_keys=True, default=str) + "\n"

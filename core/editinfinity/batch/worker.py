@@ -23,13 +23,13 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 
 from ..errors import EditInfinityError
 from ..runtime import resolve_weights
+from ..scratch import make_scratch, scratch_dir
 from ..storage.base import current_umask
 from .plan import BatchPlan, case_settings, read_plan, split
 
@@ -183,7 +183,7 @@ class Worker:
         status = {"id": case["id"], "spec": _spec(case), "worker": self.name, "learned": state.key}
         try:
             mask = str(storage.cached_path(case["mask"])) if case.get("mask") else None
-            with tempfile.TemporaryDirectory(prefix="editinfinity-case-") as tmp:
+            with scratch_dir("editinfinity-case") as tmp:
                 out = Path(tmp) / "out"
                 run_edit(out, edit_prompt=case["edit_prompt"], mode=case["mode"],
                          target_word=case.get("target_word") or None, mask=mask, mask_polarity=plan.mask_polarity,
@@ -236,11 +236,11 @@ def copy_weights(weights: str, local_dir) -> Path:
     if dest.is_dir():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{src.name}.", dir=dest.parent))
+    tmp = make_scratch(src.name, dir=dest.parent)  # a copy a killed worker left is removed here (scratch.py)
     try:
         t = time.perf_counter()
         shutil.copytree(src, tmp, dirs_exist_ok=True)
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp made it 0700
+        os.chmod(tmp, 0o777 & ~current_umask())  # make_scratch made it 0700
         try:
             os.rename(tmp, dest)
         except OSError:  # another worker's copy won

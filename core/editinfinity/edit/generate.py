@@ -151,7 +151,7 @@ def generate(case_dir, prompt_dir, lora_dir, out_dir, *, mask_dir=None, seed: in
     settings = dataclasses.replace(settings or EditSettings(), seed=seed)  # the caller's settings stay as they are
     result = generate_edit(models, case, rows, adapter, weights, settings, adapter_settings)
     with stage_output(out_dir, "generate", run_id=case.run_id, overwrite=overwrite, started=started,
-                      settings=settings.to_dict()) as (tmp, record):
+                      settings=settings.stage_dict()) as (tmp, record):
         # Fast zlib level: the same pixels, a slightly larger file, a fraction of the encoding time at 1M.
         result.edited.save(tmp / "edited.png", compress_level=1)
         result.reconstruction.save(tmp / "reconstruction.png", compress_level=1)

@@ -181,7 +181,7 @@ def save_learned(state: LearnedState, out_dir, *, overwrite: bool = False) -> Pa
 
     src = state.source
     with stage_output(out_dir, "learn", run_id=state.key, overwrite=overwrite,
-                      settings=state.settings.to_dict()) as (tmp, record):
+                      settings=state.settings.stage_dict()) as (tmp, record):
         src.image.save(tmp / "image.png")
         tensors = {"raw_features": src.raw_features.contiguous(),
                    "scale_schedule": torch.tensor(src.schedule, dtype=torch.int64)}
@@ -350,11 +350,11 @@ def write_edit_stages(models: ModelBundle, state: LearnedState, spec: CaseSpec, 
                       ) as (tmp, record):
         save_case(case, tmp)
         record["schedule"] = [list(s) for s in case.schedule]
-    with stage_output(prompt_dir, "tune_prompt", run_id=case.run_id, settings=state.settings.to_dict()
+    with stage_output(prompt_dir, "tune_prompt", run_id=case.run_id, settings=state.settings.stage_dict()
                       ) as (tmp, record):
         save_embedding(state.rows, tmp / EMBEDDING_FILE, state.settings)
         record.update(learned=state.key, losses=state.losses.get("prompt_tuning", []))
-    with stage_output(lora_dir, "train_lora", run_id=case.run_id, settings=state.settings.to_dict()
+    with stage_output(lora_dir, "train_lora", run_id=case.run_id, settings=state.settings.stage_dict()
                       ) as (tmp, record):
         save_adapter(state.adapter, tmp, state.settings)
         record.update(learned=state.key, losses=state.losses.get("lora", []))

@@ -223,7 +223,7 @@ def train_lora(case_dir, prompt_dir, out_dir, *, iters: int = 50, seed: int = 0,
     info: dict = {}
     state, losses = train_lora_adapter(models, case, rows, settings, progress, info=info)
     with stage_output(out_dir, "train_lora", run_id=case.run_id, overwrite=overwrite, started=started,
-                      settings=settings.to_dict()) as (tmp, record):
+                      settings=settings.stage_dict()) as (tmp, record):
         save_adapter(state, tmp, settings)
         record["models"] = identity
         record["losses"] = losses

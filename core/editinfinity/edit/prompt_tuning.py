@@ -90,7 +90,7 @@ def tune_prompt(case_dir, out_dir, *, iters: int = 10, seed: int = 0, models: Mo
     info: dict = {}
     rows, losses = tune_prompt_embedding(models, case, settings, progress, info=info)
     with stage_output(out_dir, "tune_prompt", run_id=case.run_id, overwrite=overwrite, started=started,
-                      settings=settings.to_dict()) as (tmp, record):
+                      settings=settings.stage_dict()) as (tmp, record):
         lr = learning_rate(settings, models)
         save_embedding(rows, tmp / EMBEDDING_FILE, settings, lr)
         record["losses"] = losses

@@ -178,6 +178,15 @@ class EditSettings:
         d["betas"] = list(self.betas)
         return d
 
+    def stage_dict(self) -> dict:
+        """What a stage other than the mask stage records in its ``stage.json``: :meth:`to_dict` without
+        ``threshold``, which only the mask stage uses (it records the value it cut at and where that came from), so
+        a learning or generate stage's record never shows an unset ``threshold: null`` a reader could take for the
+        value used."""
+        d = self.to_dict()
+        d.pop("threshold")
+        return d
+
     def effective_dict(self, preset: str | None) -> dict:
         """:meth:`to_dict` with what a setting left unset resolves to for ``preset``: the mask threshold (what
         summaries, reports and benchmark records show: the number used, never ``None``)."""

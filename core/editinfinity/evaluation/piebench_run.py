@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -36,6 +35,7 @@ from PIL import Image
 from .. import __version__
 from ..edit.settings import EditSettings
 from ..errors import EditInfinityError, InvalidCaseError
+from ..scratch import scratch_dir
 from ..storage.uri import has_scheme
 from .piebench import EDIT_TYPES, MASK_SHAPE, MODES, PieBenchCase, PieBenchSet, read_piebench
 from .piebench_metrics import MetricModels, score_case
@@ -140,7 +140,7 @@ def edit_one(case: PieBenchCase, case_dir: Path, config: BenchConfig, *, models:
     mode, note = case.edit_mode(config.mode)
     case_dir.mkdir(parents=True, exist_ok=True)
     edit_dir = case_dir / EDIT_DIR
-    with tempfile.TemporaryDirectory(prefix=".mask-", dir=case_dir) as tmp:
+    with scratch_dir("mask", dir=case_dir) as tmp:
         mask_path = None
         if mode == "mask":
             drawn = case.annotation_mask(border=False)

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..edit.settings import EditSettings
 from ..errors import InvalidCaseError
+from ..scratch import make_scratch, scratch_dir
 from ..storage.uri import has_scheme, join_uri
 from .piebench import IMAGES_DIR, MAPPING_FILE, parse_entry, read_piebench
 from .piebench_run import (
@@ -87,7 +87,7 @@ def edit_case(data_uri: str, case_id: str, output_uri: str, config: BenchConfig,
     case_uri = join_uri(output_uri, CASES_DIR, case_id)
     if storage.exists(join_uri(case_uri, EDITED_FILE)):
         return json.dumps({"id": case_id, "status": "resumed"})
-    with tempfile.TemporaryDirectory(prefix="piebench-") as tmp:
+    with scratch_dir("editinfinity-piebench") as tmp:
         local = Path(tmp) / "case"
         try:
             mapping = json.loads(storage.read_bytes(join_uri(data_uri, MAPPING_FILE)))
@@ -159,7 +159,7 @@ def score_all(data_uri: str, output_uri: str, config: BenchConfig, *, types: str
     from .piebench_metrics import MetricModels
     from .piebench_run import run_piebench
 
-    local = Path(local_dir or tempfile.mkdtemp(prefix="piebench-score-"))
+    local = Path(local_dir or make_scratch("editinfinity-piebench-score"))
     data = read_piebench(data_uri, types=types or None, limit=limit or None, check_images=False)
     local.mkdir(parents=True, exist_ok=True)
     if storage.exists(join_uri(output_uri, RUN_FILE)):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from ..edit.pixels import to_bytes
 from ..metrics import psnr
 from ..models import schedules
 from ..models.text import encode_prompts
+from ..scratch import scratch_dir
 from ..train.common import autocast
 from ..train.data import EDIT_SEED_BASE, heldout_scenes
 
@@ -262,7 +262,7 @@ def edit_eval(pipe, n: int, mode: str, settings, *, base: int = EDIT_SEED_BASE,
     names = list(variants) if variants else [None]
     results: dict[Any, list] = {name: [] for name in names}
     truncated = False
-    with tempfile.TemporaryDirectory(prefix="toy-eval-") as tmp:
+    with scratch_dir("editinfinity-toy-eval") as tmp:
         for i, case in enumerate(cases):
             if deadline is not None and time.perf_counter() > deadline:
                 truncated = True

@@ -9,11 +9,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..scratch import make_scratch
 from .base import (
     _COMMON_FIXES,
     MANIFEST_NAME,
@@ -118,7 +118,7 @@ def staged_output(uri: URILike, *, settings: StorageSettings | None = None) -> I
             raise
         log.info("wrote %s", dest)
         return
-    tmp = Path(tempfile.mkdtemp(prefix="editinfinity-stage-"))
+    tmp = make_scratch("editinfinity-stage")
     try:
         yield tmp
         publish_dir(tmp, u, settings=settings)

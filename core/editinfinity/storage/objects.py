@@ -8,13 +8,13 @@ import hashlib
 import io
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from editinfinity.errors import StorageError
 
+from ..scratch import scratch_dir
 from .base import (
     _KIND_SUMMARY,
     SHA256_METADATA_KEY,
@@ -214,7 +214,7 @@ def open_uri(uri: URILike, mode: str = "rb", *, settings: StorageSettings | None
         else:
             yield io.TextIOWrapper(io.BytesIO(data), encoding=encoding or "utf-8")
         return
-    with tempfile.TemporaryDirectory(prefix="editinfinity-open-") as td:
+    with scratch_dir("editinfinity-open") as td:
         tmp = Path(td, u.name or "object")
         with open(tmp, mode, **({"encoding": encoding or "utf-8"} if mode == "w" else {})) as fh:
             yield fh

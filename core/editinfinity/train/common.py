@@ -311,9 +311,21 @@ def save_checkpoint(run_dir: Path, modules: Mapping[str, torch.nn.Module], optim
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / CHECKPOINT
-    tmp = run_dir / f".{CHECKPOINT}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    from ..storage.base import private_path
+
+    tmp = private_path(final)
     tmp.mkdir()
+    try:
+        _write_checkpoint(tmp, modules, optimizer, state, generators, config)
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _write_checkpoint(tmp: Path, modules: Mapping[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                      state: TrainState, generators: Mapping[str, torch.Generator], config: dict[str, Any]) -> None:
     for name, module in modules.items():
         save_file(_tensor_dict(module), str(tmp / f"{name}.safetensors"))
     payload = {
@@ -332,19 +344,20 @@ def save_checkpoint(run_dir: Path, modules: Mapping[str, torch.nn.Module], optim
     meta = {"step": state.step, "total_steps": state.total_steps, "elapsed": round(state.elapsed, 3),
             "finished": state.finished, "config": config, "history": state.history}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    replace_dir(tmp, final)
-    return final
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Put the finished folder ``tmp`` at ``final`` (an earlier one moved to ``.NAME.old`` first, removed after),
-    with the modes the umask asks for (safetensors writes its files 0600): what ``find_checkpoint`` and the
-    exports rely on."""
-    from ..outputs import usual_modes
+    """Put the finished folder ``tmp`` at ``final`` (an earlier one moved aside to a private name first, removed
+    after), with the modes the umask asks for (safetensors writes its files 0600): what ``find_checkpoint`` and the
+    exports rely on. The private names record this host and pid (:func:`editinfinity.storage.base.private_path`), so
+    two processes never share them, and what a killed process left is removed (or, when it was killed between
+    the two renames, put back) by the next save or :func:`find_checkpoint` (:func:`editinfinity.outputs.remove_stale`)."""
+    from ..outputs import remove_stale, usual_modes
+    from ..storage.base import private_path
 
     usual_modes(tmp)
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
+    remove_stale(final.parent, final.name)
+    old = private_path(final, "editinfinity-old")
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
@@ -352,16 +365,26 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 
 def save_dir(final: Path, write: Callable[[Path], Any]) -> Path:
-    """``write(tmp)`` into ``.NAME.tmp`` beside ``final``, then :func:`replace_dir` (a model's ``save_pretrained``)."""
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    replace_dir(tmp, final)
+    """``write(tmp)`` into a private folder beside ``final``, then :func:`replace_dir` (a model's
+    ``save_pretrained``); the private folder is removed when ``write`` fails."""
+    from ..storage.base import private_path
+
+    tmp = private_path(final)
+    try:
+        write(tmp)
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
-    """The run's checkpoint directory (or the previous one if a save was interrupted mid-swap)."""
+    """The run's checkpoint directory (a save killed mid-swap is put back first; ``.checkpoint.old`` is where
+    earlier versions kept the previous one)."""
+    from ..outputs import remove_stale
+
+    remove_stale(run_dir, CHECKPOINT)
     for name in (CHECKPOINT, f".{CHECKPOINT}.old"):
         p = Path(run_dir) / name
         if (p / STATE_FILE).is_file():

@@ -12,7 +12,8 @@ TRANSFORMER_CONFIG = CONFIG_DIR / "toy_transformer.yaml"
 #: What ``train_vae`` / ``train_transformer`` write at the top of their run folder (``editinfinity train-vae`` /
 #: ``train --out``): ``common.save_checkpoint``'s checkpoint and its swap names, ``common.ProgressLog``'s log, the
 #: result record and the trained models. A non-empty folder holding none of these is not ours and is refused;
-#: ``--overwrite`` removes only a folder holding nothing else.
+#: ``--overwrite`` removes only a folder holding nothing else. The private names beside these
+#: (``.NAME.editinfinity-tmp-HOST-PID-XXXXXX``; ``.checkpoint.tmp`` / ``.old`` of earlier versions) count as ours.
 RUN_NAMES = ("checkpoint", ".checkpoint.tmp", ".checkpoint.old", "log.jsonl", "result.json", "vae", "transformer",
              "text_encoder", "tokenizer")
 
