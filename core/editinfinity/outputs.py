@@ -37,11 +37,11 @@ import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import OutputError, StorageError
-from .storage.base import _NAME_MAX, LEFTOVER, host_name, private_path, process_alive, process_start_time
+from .leftovers import RUN_MARKER, Leftover, _json, _remove_leftover, remove_stale, stale_folders
+from .storage.base import _NAME_MAX, host_name, private_path, process_start_time
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,11 @@ __all__ = ["RECORD", "claim_output", "check_output", "precheck_output", "is_ours
 #: Ownership record written into every published folder: the files that make up the result.
 RECORD = ".editinfinity-output.json"
 RECORD_FORMAT = "editinfinity-output/1"
-#: Marker inside a private folder while its run is working.
-RUN_MARKER = ".editinfinity-run.json"
 _TMP, _OLD, _LOCK = "editinfinity-tmp", "editinfinity-old", "editinfinity-lock"
 _host = host_name
 
 
-_start_time, _alive = process_start_time, process_alive
+_start_time = process_start_time
 _hidden = private_path
 
 
@@ -71,14 +69,6 @@ def _files(root: Path) -> list[str]:
         for f in files:
             out.append(Path(dirpath, f).relative_to(root).as_posix())
     return sorted(out)
-
-
-def _json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _legacy_marker(folder: Path) -> str | None:
@@ -295,55 +285,6 @@ class _Lock:
 # leftovers of killed runs
 
 
-@dataclass
-class Leftover:
-    path: Path
-    kind: str  # "tmp" (a private folder) or "old" (an earlier result moved aside by --overwrite)
-    host: str
-    pid: int
-    target: Path
-    state: str  # "stale" (its process is gone), "running", or "other-host" (cannot tell from here)
-
-
-def stale_folders(folder, name: str | None = None) -> list[Leftover]:
-    """Private and moved-aside folders and files in ``folder`` (for target ``name`` only, when given): the ones named
-    by :func:`editinfinity.storage.base.private_path` (result folders, plan and report files, storage's local
-    atomic writes and published folders), which record the host and pid that made them."""
-    folder = Path(folder)
-    found = []
-    try:
-        entries = sorted(folder.iterdir())
-    except OSError:
-        return []
-    for p in entries:
-        m = LEFTOVER.match(p.name)
-        if not m or p.is_symlink() or not (p.is_dir() or p.is_file()):
-            continue
-        marker = (_json(p / RUN_MARKER) if p.is_dir() else None) or {}
-        target = Path(marker.get("target") or folder / m["name"])
-        if name is not None and (target.name != name if marker.get("target") else m["name"] != name[:_NAME_MAX]):
-            continue
-        pid, host = int(m["pid"]), m["host"]
-        if host != _host():
-            state = "other-host"
-        else:
-            state = "running" if _alive(pid, marker.get("start")) else "stale"
-        found.append(Leftover(p, "tmp" if m["kind"].endswith("tmp") else "old", host, pid, target, state))
-    return found
-
-
-def _remove_leftover(item: Leftover) -> str:
-    if item.kind == "old" and not os.path.lexists(item.target):
-        # killed between moving the earlier result aside and renaming the new one in: put it back
-        os.rename(item.path, item.target)
-        return f"restored {item.target} (moved aside by pid {item.pid}, which was killed)"
-    if item.path.is_dir():
-        shutil.rmtree(item.path)
-    else:
-        item.path.unlink()
-    return f"removed {item.path} (left by pid {item.pid} on {item.host}, which is gone)"
-
-
 def _stale_locks(folder: Path, *, remove: bool) -> list[Path]:
     """Lock files in ``folder`` that no process holds (their run was killed); removed when ``remove``."""
     found = []
@@ -382,18 +323,6 @@ def clean(folders: Iterable, *, dry_run: bool = False) -> list[str]:
             else:
                 lines.append(_remove_leftover(item))
     return lines
-
-
-def remove_stale(folder, name: str | None = None) -> None:
-    """Remove what killed runs of this host left in ``folder`` (for target ``name`` only, when given): private
-    folders and files whose process is gone (see :func:`stale_folders`); a warning names each. Nothing else is
-    touched: a running process's, another host's, or a name we did not make."""
-    for item in stale_folders(folder, name):
-        if item.state == "stale":
-            try:
-                log.warning("%s", _remove_leftover(item))
-            except OSError as exc:
-                log.warning("could not remove %s (%s)", item.path, exc)
 
 
 # ---------------------------------------------------------------------------------------------------------------

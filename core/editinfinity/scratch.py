@@ -6,7 +6,7 @@
 copies of weights). :func:`scratch_dir` makes the folder under the same private name that every other temporary of
 ours carries, ``.PREFIX.editinfinity-tmp-HOST-PID-XXXXXX`` (:func:`editinfinity.storage.base.private_path`), and on
 creation removes the folders with the same prefix that dead processes of this host left there
-(:func:`editinfinity.outputs.remove_stale`). A live process's folder, another host's (a shared temporary folder) and
+(:func:`editinfinity.leftovers.remove_stale`). A live process's folder, another host's (a shared temporary folder) and
 names we did not make are never touched.
 """
 
@@ -29,7 +29,7 @@ def _name(prefix: str) -> str:
 def remove_stale_scratch(prefix: str, dir=None) -> None:
     """Remove the scratch folders named for ``prefix`` in ``dir`` (the system's temporary folder by default) whose
     process on this host is gone."""
-    from .outputs import remove_stale
+    from .leftovers import remove_stale  # here: storage imports this module
 
     remove_stale(Path(dir or tempfile.gettempdir()), _name(prefix))
 
