@@ -32,7 +32,6 @@ import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -46,6 +45,7 @@ from editinfinity.file_outputs import claim_report  # noqa: E402
 from editinfinity.interrupts import run_script  # noqa: E402
 from editinfinity.models import schedules  # noqa: E402
 from editinfinity.models.presets import get_preset  # noqa: E402
+from editinfinity.scratch import scratch_dir  # noqa: E402
 from editinfinity.toyworld import Scene, Shape, caption, render  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - _START
@@ -214,7 +214,7 @@ def main() -> None:
            "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
            "settings": {k: getattr(settings, k) for k in ("prompt_iters", "lora_iters", "compile", "checkpointing")}}
     out = Path(args.out)
-    with contextlib.ExitStack() as claims, tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
+    with contextlib.ExitStack() as claims, scratch_dir("bench-batch") as tmp:
         # every result file is claimed before any work: an existing one needs --overwrite and must be ours
         writers = {n: claims.enter_context(claim_report(out if n == 1 else out.with_name(f"{out.stem}_{n}proc.json"),
                                                         keys=REPORT_KEYS, overwrite=args.overwrite))

@@ -19,12 +19,12 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from editinfinity.file_outputs import claim_report
 from editinfinity.interrupts import run_script
+from editinfinity.scratch import scratch_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "core" / "editinfinity" / "assets" / "examples" / "shapes"
@@ -68,7 +68,7 @@ def measure(args) -> dict:
     exe = str(Path(sys.executable).with_name("editinfinity"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     report: dict = {"preset": args.preset, "python": platform.python_version(), "cpu_count": os.cpu_count()}
-    with tempfile.TemporaryDirectory(prefix="pod-overhead-") as tmp:
+    with scratch_dir("pod-overhead") as tmp:
         tmp = Path(tmp)
         cli_out = tmp / "cli"
         cmd = [exe, "edit", "--image", str(EXAMPLE / case["image"]), "--prompt", case["prompt"], "--edit-prompt",
